@@ -1,0 +1,20 @@
+"""fastopt: fused, in-place optimizer updates for large flat buffers.
+
+One pass over memory per step, on the CPU (Numba, C/OpenMP) and on NVIDIA GPUs
+(Numba CUDA), with a plain NumPy reference as the executable specification.
+
+    import fastopt
+    fastopt.adamw_(p, g, m, v, step=t, lr=1e-3, weight_decay=1e-2)
+
+See DESIGN.md for the exact update rules and README.md for the results.
+"""
+from .dispatch import BackendInfo, backends
+from .functional import adadelta_, adagrad_, adam_, adamax_, adamw_, lion_, nadam_, rmsprop_, sgd_
+from .threads import get_num_threads, set_num_threads
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "lion_",
+    "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__",
+]

@@ -1,0 +1,120 @@
+"""The NumPy reference backend: the executable specification.
+
+Plain NumPy, written to be read next to DESIGN.md and ``torch.optim``'s
+single-tensor code, not to be fast (it makes several passes and allocates
+temporaries). Every fast backend is tested against this file, so it shares no
+code with them: only the precomputed scalars from ``fastopt.rules``.
+
+Each kernel takes ``(param, grad, *state, s)`` where the state buffers come
+in the rule's ``state`` order (``None`` for an unused optional buffer) and
+``s`` is the rule's scalars tuple. Scalars are cast to the buffer dtype first,
+so float32 buffers are updated in float32 arithmetic, as PyTorch does.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import rules
+
+name = "numpy"
+device = "cpu"
+
+
+def _grad(param, grad, s):
+    """The gradient the rule sees: sign-flipped for maximize, plus L2 decay."""
+    g = grad * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * param
+    return g
+
+
+def sgd(param, grad, momentum_buffer, s: rules.SGDScalars):
+    g = _grad(param, grad, s)
+    if momentum_buffer is not None:
+        buf = momentum_buffer
+        if s.first_step:
+            buf[...] = g
+        else:
+            buf[...] = s.momentum * buf + s.one_minus_dampening * g
+        g = g + s.momentum * buf if s.nesterov else buf
+    param -= s.lr * g
+
+
+def adagrad(param, grad, state_sum, s: rules.AdagradScalars):
+    g = _grad(param, grad, s)
+    state_sum += g * g
+    param -= s.clr * (g / (np.sqrt(state_sum) + s.eps))
+
+
+def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, s: rules.RMSpropScalars):
+    g = _grad(param, grad, s)
+    square_avg[...] = s.alpha * square_avg + s.one_minus_alpha * (g * g)
+    if s.centered:
+        grad_avg += s.one_minus_alpha * (g - grad_avg)  # torch's lerp
+        avg = np.sqrt(square_avg - grad_avg * grad_avg) + s.eps
+    else:
+        avg = np.sqrt(square_avg) + s.eps
+    if s.use_momentum:
+        momentum_buffer[...] = s.momentum * momentum_buffer + g / avg
+        param -= s.lr * momentum_buffer
+    else:
+        param -= s.lr * (g / avg)
+
+
+def adadelta(param, grad, square_avg, acc_delta, s: rules.AdadeltaScalars):
+    g = _grad(param, grad, s)
+    square_avg[...] = s.rho * square_avg + s.one_minus_rho * (g * g)
+    delta = np.sqrt(acc_delta + s.eps) / np.sqrt(square_avg + s.eps) * g
+    acc_delta[...] = s.rho * acc_delta + s.one_minus_rho * (delta * delta)
+    param -= s.lr * delta
+
+
+def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: rules.AdamScalars):
+    if s.param_decay != 1:  # AdamW: decoupled decay, before the gradient is read
+        param *= s.param_decay
+    g = _grad(param, grad, s)
+    exp_avg += s.one_minus_beta1 * (g - exp_avg)  # torch's lerp(m, g, 1-b1)
+    exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    v = exp_avg_sq
+    if s.amsgrad:
+        np.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)  # propagates NaN
+        v = max_exp_avg_sq
+    denom = np.sqrt(v) / s.bias_correction2_sqrt + s.eps
+    param -= s.step_size * (exp_avg / denom)
+
+
+def adamax(param, grad, exp_avg, exp_inf, s: rules.AdamaxScalars):
+    g = _grad(param, grad, s)
+    exp_avg += s.one_minus_beta1 * (g - exp_avg)
+    np.maximum(s.beta2 * exp_inf, np.abs(g) + s.eps, out=exp_inf)
+    param -= s.clr * (exp_avg / exp_inf)
+
+
+def nadam(param, grad, exp_avg, exp_avg_sq, s: rules.NAdamScalars):
+    if s.param_decay != 1:
+        param *= s.param_decay
+    g = _grad(param, grad, s)
+    exp_avg += s.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    denom = np.sqrt(exp_avg_sq / s.bias_correction2) + s.eps
+    param -= s.grad_coef * (g / denom)
+    param -= s.exp_avg_coef * (exp_avg / denom)
+
+
+def lion(param, grad, exp_avg, s: rules.LionScalars):
+    g = grad * s.grad_sign
+    update = np.sign(s.beta1 * exp_avg + s.one_minus_beta1 * g)
+    param *= s.param_decay
+    param -= s.lr * update
+    exp_avg[...] = s.beta2 * exp_avg + s.one_minus_beta2 * g
+
+
+_KERNELS = {k: globals()[k] for k in rules.KERNEL_SCALARS}
+
+
+def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
+    """Apply one update in place. ``state`` is the rule-ordered tuple of buffers."""
+    dtype = param.dtype.type
+    cast = type(scalars)(*(dtype(x) if isinstance(x, float) else x for x in scalars))
+    with np.errstate(all="ignore"):  # NaN/Inf propagate silently, as in torch
+        _KERNELS[kernel](param, grad, *state, cast)

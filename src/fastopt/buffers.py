@@ -1,0 +1,111 @@
+"""Checking the buffers of one update before anything is written.
+
+An update takes a parameter buffer, a gradient and the rule's state buffers.
+They must all live on the same side (host NumPy arrays, or device arrays that
+export ``__cuda_array_interface__``), share one shape and one float dtype, be
+C-contiguous, and never overlap: the kernels stream through them once and in
+parallel, so an overlap would make the result depend on the schedule. Every
+buffer except the gradient is written, so those must be writable; a
+read-only gradient is fine.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["SUPPORTED_DTYPES", "check_buffers", "is_device_array"]
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPE_NAMES = "float32 or float64"
+
+
+def is_device_array(obj: Any) -> bool:
+    return not isinstance(obj, np.ndarray) and hasattr(obj, "__cuda_array_interface__")
+
+
+def _host_extent(name: str, a: np.ndarray, writable: bool) -> tuple[int, int]:
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {a.dtype}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} for shape {a.shape}")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place, so it must be writable")
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+def _device_extent(name: str, a: Any, writable: bool) -> tuple[int, int, tuple, np.dtype]:
+    cai = a.__cuda_array_interface__
+    shape = tuple(cai["shape"])
+    dtype = np.dtype(cai["typestr"])
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {dtype}")
+    strides = cai.get("strides")
+    if strides is not None:
+        expected = []
+        step = dtype.itemsize
+        for dim in reversed(shape):
+            expected.append(step)
+            step *= dim
+        if tuple(strides) != tuple(reversed(expected)) and int(np.prod(shape)) > 1:
+            raise ValueError(f"{name} must be C-contiguous, got strides {tuple(strides)} for shape {shape}")
+    ptr, readonly = cai["data"]
+    if writable and readonly:
+        raise ValueError(f"{name} is read-only; it is updated in place, so it must be writable")
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return ptr, ptr + nbytes, shape, dtype
+
+
+def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int = 1) -> bool:
+    """Validate the buffers of one update; return True when they are device arrays.
+
+    ``names[i]`` is the argument name of ``arrays[i]`` (used in messages).
+    ``arrays[grad_index]`` is the only buffer that is read but never written.
+    Raises TypeError/ValueError naming the argument; writes nothing.
+    """
+    first = arrays[0]
+    on_device = is_device_array(first)
+    extents = []
+    if on_device:
+        shape0 = dtype0 = None
+        for i, (name, a) in enumerate(zip(names, arrays)):
+            if not is_device_array(a):
+                raise TypeError(
+                    f"{name} is a {type(a).__name__} on the host but {names[0]} is a device array; "
+                    "all buffers of one update must be on the same device")
+            lo, hi, shape, dtype = _device_extent(name, a, i != grad_index)
+            if i == 0:
+                shape0, dtype0 = shape, dtype
+            elif shape != shape0:
+                raise ValueError(f"{name} has shape {shape}, expected {shape0} (the shape of {names[0]})")
+            elif dtype != dtype0:
+                raise TypeError(f"{name} has dtype {dtype}, expected {dtype0} (the dtype of {names[0]})")
+            extents.append((lo, hi))
+    else:
+        for i, (name, a) in enumerate(zip(names, arrays)):
+            if not isinstance(a, np.ndarray):
+                if is_device_array(a):
+                    raise TypeError(
+                        f"{name} is a device array but {names[0]} is a NumPy array on the host; "
+                        "all buffers of one update must be on the same device")
+                raise TypeError(f"{name} must be a numpy.ndarray or a __cuda_array_interface__ array, "
+                                f"got {type(a).__name__}")
+            if i:
+                if a.shape != first.shape:
+                    raise ValueError(f"{name} has shape {a.shape}, expected {first.shape} (the shape of {names[0]})")
+                if a.dtype != first.dtype:
+                    raise TypeError(f"{name} has dtype {a.dtype}, expected {first.dtype} (the dtype of {names[0]})")
+            extents.append(_host_extent(name, a, i != grad_index))
+    # Overlap test on address ranges: exact for contiguous buffers. Empty
+    # buffers cannot overlap anything.
+    for i in range(len(extents)):
+        lo_i, hi_i = extents[i]
+        if lo_i == hi_i:
+            continue
+        for j in range(i):
+            lo_j, hi_j = extents[j]
+            if lo_i < hi_j and lo_j < hi_i:
+                raise ValueError(f"{names[i]} overlaps {names[j]} in memory; every buffer of an update "
+                                 "must be a separate array")
+    return on_device
