@@ -1,0 +1,1 @@
+"""Kernel sources shared between backends (see ``elements``)."""

@@ -1,0 +1,122 @@
+"""Per-element update math, written once for the Numba CPU and CUDA backends.
+
+Each function updates *one element*: it takes the parameter value ``p``, the
+gradient value ``g``, the rule's state values (in the rule's ``state`` order)
+and the rule's scalars tuple ``s`` (``fastopt.rules.<Rule>Scalars``, fields
+already cast to the buffer dtype), and returns the new ``(p, *state)``. A state
+the call does not use arrives as a dummy value and comes back unchanged.
+
+These are plain Python functions with no Numba import, so importing them costs
+nothing and needs no CUDA. Each backend compiles them for its target:
+``numba.njit(inline="always")`` on the CPU, ``numba.cuda.jit(device=True)`` on
+the GPU; the loop or kernel around them only indexes. Consequences for the
+code below:
+
+* They call nothing but ``math.sqrt`` and ``abs`` (a call to another plain
+  Python function would not compile).
+* No float literals: ``1.0`` is a float64 in Numba and would promote a float32
+  loop to float64 (measured: 0.82 vs 0.28 ns/elem). Every constant comes
+  precomputed in ``s``.
+* The operation order is the NumPy reference's, term for term, so without
+  FMA contraction a backend is bitwise equal to the reference.
+* Maximum propagates NaN like ``np.maximum``/``torch.maximum``:
+  ``a if (a > b or a != a) else b``.
+"""
+import math
+
+
+def sgd(p, g, buf, s):
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    if s.momentum != 0:
+        # torch starts the buffer from the first gradient, undamped.
+        buf = g if s.first_step else s.momentum * buf + s.one_minus_dampening * g
+        g = g + s.momentum * buf if s.nesterov else buf
+    return p - s.lr * g, buf
+
+
+def adagrad(p, g, state_sum, s):
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    state_sum = state_sum + g * g
+    return p - s.clr * (g / (math.sqrt(state_sum) + s.eps)), state_sum
+
+
+def rmsprop(p, g, square_avg, momentum_buffer, grad_avg, s):
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    square_avg = s.alpha * square_avg + s.one_minus_alpha * (g * g)
+    if s.centered:
+        grad_avg = grad_avg + s.one_minus_alpha * (g - grad_avg)  # torch's lerp
+        avg = math.sqrt(square_avg - grad_avg * grad_avg) + s.eps
+    else:
+        avg = math.sqrt(square_avg) + s.eps
+    if s.use_momentum:
+        momentum_buffer = s.momentum * momentum_buffer + g / avg
+        p = p - s.lr * momentum_buffer
+    else:
+        p = p - s.lr * (g / avg)
+    return p, square_avg, momentum_buffer, grad_avg
+
+
+def adadelta(p, g, square_avg, acc_delta, s):
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    square_avg = s.rho * square_avg + s.one_minus_rho * (g * g)
+    delta = math.sqrt(acc_delta + s.eps) / math.sqrt(square_avg + s.eps) * g
+    acc_delta = s.rho * acc_delta + s.one_minus_rho * (delta * delta)
+    return p - s.lr * delta, square_avg, acc_delta
+
+
+def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, s):
+    # AdamW's decoupled decay; param_decay is exactly 1 for Adam, and p*1 == p.
+    p = p * s.param_decay
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    # m + (1-b1)*(g-m) is torch's lerp(m, g, 1-b1): one multiply-add fewer than b1*m + (1-b1)*g.
+    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    v = exp_avg_sq
+    if s.amsgrad:
+        m = max_exp_avg_sq
+        max_exp_avg_sq = m if (m > v or m != m) else v
+        v = max_exp_avg_sq
+    denom = math.sqrt(v) / s.bias_correction2_sqrt + s.eps
+    return p - s.step_size * (exp_avg / denom), exp_avg, exp_avg_sq, max_exp_avg_sq
+
+
+def adamax(p, g, exp_avg, exp_inf, s):
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    a = s.beta2 * exp_inf
+    b = abs(g) + s.eps
+    exp_inf = a if (a > b or a != a) else b
+    return p - s.clr * (exp_avg / exp_inf), exp_avg, exp_inf
+
+
+def nadam(p, g, exp_avg, exp_avg_sq, s):
+    p = p * s.param_decay
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    denom = math.sqrt(exp_avg_sq / s.bias_correction2) + s.eps
+    p = p - s.grad_coef * (g / denom)
+    return p - s.exp_avg_coef * (exp_avg / denom), exp_avg, exp_avg_sq
+
+
+def lion(p, g, exp_avg, s):
+    g = g * s.grad_sign
+    c = s.beta1 * exp_avg + s.one_minus_beta1 * g
+    p = p * s.param_decay
+    # p - lr*sign(c) without a float literal; c == 0 or NaN gives p - lr*c (p, or NaN).
+    p = p - s.lr if c > 0 else (p + s.lr if c < 0 else p - s.lr * c)
+    return p, s.beta2 * exp_avg + s.one_minus_beta2 * g
