@@ -1,0 +1,76 @@
+"""The Numba CPU backend: one fused, in-place, multithreaded pass per update.
+
+The loops live in :mod:`fastopt.kernels.numba_loops` (compiled from the
+shared element functions, cached on disk). This module only picks the serial
+or the parallel loop and passes the thread count.
+
+Buffers below :data:`PARALLEL_MIN` elements take the serial loop: waking
+Numba's thread pool costs several microseconds per call, more than the whole
+update of a small buffer (measured, see the report in the README).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numba
+
+from .. import threads
+from ..kernels.numba_loops import LOOPS, split_scalars
+
+name = "numba"
+device = "cpu"
+
+#: Smallest buffer (elements) updated by the parallel loop; below it the serial
+#: loop is faster because the pool wake-up dominates. Measured crossover for
+#: AdamW fp32 on 2 threads: ~2^14..2^15 (see report).
+PARALLEL_MIN = 1 << 15
+
+_threads = 1
+
+# One parallel region at a time. Numba's ``workqueue`` threading layer aborts
+# the process on concurrent parallel calls from several Python threads, and on
+# any layer concurrent regions only oversubscribe the cores; a call that finds
+# the pool busy runs the serial loop instead (bitwise the same result).
+_pool = threading.Lock()
+# GNU OpenMP (Numba's ``omp`` layer) aborts a forked child that uses a pool
+# started by its parent; such a child updates serially.
+_pool_started = False
+_pool_usable = True
+
+
+def _after_fork_in_child() -> None:
+    global _pool, _pool_usable
+    _pool = threading.Lock()
+    _pool_usable = not _pool_started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def set_num_threads(n: int) -> None:
+    """Use ``n`` threads from the next update on (at most Numba's pool size)."""
+    global _threads
+    _threads = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+
+
+set_num_threads(threads.get_num_threads())
+
+
+def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
+    """Apply one update in place (buffers already validated by the caller)."""
+    floats, flags = split_scalars(kernel, scalars)
+    serial, parallel = LOOPS[kernel]
+    global _pool_started
+    if param.size < PARALLEL_MIN or _threads == 1 or not _pool_usable or not _pool.acquire(blocking=False):
+        serial(param, grad, *state, floats, flags)
+        return
+    try:
+        # Numba's thread count is per calling thread: set it for this one.
+        if numba.get_num_threads() != _threads:
+            numba.set_num_threads(_threads)
+        _pool_started = True
+        parallel(param, grad, *state, floats, flags)
+    finally:
+        _pool.release()
