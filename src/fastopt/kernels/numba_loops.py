@@ -60,7 +60,7 @@ from numba.extending import intrinsic, overload
 from . import elements
 from ..rules import KERNEL_SCALARS
 
-__all__ = ["LOOPS", "cast_floats", "split_scalars"]
+__all__ = ["LOOPS", "N_FLOATS", "cast_floats"]
 
 _JIT = dict(error_model="numpy", cache=True)
 
@@ -88,13 +88,9 @@ def _n_floats(cls) -> int:
     return n
 
 
-_N_FLOATS = {k: _n_floats(cls) for k, cls in KERNEL_SCALARS.items()}
-
-
-def split_scalars(kernel: str, scalars: tuple) -> tuple[tuple, tuple]:
-    """The (floats, flags) plain tuples a loop takes, from a rule's scalars."""
-    n = _N_FLOATS[kernel]
-    return tuple(scalars[:n]), tuple(scalars[n:])
+#: kernel name -> number of float fields; a loop takes ``scalars[:n], scalars[n:]``
+#: (slicing a NamedTuple gives plain tuples, which Numba types fast).
+N_FLOATS = {k: _n_floats(cls) for k, cls in KERNEL_SCALARS.items()}
 
 
 # The three loop shapes (1, 2 or 3 state buffers). ``rng`` is ``prange`` or
