@@ -29,9 +29,9 @@ SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 @pytest.mark.parametrize("rule,options", MATRIX, ids=MATRIX_IDS)
 def test_serial_and_parallel_paths_bitwise_equal(rule, options, monkeypatch):
     p0, grads = inputs(4099, 3, np.float32, seed=2)
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 1 << 62)
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_BYTES", 1 << 62)
     serial = run_fastopt(rule, options, p0, grads, backend="numba")
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN", 0)
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_BYTES", 0)
     before = fastopt.get_num_threads()
     fastopt.set_num_threads(2)
     try:

@@ -4,9 +4,9 @@ The loops live in :mod:`fastopt.kernels.numba_loops` (compiled from the
 shared element functions, cached on disk). This module only picks the serial
 or the parallel loop and passes the thread count.
 
-Buffers below :data:`PARALLEL_MIN` elements take the serial loop: waking
-Numba's thread pool costs several microseconds per call, more than the whole
-update of a small buffer (measured, see the report in the README).
+Updates that move less than :data:`PARALLEL_MIN_BYTES` take the serial loop:
+waking Numba's thread pool costs 1-4 microseconds per call (more on a busy
+machine), more than the whole update of a small buffer.
 """
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ from ..kernels.numba_loops import LOOPS, N_FLOATS
 name = "numba"
 device = "cpu"
 
-#: Smallest buffer (elements) updated by the parallel loop; below it the serial
-#: loop is faster because the pool wake-up dominates. Measured crossover for
-#: AdamW fp32 on 2 threads: ~2^14..2^15 (see report).
-PARALLEL_MIN = 1 << 15
+#: Bytes an update must move (reads + writes of every buffer) to use the
+#: parallel loop. Measured serial/parallel crossover on 2 threads, fp32, cache
+#: resident: AdamW (28 B/elem) 2^14..2^16 elements, SGD momentum and AdaGrad
+#: (20 B/elem) 2^16..2^17, the higher end on a loaded machine; in bytes that is
+#: 0.5..2 MiB for every rule, so the threshold is in bytes, not elements.
+PARALLEL_MIN_BYTES = 1 << 20
 
 _threads = 1
 # Numba's thread count is per calling thread; remember what each thread set
@@ -67,7 +69,13 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     n = N_FLOATS[kernel]
     floats, flags = scalars[:n], scalars[n:]  # plain tuples (slices of the NamedTuple)
     serial, parallel = LOOPS[kernel]
-    if param.size < PARALLEL_MIN or _threads == 1 or not _pool_usable or not _pool.acquire(blocking=False):
+    # p and every state buffer are read and written, g is read.
+    rw = 2
+    for buf in state:
+        if buf is not None:
+            rw += 2
+    moved = param.nbytes * (rw + 1)
+    if moved < PARALLEL_MIN_BYTES or _threads == 1 or not _pool_usable or not _pool.acquire(blocking=False):
         serial(param, grad, *state, floats, flags)
         return
     try:
