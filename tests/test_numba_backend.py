@@ -136,3 +136,13 @@ def test_host_overlap_checks_views_and_owned_arrays():
     a = np.zeros(10, np.float32)
     with pytest.raises(ValueError, match="exp_avg_sq overlaps param"):
         fastopt.adam_(a, np.zeros(10, np.float32), np.zeros(10, np.float32), a, step=1, backend="numba")
+
+
+def test_cache_key_covers_element_and_scalars_sources():
+    # Numba checks only the loop's own file for staleness; each loop carries a
+    # hash of elements.py and rules.py in its closure (part of the cache key),
+    # so editing an element function cannot load a stale compiled loop.
+    assert numba_loops._source_key() == numba_loops.SOURCE_KEY
+    for serial, parallel in numba_loops.LOOPS.values():
+        for loop in (serial, parallel):
+            assert numba_loops.SOURCE_KEY in [c.cell_contents for c in loop.py_func.__closure__]

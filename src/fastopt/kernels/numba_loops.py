@@ -12,24 +12,27 @@ tuple as two plain tuples. The parallel loop uses the calling thread's Numba
 thread count (``numba.set_num_threads``; not set in here because a jitted
 ``set_num_threads`` cannot be cached).
 
-Why it looks like this (each point was measured, see the numba backend's
-report in the README):
+Why it looks like this (each point was measured on the 2-core AVX-512 dev
+machine, fp32, 2 threads; numbers in the issue #4 report):
 
 * **No float64 promotion.** Scalars arrive as Python floats (float64); a
   float32 array times a float64 scalar is a float64 operation in Numba, so
-  the whole loop would run at half vector width with two conversions per
-  operand (the naive prange AdamW: 0.82 ns/elem at 2^20 instead of 0.12).
+  the whole loop would run at half vector width (``vsqrtpd``) with
+  conversions per operand (AdamW at 2^20: 0.27 ns/elem instead of 0.11; the
+  roofline kernel 0.10).
   :func:`cast_floats` casts them once, in compiled code, to the buffer dtype;
   the element functions contain no float literals for the same reason.
 * **Flags stay runtime values.** ``amsgrad``, ``nesterov``, ``centered``...
   and the ``weight_decay != 0`` tests are loop invariant; LLVM unswitches or
   if-converts them and the hot loop still vectorises (``vsqrtps``/``vdivps``
-  on zmm; checked for every kernel by ``tests/test_numba_backend.py``), so
-  one compiled loop per kernel and dtype serves every option.
+  on zmm; checked by ``tests/test_numba_backend.py``), and the kernel is at
+  the roofline, so one compiled loop per kernel, dtype and pattern of None
+  buffers serves every option (a variant per flag combination measured no
+  faster).
 * **``prange`` over the element index, not explicit chunks.** A loop
   ``range(lo, hi)`` inside a helper called per chunk does not vectorise:
   ``lo`` may be negative as far as Numba knows, so each ``a[i]`` keeps its
-  negative-index wraparound and LLVM gives up (1.3 ns/elem, scalar
+  negative-index wraparound and LLVM gives up (1.2-3.8 ns/elem, scalar
   ``sqrtss``). The parfor index is known non-negative, and Numba's static
   schedule splits it into one contiguous block per thread.
 * **The scalars tuple is built inside the loop body.** A NamedTuple value
@@ -39,17 +42,23 @@ report in the README):
 * ``None`` state buffers are pruned at compile time (``is None`` on an
   argument typed ``none``): no load, no store, no dummy traffic.
 * ``error_model="numpy"``: the default Python model inserts a zero-division
-  check before each ``/``, which blocks vectorisation; NumPy semantics
-  (inf/NaN) are also what the reference does.
-* No ``fastmath``: ``nnan``/``ninf`` would drop NaN/Inf propagation, and
-  ``contract`` (FMA) would break bitwise equality with the reference for no
-  gain at the memory roofline (see the report).
+  check before each ``/``, which blocks vectorisation (scalar ``vsqrtss``, no
+  ``vdivps``); NumPy semantics (inf/NaN) are also what the reference does.
+* No ``fastmath``: ``nnan``/``ninf`` would drop NaN/Inf propagation;
+  ``contract`` (FMA) and ``arcp`` (x/y as x*(1/y)) each break bitwise
+  equality with the reference (max rel. diff 4e-7 and 1e-7) and measured no
+  faster, since the loop is memory bound.
+* ``cache=True``: a cached process pays ~0.25 s on its first update (Numba's
+  import and target setup) instead of ~1 s of compilation per kernel.
+  :data:`SOURCE_KEY` keeps that cache honest when elements.py changes.
 
 Per element the result does not depend on the block boundaries (no
 reductions, no FMA), so any thread count gives bitwise identical buffers.
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 import typing
 
 import numba
@@ -58,9 +67,10 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import elements
+from .. import rules
 from ..rules import KERNEL_SCALARS
 
-__all__ = ["LOOPS", "N_FLOATS", "cast_floats"]
+__all__ = ["LOOPS", "N_FLOATS", "SOURCE_KEY", "cast_floats"]
 
 _JIT = dict(error_model="numpy", cache=True)
 
@@ -93,14 +103,30 @@ def _n_floats(cls) -> int:
 N_FLOATS = {k: _n_floats(cls) for k, cls in KERNEL_SCALARS.items()}
 
 
-# The three loop shapes (1, 2 or 3 state buffers). ``rng`` is ``prange`` or
-# ``range``; it is a closure variable so that the serial and parallel loop of
-# one kernel get distinct cache keys (Numba keys its cache on the function's
-# qualified name, bytecode and closure contents, not on ``parallel``).
-# ``z = p[i]`` stands in for a state value that is not used.
+def _source_key() -> int:
+    """A hash of the element functions' and scalars' source files.
 
-def _loop1(element, cls, rng):
+    Numba's on-disk cache is keyed on the loop's own file (timestamp), its
+    bytecode and its closure contents, but not on the files of the functions
+    it calls: without this key, editing an element function in elements.py
+    (or a scalars tuple in rules.py) would silently keep running the old
+    compiled loop from the cache. Each loop holds the key in its closure.
+    """
+    digest = hashlib.sha256()
+    for module in (elements, rules):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return int.from_bytes(digest.digest()[:7], "little")
+
+
+SOURCE_KEY = _source_key()
+
+# The three loop shapes (1, 2 or 3 state buffers). ``rng`` is ``prange`` or
+# ``range``. ``z = p[i]`` stands in for a state value that is not used.
+
+def _loop1(element, cls, rng, source_key):
     def loop(p, g, a, floats, flags):
+        source_key  # noqa: B018  (only to be in the closure, hence in the cache key)
         for i in rng(p.size):
             s = cls(*(cast_floats(floats, p) + flags))
             z = p[i]
@@ -110,8 +136,9 @@ def _loop1(element, cls, rng):
     return loop
 
 
-def _loop2(element, cls, rng):
+def _loop2(element, cls, rng, source_key):
     def loop(p, g, a, b, floats, flags):
+        source_key  # noqa: B018
         for i in rng(p.size):
             s = cls(*(cast_floats(floats, p) + flags))
             z = p[i]
@@ -124,8 +151,9 @@ def _loop2(element, cls, rng):
     return loop
 
 
-def _loop3(element, cls, rng):
+def _loop3(element, cls, rng, source_key):
     def loop(p, g, a, b, c, floats, flags):
+        source_key  # noqa: B018
         for i in rng(p.size):
             s = cls(*(cast_floats(floats, p) + flags))
             z = p[i]
@@ -142,7 +170,6 @@ def _loop3(element, cls, rng):
 
 
 _SHAPES = {1: _loop1, 2: _loop2, 3: _loop3}
-_N_STATE = {"sgd": 1, "adagrad": 1, "rmsprop": 3, "adadelta": 2, "adam": 3, "adamax": 2, "nadam": 2, "lion": 1}
 
 
 def _callable_in_jit(fn):
@@ -161,8 +188,9 @@ def _callable_in_jit(fn):
 
 def _build(kernel: str, parallel: bool):
     element = _callable_in_jit(getattr(elements, kernel))
+    n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
     rng = numba.prange if parallel else range
-    py_loop = _SHAPES[_N_STATE[kernel]](element, KERNEL_SCALARS[kernel], rng)
+    py_loop = _SHAPES[n_state](element, KERNEL_SCALARS[kernel], rng, SOURCE_KEY)
     py_loop.__qualname__ = py_loop.__name__ = f"{kernel}_{'parallel' if parallel else 'serial'}"
     return numba.njit(parallel=parallel, **_JIT)(py_loop)
 
