@@ -243,6 +243,23 @@ def test_stream_plan():
     assert plan_streams(5, [5, 9, 9]) == (5, [9])
 
 
+def test_stream_argument_forms():
+    from fastopt.backends.cuda import as_stream
+
+    class TorchLike:
+        cuda_stream = 0
+
+    class ProtocolLike:
+        def __cuda_stream__(self):
+            return (0, 0)
+
+    for s in (0, TorchLike(), ProtocolLike()):
+        assert as_stream(s) == (0, 0)  # the default stream, with no driver call
+    for bad in ("s", 1.5, True):
+        with pytest.raises(TypeError, match="stream must be"):
+            as_stream(bad)
+
+
 def test_unavailable_without_gpu_is_reported_not_raised():
     from numba import cuda
 

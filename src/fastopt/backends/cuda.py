@@ -58,8 +58,10 @@ MAX_BLOCKS: int | None = None
 
 if SIMULATOR:
     _NUMBA_ARRAY: type = cuda.devicearray.FakeCUDAArray
+    _NUMBA_STREAM: type = cuda.stream
 else:
     from numba.cuda.cudadrv.devicearray import DeviceNDArray as _NUMBA_ARRAY
+    from numba.cuda.cudadrv.driver import Stream as _NUMBA_STREAM
 
 
 def unavailable_reason() -> str:
@@ -74,10 +76,13 @@ def unavailable_reason() -> str:
 # Compiled kernels, per (element kernel, dtype, present state buffers)
 # ---------------------------------------------------------------------------
 
-class _Compiled(NamedTuple):
-    dispatcher: Any
-    argtypes: tuple
-    resident_blocks: list  # [blocks of one resident wave], filled at first launch
+class _Compiled:
+    __slots__ = ("dispatcher", "argtypes", "resident_blocks")
+
+    def __init__(self, dispatcher, argtypes: tuple):
+        self.dispatcher = dispatcher
+        self.argtypes = argtypes
+        self.resident_blocks = 0  # blocks of one resident wave, known at first launch
 
 
 _compiled: dict[tuple, _Compiled] = {}
@@ -88,7 +93,7 @@ def _compile(key: tuple, pyfunc, argtypes: tuple) -> _Compiled:
     with _compile_lock:
         got = _compiled.get(key)
         if got is None:
-            got = _compiled[key] = _Compiled(cuda.jit(argtypes)(pyfunc), argtypes, [])
+            got = _compiled[key] = _Compiled(cuda.jit(argtypes)(pyfunc), argtypes)
     return got
 
 
@@ -116,9 +121,10 @@ def launch_config(n: int, resident_blocks: int) -> tuple[int, int]:
 
 def _launch(entry: _Compiled, n: int, stream, args) -> None:
     if not entry.resident_blocks:
+        # Occupancy API: active blocks per SM for this kernel's registers, times the SMs.
         overload = entry.dispatcher.overloads[entry.argtypes]
-        entry.resident_blocks.append(max(1, overload.max_cooperative_grid_blocks(THREADS_PER_BLOCK)))
-    blocks, threads = launch_config(n, entry.resident_blocks[0])
+        entry.resident_blocks = max(1, overload.max_cooperative_grid_blocks(THREADS_PER_BLOCK))
+    blocks, threads = launch_config(n, entry.resident_blocks)
     entry.dispatcher[blocks, threads, stream](*args)
 
 
@@ -187,11 +193,8 @@ def as_stream(stream: Any) -> tuple[Any, int]:
     """(what to launch on, its handle) for a user's ``stream=`` argument."""
     if isinstance(stream, int) and not isinstance(stream, bool):
         return _stream_for(stream), stream
-    if SIMULATOR and isinstance(stream, cuda.stream):
-        return stream, id(stream)
-    handle = getattr(stream, "handle", None)  # a Numba stream
-    if handle is not None and hasattr(stream, "synchronize"):
-        return stream, int(handle)
+    if isinstance(stream, _NUMBA_STREAM):
+        return stream, (id(stream) if SIMULATOR else int(stream.handle))
     if hasattr(stream, "__cuda_stream__"):
         h = int(stream.__cuda_stream__()[1])
     elif hasattr(stream, "cuda_stream"):  # torch.cuda.Stream
@@ -270,7 +273,10 @@ def all_finite(array, stream=None) -> bool:
         return True
     target = _resolve_stream(stream, (producer,))
     sig = cuda_kernels.NONFINITE_SIGNATURES[view.dtype]
-    entry = _compile(("nonfinite", view.dtype), cuda_kernels.nonfinite_kernel, sig)
+    entry = _compile(("nonfinite", view.dtype), cuda_kernels.nonfinite_kernel, sig)  # lazily, like the updates
     found = cuda.to_device(np.zeros(1, np.int32), stream=target)
     _launch(entry, view.size, target, (view, found))
-    return not found.copy_to_host(stream=target)[0]
+    flag = found.copy_to_host(stream=target)
+    if target != 0:
+        target.synchronize()
+    return not flag[0]
