@@ -76,13 +76,10 @@ def unavailable_reason() -> str:
 # Compiled kernels, per (element kernel, dtype, present state buffers)
 # ---------------------------------------------------------------------------
 
-class _Compiled:
-    __slots__ = ("dispatcher", "argtypes", "resident_blocks")
-
-    def __init__(self, dispatcher, argtypes: tuple):
-        self.dispatcher = dispatcher
-        self.argtypes = argtypes
-        self.resident_blocks = 0  # blocks of one resident wave, known at first launch
+class _Compiled(NamedTuple):
+    dispatcher: Any
+    argtypes: tuple
+    waves: dict  # threads per block -> blocks of one resident wave (known at first launch)
 
 
 _compiled: dict[tuple, _Compiled] = {}
@@ -93,7 +90,7 @@ def _compile(key: tuple, pyfunc, argtypes: tuple) -> _Compiled:
     with _compile_lock:
         got = _compiled.get(key)
         if got is None:
-            got = _compiled[key] = _Compiled(cuda.jit(argtypes)(pyfunc), argtypes)
+            got = _compiled[key] = _Compiled(cuda.jit(argtypes)(pyfunc), argtypes, {})
     return got
 
 
@@ -120,11 +117,12 @@ def launch_config(n: int, resident_blocks: int) -> tuple[int, int]:
 
 
 def _launch(entry: _Compiled, n: int, stream, args) -> None:
-    if not entry.resident_blocks:
+    wave = entry.waves.get(THREADS_PER_BLOCK)
+    if wave is None:
         # Occupancy API: active blocks per SM for this kernel's registers, times the SMs.
         overload = entry.dispatcher.overloads[entry.argtypes]
-        entry.resident_blocks = max(1, overload.max_cooperative_grid_blocks(THREADS_PER_BLOCK))
-    blocks, threads = launch_config(n, entry.resident_blocks)
+        wave = entry.waves[THREADS_PER_BLOCK] = max(1, overload.max_cooperative_grid_blocks(THREADS_PER_BLOCK))
+    blocks, threads = launch_config(n, wave)
     entry.dispatcher[blocks, threads, stream](*args)
 
 
