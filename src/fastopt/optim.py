@@ -310,18 +310,25 @@ def _expect_keys(d: Any, expected: set, where: str) -> None:
         raise ValueError(f"{where} has an unknown key {unknown[0]!r}")
 
 
+def _number(value: Any, where: str) -> float:
+    """A saved scalar (int, float, 0-d array or tensor, host or device) as a float."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        if is_device_array(value):
+            return float(to_host(value))
+        raise TypeError(f"{where} must be a number, got {value!r}") from None
+
+
 def _count(value: Any, where: str) -> int:
-    x = float(np.asarray(to_host(value) if is_device_array(value) else value))
+    x = _number(value, where)
     if not x.is_integer() or x < 0:
         raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
     return int(x)
 
 
 def _scalar(value: Any, where: str) -> float:
-    try:
-        return float(np.asarray(value))
-    except (TypeError, ValueError):
-        raise TypeError(f"{where} must be a number, got {value!r}") from None
+    return _number(value, where)
 
 
 def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str) -> Any:
