@@ -22,7 +22,7 @@ import numpy as np
 
 from .buffers import SUPPORTED_DTYPES, is_device_array
 
-__all__ = ["ALIGN", "FlatParams", "layout", "new_buffer", "to_host", "copy_into"]
+__all__ = ["ALIGN", "FlatParams", "layout", "new_buffer", "to_host", "copy_into", "dtype_of", "shape_of"]
 
 #: Byte alignment of every segment start.
 ALIGN = 64
@@ -58,7 +58,7 @@ def new_buffer(like: Array, n: int, value: float = 0.0, dtype: Any = None, align
     Host buffers start on an ``align``-byte boundary; device allocations already
     start on (at least) 256-byte boundaries.
     """
-    dtype = np.dtype(dtype if dtype is not None else _dtype(like))
+    dtype = np.dtype(dtype if dtype is not None else dtype_of(like))
     if is_device_array(like):
         out = _cuda().device_array(n, dtype)
         out.copy_to_device(np.full(n, value, dtype))  # thin: one host-to-device copy at allocation
@@ -86,11 +86,11 @@ def copy_into(dst: Array, src: Array) -> None:
         np.copyto(dst, to_host(src) if is_device_array(src) else src)
 
 
-def _dtype(a: Array) -> np.dtype:
+def dtype_of(a: Array) -> np.dtype:
     return np.dtype(a.__cuda_array_interface__["typestr"]) if is_device_array(a) else np.asarray(a).dtype
 
 
-def _shape(a: Array) -> tuple[int, ...]:
+def shape_of(a: Array) -> tuple[int, ...]:
     return tuple(a.__cuda_array_interface__["shape"]) if is_device_array(a) else np.shape(a)
 
 
@@ -117,7 +117,7 @@ class FlatParams:
         device = is_device_array(arrays[0])
         if any(is_device_array(a) != device for a in arrays):
             raise TypeError("FlatParams arrays must all be on the host or all on the device")
-        dtypes = {_dtype(a) for a in arrays}
+        dtypes = {dtype_of(a) for a in arrays}
         if dtype is None:
             if len(dtypes) != 1:
                 raise TypeError(f"FlatParams arrays have dtypes {sorted(map(str, dtypes))}; pass dtype= to cast")
@@ -125,7 +125,7 @@ class FlatParams:
         self.dtype = np.dtype(dtype)
         if self.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"FlatParams dtype must be float32 or float64, got {self.dtype}")
-        self.shapes = tuple(_shape(a) for a in arrays)
+        self.shapes = tuple(shape_of(a) for a in arrays)
         self.sizes = tuple(int(np.prod(s)) for s in self.shapes)
         self.offsets, size = layout(self.sizes, self.dtype.itemsize, align)
         self.data = new_buffer(arrays[0], size, 0.0, self.dtype, align)

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import functional
 from .buffers import check_buffers, is_device_array
-from .flat import Array, FlatParams, _dtype, _shape, copy_into, new_buffer, to_host
+from .flat import Array, FlatParams, dtype_of, shape_of, copy_into, new_buffer, to_host
 from .rules import RULES, Rule, nonneg
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "Lion"]
@@ -59,7 +59,8 @@ class Optimizer:
     extra_defaults: ClassVar[Mapping[str, Any]] = {}
     #: state buffer -> the hyperparameter holding its initial value (zeros otherwise).
     fill: ClassVar[Mapping[str, str]] = {}
-    #: Scalars carried from step to step, through the functional call's return value.
+    #: The scalar carried from step to step (at most one: the functional call returns
+    #: its new value), with its value before the first step.
     carry: ClassVar[Mapping[str, float]] = {}
     #: functional state name -> ``torch.optim`` state key, where they differ.
     saved_names: ClassVar[Mapping[str, str]] = {}
@@ -122,8 +123,8 @@ class Optimizer:
     # ---- one step of one group: shared with the torch adapter ---------------
 
     @classmethod
-    def update(cls, hyper: Mapping[str, Any], param: Array, grad: Array, state: dict,
-               new: Callable[[float], Array]) -> None:
+    def step_group(cls, hyper: Mapping[str, Any], param: Array, grad: Array, state: dict,
+                   new: Callable[[float], Array]) -> None:
         """One step of one group: allocate missing state with ``new(fill value)``,
         run the functional update, count the step. ``hyper`` must have passed
         :meth:`check_hyper`."""
@@ -142,6 +143,7 @@ class Optimizer:
 
     @classmethod
     def fresh_state(cls) -> dict:
+        """The state of a group before its first step (buffers come lazily)."""
         return {"step": 0, **cls.carry}
 
     # ---- the flat optimizer -------------------------------------------------
@@ -152,7 +154,7 @@ class Optimizer:
             self.data, self.grad = params.data, params.grad
         else:
             self.data, self.grad = params, None
-        shape = _shape(self.data)
+        shape = shape_of(self.data)
         if len(shape) != 1:
             raise ValueError(f"params must be a 1-D buffer (see fastopt.FlatParams), got shape {shape}")
         check_buffers(["params"], [self.data])
@@ -205,7 +207,7 @@ class Optimizer:
         for group, state in zip(self.param_groups, self.state):
             seg = group["params"]
             n = seg.stop - seg.start
-            self.update(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v))
+            self.step_group(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v))
 
     # ---- state dicts --------------------------------------------------------
 
@@ -245,7 +247,7 @@ class Optimizer:
         if unknown:
             raise ValueError(f"state_dict['state'] has an entry {unknown[0]!r} for no group "
                              f"(expected group indices 0..{len(groups) - 1})")
-        dtype = _dtype(self.data)
+        dtype = dtype_of(self.data)
         states = []
         for i, group in enumerate(groups):
             seg = group["params"]
@@ -255,7 +257,7 @@ class Optimizer:
             for name, key in self.state_keys().items():
                 if key in entry:
                     buffers[name] = _check_buffer(entry[key], seg.stop - seg.start, dtype, f"{where}[{key!r}]")
-            state = self._check_entry(entry, buffers, group, where)
+            state = self.check_entry(entry, buffers, group, where)
             states.append((state, buffers, seg.stop - seg.start))
         # Everything checked: now apply.
         self.param_groups = groups
@@ -267,7 +269,7 @@ class Optimizer:
             self.state.append(state)
 
     @classmethod
-    def _check_entry(cls, entry: Mapping[str, Any], buffers: Mapping[str, Any], hyper: Mapping[str, Any],
+    def check_entry(cls, entry: Mapping[str, Any], buffers: Mapping[str, Any], hyper: Mapping[str, Any],
                      where: str, step_optional: bool = False) -> dict:
         """Check one saved state entry's keys and scalars; return its scalar state."""
         allowed = {"step", *cls.carry, *cls.state_keys().values()}
@@ -334,10 +336,10 @@ def _scalar(value: Any, where: str) -> float:
 def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str) -> Any:
     if not (isinstance(value, np.ndarray) or is_device_array(value)):
         raise TypeError(f"{where} must be an array, got {type(value).__name__}")
-    if _shape(value) != (n,):
-        raise ValueError(f"{where} has shape {_shape(value)}, expected ({n},) (the group's size)")
-    if _dtype(value) != dtype:
-        raise TypeError(f"{where} has dtype {_dtype(value)}, expected {dtype} (the buffer's dtype)")
+    if shape_of(value) != (n,):
+        raise ValueError(f"{where} has shape {shape_of(value)}, expected ({n},) (the group's size)")
+    if dtype_of(value) != dtype:
+        raise TypeError(f"{where} has dtype {dtype_of(value)}, expected {dtype} (the buffer's dtype)")
     return value
 
 

@@ -205,7 +205,7 @@ class Optimizer(torch.optim.Optimizer):
             if seg.stop == seg.start:
                 continue
             allocated = len(gstate)
-            self.core.update(group, param[seg], grad[seg], gstate, self._new(seg.stop - seg.start))
+            self.core.step_group(group, param[seg], grad[seg], gstate, self._new(seg.stop - seg.start))
             if len(gstate) != allocated or gstate["step"] == 1:  # new buffers, or a first step
                 self._expose(i)
             for k, t in self._scalars[i].items():
@@ -280,7 +280,7 @@ class Optimizer(torch.optim.Optimizer):
                 where = f"state_dict['state'][{k!r}]" if k is not None else f"the state of parameter {p.shape}"
                 buffers = {name: _check_tensor(entry[key], p, f"{where}[{key!r}]")
                            for name, key in keys.items() if key in entry}
-                s = self.core._check_entry(entry, buffers, new, where, step_optional=not self.saves_step)
+                s = self.core.check_entry(entry, buffers, new, where, step_optional=not self.saves_step)
                 if scalars is not None and s != scalars:
                     raise ValueError(f"{where} has state {s} but an earlier parameter of group {i} has {scalars}; "
                                      "fastopt steps a group at once, so its parameters need one step count")
