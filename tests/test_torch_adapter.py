@@ -270,6 +270,18 @@ def test_moving_the_model_after_construction_is_an_error():
         opt.step()
 
 
+def test_frozen_parameters_are_refused():
+    """torch.optim skips a parameter without grad; one flat call would still decay it."""
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="parameter 0 does not require grad"):
+        ft.AdamW(model.parameters())
+    opt = ft.AdamW([p for p in model.parameters() if p.requires_grad])
+    model[0].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="parameter 0 does not require grad .frozen after"):
+        opt.step()
+
+
 def test_closure_and_float64():
     model, reference = mlp(torch.float64), mlp(torch.float64)
     Xd, Yd = X.double(), Y.double()

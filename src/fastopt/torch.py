@@ -18,8 +18,8 @@ The classes subclass ``torch.optim.Optimizer``: ``param_groups`` are torch's
 ``torch.optim.<X>.load_state_dict`` accepts, and ``load_state_dict`` accepts a
 ``torch.optim.<X>`` state dict. Differences from torch, all consequences of
 one buffer: every parameter is stepped every step (a parameter with no
-gradient reads a zero gradient, where torch would skip it); one step count per
-group; all parameters share one dtype and device; create the optimizer after
+gradient reads a zero gradient, where torch would skip it; parameters that do
+not require grad are refused, for that reason); one step count per group; all parameters share one dtype and device; create the optimizer after
 moving the model (``model.to(...)`` afterwards leaves the flat buffer; the next
 step raises); groups cannot be added after construction.
 
@@ -41,6 +41,11 @@ __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW"
 #: torch options that choose torch's own implementation: accepted, kept in the
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
 IGNORED_TORCH_OPTIONS = ("foreach", "fused")
+
+
+_FROZEN = ("parameter {i} does not require grad ({when}): torch.optim skips it, but fastopt.torch "
+           "updates every parameter it holds in one call (weight decay and momentum would move it); pass "
+           "only trainable parameters, e.g. [p for p in model.parameters() if p.requires_grad]")
 
 
 def _array(t: torch.Tensor) -> Any:
@@ -123,6 +128,8 @@ class Optimizer(torch.optim.Optimizer):
             raise ValueError("the optimizer got an empty parameter list")
         first = params[0]
         for i, p in enumerate(params):
+            if not p.requires_grad:
+                raise ValueError(_FROZEN.format(i=i, when="given to the optimizer"))
             if p.dtype != first.dtype or p.device != first.device:
                 raise TypeError(f"fastopt.torch keeps all parameters in one buffer, so they need one dtype and "
                                 f"device: parameter {i} is {p.dtype} on {p.device}, parameter 0 is "
@@ -161,6 +168,8 @@ class Optimizer(torch.optim.Optimizer):
         view re-attached, so the next backward accumulates in place again.
         """
         for i, (p, ptr, gview) in enumerate(self._views):
+            if not p.requires_grad:
+                raise RuntimeError(_FROZEN.format(i=i, when="frozen after the optimizer was made"))
             if p.data_ptr() != ptr:
                 raise RuntimeError(
                     f"parameter {i} no longer lives in fastopt's flat buffer (was the model moved or cast, e.g. "
