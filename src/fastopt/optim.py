@@ -26,7 +26,8 @@ import numpy as np
 from . import functional
 from .buffers import check_buffers, is_device_array
 from .flat import Array, FlatParams, dtype_of, shape_of, copy_into, new_buffer, to_host
-from .rules import RULES, Rule, nonneg
+from .finite import all_finite
+from .rules import RULES, Rule, flag, nonneg
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "Lion"]
 
@@ -43,6 +44,10 @@ class Optimizer:
             hyperparameters that differ from the defaults. Default: one group,
             the whole buffer. Groups must not overlap; elements in no group
             are left unchanged.
+        skip_nonfinite: when True, a step whose gradient (within the groups)
+            holds a NaN or Inf changes nothing; :meth:`step` returns False and
+            :attr:`skipped_steps` counts it. Default False: non-finite
+            gradients propagate exactly as in ``torch.optim``.
         **hyper: default hyperparameters (those of the functional update).
 
     Attributes:
@@ -149,7 +154,9 @@ class Optimizer:
     # ---- the flat optimizer -------------------------------------------------
 
     def __init__(self, params: FlatParams | Array, *, groups: Sequence[Mapping[str, Any]] | None = None,
-                 **hyper: Any) -> None:
+                 skip_nonfinite: bool = False, **hyper: Any) -> None:
+        self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+        self.skipped_steps = 0
         if isinstance(params, FlatParams):
             self.data, self.grad = params.data, params.grad
         else:
@@ -194,9 +201,11 @@ class Optimizer:
         for g in self.param_groups:
             g["lr"] = value
 
-    def step(self, grad: Array | None = None) -> None:
+    def step(self, grad: Array | None = None) -> bool:
         """Update every group in place with the gradient ``grad`` (a buffer like ``params``;
-        default: the ``FlatParams``' ``grad``). Everything is checked before anything is written."""
+        default: the ``FlatParams``' ``grad``). Everything is checked before anything is written.
+
+        Returns True, or False when ``skip_nonfinite`` dropped the step."""
         if grad is None:
             if self.grad is None:
                 raise TypeError("step() needs a gradient buffer (or construct the optimizer from a FlatParams)")
@@ -204,10 +213,14 @@ class Optimizer:
         check_buffers(["params", "grad"], [self.data, grad])
         for group in self.param_groups:
             self.check_hyper(group)
+        if self.skip_nonfinite and not all(all_finite(grad[g["params"]]) for g in self.param_groups):
+            self.skipped_steps += 1
+            return False
         for group, state in zip(self.param_groups, self.state):
             seg = group["params"]
             n = seg.stop - seg.start
             self.step_group(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v))
+        return True
 
     # ---- state dicts --------------------------------------------------------
 

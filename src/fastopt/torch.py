@@ -34,7 +34,9 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 import torch
 
 from . import optim
+from .finite import all_finite
 from .flat import layout
+from .rules import flag
 
 __all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "Lion"]
 
@@ -92,7 +94,12 @@ class Optimizer(torch.optim.Optimizer):
         cls.__doc__ = (f"{like} running fastopt's fused update over one flat buffer "
                        f"(see :mod:`fastopt.torch`).\n\n{core.__doc__}")
 
-    def __init__(self, params: Iterable[Any], lr: float | None = None, **hyper: Any) -> None:
+    def __init__(self, params: Iterable[Any], lr: float | None = None, *, skip_nonfinite: bool = False,
+                 **hyper: Any) -> None:
+        # skip_nonfinite: drop a step whose gradient holds NaN/Inf (counted in
+        # skipped_steps, flagged by last_step_skipped); default: propagate as torch does.
+        self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+        self.skipped_steps, self.last_step_skipped = 0, False
         if lr is not None:
             hyper["lr"] = lr
         options = {k: hyper.pop(k) for k in list(hyper) if k in self.torch_options}
@@ -210,6 +217,11 @@ class Optimizer(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             self._check_group(group, f"param_groups[{i}]")  # all groups, before any is written
         param, grad = self._arrays
+        self.last_step_skipped = self.skip_nonfinite and not all(
+            all_finite(grad[seg]) for seg in self._segments)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            return loss
         for i, (group, seg, gstate) in enumerate(zip(self.param_groups, self._segments, self._group_state)):
             if seg.stop == seg.start:
                 continue
