@@ -73,17 +73,15 @@ CASES: dict[str, Case] = {c.name: c for c in (
 
 
 def select_cases(spec: str | None) -> list[Case]:
-    """Cases named by a comma list of case names or rule names (a rule selects all its cases)."""
+    """Cases named by a comma list of rule names (each selects all its cases: ``sgd`` is
+    ``sgd`` and ``sgd-momentum``) or case names (``adam-amsgrad`` selects just that one)."""
     if not spec or spec == "all":
         return list(CASES.values())
     chosen: list[Case] = []
     for word in (w.strip().lower() for w in spec.split(",")):
         if not word:
             continue
-        if word in CASES:
-            found = [CASES[word]]
-        else:
-            found = [c for c in CASES.values() if c.rule == word]
+        found = [c for c in CASES.values() if c.rule == word] or ([CASES[word]] if word in CASES else [])
         if not found:
             raise ValueError(f"unknown rule or case {word!r}; expected rules {sorted(RULES)} "
                              f"or cases {list(CASES)}")

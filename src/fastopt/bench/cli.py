@@ -32,7 +32,8 @@ def parser() -> argparse.ArgumentParser:
                     "in one run, on the same buffers. Prints one table per rule configuration.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::", 1)[1])
     ap.add_argument("--rules", default=None, metavar="LIST",
-                    help="rules or cases, comma separated (a rule selects all its cases); default all: "
+                    help="rules or cases, comma separated (a rule selects all its cases, e.g. sgd = sgd,sgd-momentum); "
+                         "default all: "
                          + ",".join(CASES))
     ap.add_argument("--sizes", default=None, metavar="LIST",
                     help="element counts, comma separated: 2^20, 1M (= 2^20), 64k, 1048576; default "
@@ -61,9 +62,9 @@ def parser() -> argparse.ArgumentParser:
 class _Progress:
     """Progress lines on stderr; rewritten in place on a terminal."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
         self.width = 0
 
     def __call__(self, text: str) -> None:

@@ -44,17 +44,21 @@ def _cells(r: Result) -> list[str]:
 
 
 def _render(rows: list[list[str]], markdown: bool) -> list[str]:
+    # The speedup columns are left out of a table where no row has one
+    # (no torch for this rule, no NumPy baseline on a GPU).
+    keep = [i for i in range(len(COLUMNS)) if i < 5 or any(row and row[i] for row in rows)]
+    names = [COLUMNS[i] for i in keep]
+    right = [_RIGHT[i] for i in keep]
+    rows = [[row[i] for i in keep] if row else row for row in rows]
     if markdown:
-        out = ["| " + " | ".join(COLUMNS) + " |",
-               "|" + "|".join("---:" if right else "---" for right in _RIGHT) + "|"]
+        out = ["| " + " | ".join(names) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
         out += ["| " + " | ".join(row) + " |" for row in rows if row]
         return out
-    widths = [max(len(c), *(len(row[i]) for row in rows if row)) for i, c in enumerate(COLUMNS)]
+    widths = [max(len(c), *(len(row[i]) for row in rows if row)) for i, c in enumerate(names)]
 
     def line(cells):
-        return "  ".join(c.rjust(w) if right else c.ljust(w)
-                         for c, w, right in zip(cells, widths, _RIGHT)).rstrip()
-    out = [line(COLUMNS), "  ".join("-" * w for w in widths)]
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+    out = [line(names), "  ".join("-" * w for w in widths)]
     out += [line(row) if row else "" for row in rows]
     return out
 
