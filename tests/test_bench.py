@@ -320,3 +320,22 @@ print("ok")
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "PYTHONPATH": SRC}
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert got.returncode == 0 and got.stdout.strip() == "ok", got.stderr
+
+
+def test_backends_are_discovered_at_run_time(monkeypatch, capsys):
+    # A backend that lands later (here a stand-in for "numba" running the
+    # reference kernels) gets its row, its ratios and its describe() line.
+    import types
+
+    from fastopt import dispatch
+    from fastopt.backends import reference
+
+    fake = types.SimpleNamespace(name="numba", device="cpu", run=reference.run, describe=lambda: "stand-in")
+    monkeypatch.setitem(dispatch._loaded, "numba", fake)
+    assert cli.main(["--sizes", "2^10", "--quick", "--rules", "adagrad", "--quiet", "--competitors", "none",
+                     "--backends", "numba"]) == 0
+    text = capsys.readouterr().out
+    assert "backend numba: stand-in" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["numba"]]
+    assert len(rows) == 1 and rows[0][-1].endswith("x")  # ns/elem, GB/s, % roofline, x numpy
+    assert "numpy" in text  # the baseline runs even when not asked for

@@ -101,6 +101,10 @@ def header(meta: dict[str, Any], markdown: bool = False) -> str:
               else "roofline: the same bytes read+written per element with trivial math")
              + ", timed in this run; % roofline = GB/s / roofline GB/s; "
              "x numpy, x torch = time ratios (higher is faster)"]
+    for name, text in meta.get("backends", {}).items():
+        lines.append(f"backend {name}: {text}")
+    if meta.get("env"):
+        lines.append("environment: " + " ".join(f"{k}={v}" for k, v in meta["env"].items()))
     for name, reason in meta.get("skipped", {}).items():
         lines.append(f"not run: {name}: {reason}")
     if markdown:

@@ -288,8 +288,20 @@ def environment(config: Config, threads: dict, impls: Sequence[Impl], skipped: d
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
+    # A backend may say what it runs (ISA, threading) with describe() -> str; an
+    # ISA forced through the environment (e.g. the C backend's AVX2 path) then
+    # shows in the header next to the FASTOPT_* variables that forced it.
+    described = {}
+    for impl in impls:
+        if impl.kind == "backend":
+            describe = getattr(dispatch.get_backend(impl.name), "describe", None)
+            if callable(describe):
+                described[impl.name] = str(describe())
+    env = {k: v for k, v in sorted(os.environ.items())
+           if k.startswith(("FASTOPT_", "NUMBA_", "OMP_", "KMP_", "GOMP_", "MKL_")) or k == "CUDA_VISIBLE_DEVICES"}
     return dict(
         date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), argv=sys.argv, machine=_cpu_model(), cores=cores,
+        backends=described, env=env,
         device=config.device, dtype=np.dtype(config.dtype).name, threads=threads, versions=versions,
         timer=dataclasses.asdict(config.timer),
         implementations=[i.name for i in impls], skipped=skipped,
