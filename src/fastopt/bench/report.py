@@ -35,10 +35,18 @@ def _label(r: Result) -> str:
     return r.impl if not r.variant or r.variant == r.impl else f"{r.impl} ({r.variant})"
 
 
+#: A row whose median is this much slower than its fastest measurement is marked noisy.
+NOISY = 1.5
+
+
+def _noisy(r: Result) -> bool:
+    return r.measurement is not None and r.measurement.median > NOISY * r.measurement.best
+
+
 def _cells(r: Result) -> list[str]:
     if r.measurement is None:
         return [_label(r), "error", "", "", "", ""]  # the message goes below the table
-    return [_label(r), _ns(r.ns_per_elem), f"{r.gbps:.1f}",
+    return [_label(r), _ns(r.ns_per_elem) + ("*" if _noisy(r) else ""), f"{r.gbps:.1f}",
             "" if r.pct_roofline is None else f"{r.pct_roofline:.0f}%",
             _speedup(r.x_numpy), _speedup(r.x_torch)]
 
@@ -86,6 +94,9 @@ def tables(results: Sequence[Result], meta: dict[str, Any], markdown: bool = Fal
             last_size = r.size
         out += _render(rows, markdown)
         out += [f"error: {r.impl} at {format_size(r.size)}: {r.error}" for r in rs if r.error]
+        if any(map(_noisy, rs)):
+            out.append(f"* noisy: the median measurement is over {NOISY}x the fastest (a busy machine?); "
+                       "the JSON has both")
         out.append("")
     return "\n".join(out)
 
