@@ -39,7 +39,7 @@ __all__ = ["Config", "Impl", "Result", "plan", "run", "apply_threads", "environm
 
 Variants = Sequence[tuple[str, Callable[[], None]]]
 
-#: fastopt backends in table order (fastest first); ``numpy`` is the baseline.
+#: fastopt backends in table order (others follow); ``numpy`` is the baseline.
 _BACKEND_ORDER = ("c", "numba", "cuda", "numpy")
 
 
@@ -141,7 +141,8 @@ def plan(config: Config) -> tuple[list[Impl], dict[str, str]]:
                  Impl("kernel", "check", lambda c, b: [("trivial kernel", roofline.device_kernel(b.arrays()))])]
     else:
         raise ValueError(f"device must be 'cpu' or 'cuda', got {config.device!r}")
-    for name in _BACKEND_ORDER:
+    order = [n for n in _BACKEND_ORDER if n in info] + [n for n in info if n not in _BACKEND_ORDER]
+    for name in order:
         if name not in wanted:
             continue
         b = info[name]
