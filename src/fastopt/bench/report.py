@@ -82,7 +82,7 @@ def tables(results: Sequence[Result], meta: dict[str, Any], markdown: bool = Fal
         case = rs[0].case
         info = meta["cases"][name]
         title = (f"{name}: fastopt.{case.describe()}, {meta['dtype']}, {info['bytes_per_elem']} B/elem, "
-                 f"{meta['device']}, {threads} threads")
+                 f"{meta['device']}, {threads} thread{'s' * (threads != 1)}")
         out += [f"### {title}" if markdown else title, ""]
         rows: list[list[str]] = []
         last_size = None
@@ -93,6 +93,8 @@ def tables(results: Sequence[Result], meta: dict[str, Any], markdown: bool = Fal
             rows.append([size, *_cells(r)])
             last_size = r.size
         out += _render(rows, markdown)
+        if markdown and (any(r.error for r in rs) or any(map(_noisy, rs))):
+            out.append("")  # end the Markdown table before the notes
         out += [f"error: {r.impl} at {format_size(r.size)}: {r.error}" for r in rs if r.error]
         if any(map(_noisy, rs)):
             out.append(f"* noisy: the median measurement is over {NOISY}x the fastest (a busy machine?); "

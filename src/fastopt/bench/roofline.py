@@ -131,13 +131,14 @@ def _arity(arrays: Sequence[Any]) -> int:
 def host_kernels(arrays: Sequence[np.ndarray], scale: float = 0.0) -> dict[str, Callable[[], None]]:
     """``{variant: callable}``: the roofline loop over ``arrays`` = [param, grad, *state], in place.
 
-    Two variants, in this order: ``"<n> threads"`` (prange) and ``"serial"``.
+    Two variants, in this order: ``"<n> threads"`` (prange, Numba's current thread
+    count) and ``"serial"``.
     """
     k = _arity(arrays)
     par, ser = PARALLEL[k], SERIAL[k]
     args = (arrays[0].dtype.type(scale), *arrays)
     threads = numba.get_num_threads()
-    return {f"{threads} threads": lambda: par(*args), "serial": lambda: ser(*args)}
+    return {f"{threads} thread{'s' * (threads != 1)}": lambda: par(*args), "serial": lambda: ser(*args)}
 
 
 def host_copy(arrays: Sequence[np.ndarray]) -> Callable[[], None]:
