@@ -14,18 +14,56 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SUPPORTED_DTYPES", "check_buffers", "is_device_array"]
+__all__ = ["SUPPORTED_DTYPES", "check_buffers", "device_interface", "is_device_array"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE_NAMES = "float32 or float64"
 
 
+def _simulator_array(obj: Any) -> bool:
+    # Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) wraps a host NumPy array
+    # in a FakeCUDAArray that exports no __cuda_array_interface__.
+    return getattr(obj, "__cuda_ndarray__", False) and isinstance(getattr(obj, "_ary", None), np.ndarray)
+
+
 def is_device_array(obj: Any) -> bool:
-    return not isinstance(obj, np.ndarray) and hasattr(obj, "__cuda_array_interface__")
+    if isinstance(obj, np.ndarray):
+        return False
+    try:
+        return hasattr(obj, "__cuda_array_interface__") or _simulator_array(obj)
+    except RuntimeError:
+        # torch raises RuntimeError (not AttributeError) for a CUDA tensor that
+        # requires grad: it is a device array.
+        return True
+
+
+def device_interface(obj: Any) -> dict:
+    """The ``__cuda_array_interface__`` dict of a device array.
+
+    A torch CUDA tensor with ``requires_grad=True`` refuses to export it; its
+    ``detach()`` shares the same memory and does, and an optimizer updates the
+    values in place under no_grad anyway. A CUDA-simulator array is described
+    from the host array it wraps, so the simulator goes through the same checks
+    and backend code as a GPU.
+    """
+    try:
+        return obj.__cuda_array_interface__
+    except AttributeError:
+        if not _simulator_array(obj):
+            raise
+        a = obj._ary
+        return {"shape": a.shape, "typestr": a.dtype.str, "version": 3, "stream": None,
+                "strides": None if a.flags.c_contiguous else a.strides,
+                "data": (a.__array_interface__["data"][0], not a.flags.writeable)}
+    except RuntimeError:
+        detach = getattr(obj, "detach", None)
+        if detach is None:
+            raise
+        return detach().__cuda_array_interface__
 
 
 def _device_extent(name: str, a: Any, writable: bool) -> tuple[int, int, tuple, np.dtype]:
-    cai = a.__cuda_array_interface__
+    cai = device_interface(a)
     shape = tuple(cai["shape"])
     dtype = np.dtype(cai["typestr"])
     if dtype not in SUPPORTED_DTYPES:
