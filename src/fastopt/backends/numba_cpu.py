@@ -7,6 +7,15 @@ or the parallel loop and passes the thread count.
 Updates that move less than :data:`PARALLEL_MIN_BYTES` take the serial loop:
 waking Numba's thread pool costs 1-4 microseconds per call (more on a busy
 machine), more than the whole update of a small buffer.
+
+Oversubscribed machines: with Numba's ``omp`` layer (GNU OpenMP, spinning
+workers by default), a parallel update on cores shared with other busy
+processes often waits a whole scheduler slice (~8 ms at 2^20 instead of
+~0.12 ms, measured on the shared 2-core dev machine; torch's OpenMP pool does
+the same). ``OMP_WAIT_POLICY=PASSIVE`` or ``NUMBA_THREADING_LAYER=workqueue``
+removes the stalls at ~2x the best-case time of a parallel update, and
+``fastopt.set_num_threads(1)`` avoids the pool altogether. fastopt leaves
+these process-wide settings to the user.
 """
 from __future__ import annotations
 
