@@ -199,3 +199,15 @@ def test_host_device_mix_is_rejected():
 
 def test_host_arrays_on_cuda_backend_rejected():
     expect_rejected("adam", make("adam"), (TypeError, RuntimeError), ["cuda"], backend="cuda")
+
+
+def test_validation_cache_is_not_fooled():
+    """Validated hyperparameters are cached per call signature; a later bad value,
+    or a bool equal to a cached number (True == 1), must still be rejected."""
+    bufs = make("adam")
+    call("adam", bufs, lr=1)
+    call("adam", bufs, lr=1)
+    expect_rejected("adam", make("adam"), TypeError, ["lr", "real number"], lr=True)
+    expect_rejected("adam", make("adam"), ValueError, ["lr", ">= 0"], lr=-1)
+    call("adam", bufs, betas=[0.9, 0.99])  # unhashable: checked every time
+    expect_rejected("adam", make("adam"), ValueError, ["betas[1]"], betas=[0.9, 1.5])

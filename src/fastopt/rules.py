@@ -23,7 +23,7 @@ Conventions used by every kernel:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 
 __all__ = ["Rule", "RULES", "get_rule"]
@@ -89,6 +89,11 @@ def _sign(maximize: bool) -> float:
 # The rule record
 # --------------------------------------------------------------------------
 
+Check = Callable[[str, Any], Any]  # (argument name, value) -> validated value, or raise
+
+_CACHE_LIMIT = 256
+
+
 @dataclass(frozen=True)
 class Rule:
     """Everything fastopt knows about one algorithm.
@@ -97,18 +102,64 @@ class Rule:
     kernel:     name of the element kernel backends run (AdamW reuses Adam's).
     state:      state buffer names in signature order (PyTorch's state names).
     defaults:   hyperparameter defaults, as in the functional signature.
+    checks:     hyperparameter name -> its check (validates and converts).
+    compute:    (validated hyperparameters, step) -> (kernel scalars, extra result).
     needs:      validated hyperparameters -> {state buffer this call requires:
                 the option that requires it} (for the error message).
-    prepare:    (hyperparameters, step) -> (validated scalars, extra result).
+    relation:   optional check across hyperparameters (SGD's Nesterov condition).
     """
 
     name: str
     kernel: str
     state: tuple[str, ...]
     defaults: Mapping[str, Any]
+    checks: Mapping[str, Check]
+    compute: Callable[[Mapping[str, Any], int], tuple[NamedTuple, Any]]
     needs: Callable[[Mapping[str, Any]], dict[str, str]]
-    prepare: Callable[[Mapping[str, Any], int | None], tuple[NamedTuple, Any]]
+    relation: Callable[[Mapping[str, Any]], None] | None = None
     takes_step: bool = True
+    # Validated hyperparameters by the values (and their types) given: a training
+    # loop passes the same ones every step, and the checks are most of the cost
+    # of a small update.
+    _validated: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def validate(self, hyper: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``hyper`` checked and converted (floats, bools); raises naming the argument."""
+        # The key holds the types too: True == 1 must not let lr=True pass as a cached lr=1.
+        values = tuple(hyper.values())
+        try:
+            key = (values, tuple(map(type, values)))
+            done = self._validated.get(key)
+        except TypeError:  # an unhashable value (betas as a list): check every time
+            key = done = None
+        if done is None:
+            done = {name: check(name, hyper[name]) for name, check in self.checks.items()}
+            if self.relation is not None:
+                self.relation(done)
+            if key is not None:
+                if len(self._validated) >= _CACHE_LIMIT:
+                    self._validated.clear()
+                self._validated[key] = done
+        return done
+
+    def prepare(self, hyper: Mapping[str, Any], step: int) -> tuple[NamedTuple, Any]:
+        """Validate ``hyper`` and build the kernel scalars of update number ``step``."""
+        return self.compute(self.validate(hyper), step)
+
+
+def _closed_unit(name: str, value: Any) -> float:
+    return unit_interval(name, value, closed=True)
+
+
+def _betas(name: str, value: Any) -> tuple[float, float]:
+    return betas_pair(value)
+
+
+def _mu_product(name: str, value: Any) -> float:
+    x = _real(name, value)
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (1.0 before the first step), got {value!r}")
+    return x
 
 
 # ---- SGD -----------------------------------------------------------------
@@ -123,16 +174,15 @@ class SGDScalars(NamedTuple):
     first_step: bool
 
 
-def _sgd(h, t):
-    lr = nonneg("lr", h["lr"])
-    mom = nonneg("momentum", h["momentum"])
-    damp = _real("dampening", h["dampening"])
-    wd = nonneg("weight_decay", h["weight_decay"])
-    nesterov = flag("nesterov", h["nesterov"])
-    if nesterov and (mom <= 0.0 or damp != 0.0):
-        raise ValueError(
-            f"nesterov=True requires momentum > 0 and dampening == 0, got momentum={mom!r}, dampening={damp!r}")
-    return SGDScalars(lr, mom, 1.0 - damp, wd, _sign(flag("maximize", h["maximize"])), nesterov, t == 1), None
+def _sgd(v, t):
+    return SGDScalars(v["lr"], v["momentum"], 1.0 - v["dampening"], v["weight_decay"], _sign(v["maximize"]),
+                      v["nesterov"], t == 1), None
+
+
+def _nesterov_condition(v):
+    if v["nesterov"] and (v["momentum"] <= 0.0 or v["dampening"] != 0.0):
+        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0, "
+                         f"got momentum={v['momentum']!r}, dampening={v['dampening']!r}")
 
 
 # ---- AdaGrad -------------------------------------------------------------
@@ -144,12 +194,9 @@ class AdagradScalars(NamedTuple):
     grad_sign: float
 
 
-def _adagrad(h, t):
-    lr = nonneg("lr", h["lr"])
-    lr_decay = nonneg("lr_decay", h["lr_decay"])
-    return AdagradScalars(lr / (1.0 + (t - 1) * lr_decay), nonneg("eps", h["eps"]),
-                          nonneg("weight_decay", h["weight_decay"]),
-                          _sign(flag("maximize", h["maximize"]))), None
+def _adagrad(v, t):
+    return AdagradScalars(v["lr"] / (1.0 + (t - 1) * v["lr_decay"]), v["eps"], v["weight_decay"],
+                          _sign(v["maximize"])), None
 
 
 # ---- RMSProp -------------------------------------------------------------
@@ -166,13 +213,9 @@ class RMSpropScalars(NamedTuple):
     use_momentum: bool
 
 
-def _rmsprop(h, t):
-    alpha = unit_interval("alpha", h["alpha"], closed=True)
-    mom = nonneg("momentum", h["momentum"])
-    return RMSpropScalars(nonneg("lr", h["lr"]), alpha, 1.0 - alpha, nonneg("eps", h["eps"]),
-                          nonneg("weight_decay", h["weight_decay"]), mom,
-                          _sign(flag("maximize", h["maximize"])),
-                          flag("centered", h["centered"]), mom > 0.0), None
+def _rmsprop(v, t):
+    return RMSpropScalars(v["lr"], v["alpha"], 1.0 - v["alpha"], v["eps"], v["weight_decay"], v["momentum"],
+                          _sign(v["maximize"]), v["centered"], v["momentum"] > 0.0), None
 
 
 def _rmsprop_needs(h):
@@ -195,11 +238,9 @@ class AdadeltaScalars(NamedTuple):
     grad_sign: float
 
 
-def _adadelta(h, t):
-    rho = unit_interval("rho", h["rho"], closed=True)
-    return AdadeltaScalars(nonneg("lr", h["lr"]), rho, 1.0 - rho, nonneg("eps", h["eps"]),
-                           nonneg("weight_decay", h["weight_decay"]),
-                           _sign(flag("maximize", h["maximize"]))), None
+def _adadelta(v, t):
+    return AdadeltaScalars(v["lr"], v["rho"], 1.0 - v["rho"], v["eps"], v["weight_decay"],
+                           _sign(v["maximize"])), None
 
 
 # ---- Adam / AdamW ----------------------------------------------------------
@@ -219,16 +260,13 @@ class AdamScalars(NamedTuple):
 
 
 def _adam_family(decoupled: bool):
-    def prepare(h, t):
-        lr = nonneg("lr", h["lr"])
-        b1, b2 = betas_pair(h["betas"])
-        eps = nonneg("eps", h["eps"])
-        wd = nonneg("weight_decay", h["weight_decay"])
+    def compute(v, t):
+        lr, wd = v["lr"], v["weight_decay"]
+        b1, b2 = v["betas"]
         l2, param_decay = (0.0, 1.0 - lr * wd) if decoupled else (wd, 1.0)
         return AdamScalars(b1, b2, 1.0 - b1, 1.0 - b2, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t),
-                           eps, l2, param_decay, _sign(flag("maximize", h["maximize"])),
-                           flag("amsgrad", h["amsgrad"])), None
-    return prepare
+                           v["eps"], l2, param_decay, _sign(v["maximize"]), v["amsgrad"]), None
+    return compute
 
 
 def _adam_needs(h):
@@ -250,12 +288,10 @@ class AdamaxScalars(NamedTuple):
     grad_sign: float
 
 
-def _adamax(h, t):
-    lr = nonneg("lr", h["lr"])
-    b1, b2 = betas_pair(h["betas"])
-    return AdamaxScalars(b1, b2, 1.0 - b1, lr / (1.0 - b1 ** t), nonneg("eps", h["eps"]),
-                         nonneg("weight_decay", h["weight_decay"]),
-                         _sign(flag("maximize", h["maximize"]))), None
+def _adamax(v, t):
+    b1, b2 = v["betas"]
+    return AdamaxScalars(b1, b2, 1.0 - b1, v["lr"] / (1.0 - b1 ** t), v["eps"], v["weight_decay"],
+                         _sign(v["maximize"])), None
 
 
 # ---- NAdam ---------------------------------------------------------------
@@ -274,24 +310,17 @@ class NAdamScalars(NamedTuple):
     grad_sign: float
 
 
-def _nadam(h, t):
-    lr = nonneg("lr", h["lr"])
-    b1, b2 = betas_pair(h["betas"])
-    eps = nonneg("eps", h["eps"])
-    wd = nonneg("weight_decay", h["weight_decay"])
-    md = nonneg("momentum_decay", h["momentum_decay"])
-    mu_product = _real("mu_product", h["mu_product"])
-    if not 0.0 <= mu_product <= 1.0:
-        raise ValueError(f"mu_product must be in [0, 1] (1.0 before the first step), got {mu_product!r}")
-    decoupled = flag("decoupled_weight_decay", h["decoupled_weight_decay"])
+def _nadam(v, t):
+    lr, wd, md = v["lr"], v["weight_decay"], v["momentum_decay"]
+    b1, b2 = v["betas"]
     mu = b1 * (1.0 - 0.5 * 0.96 ** (t * md))
     mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * md))
-    mu_product *= mu
-    l2, param_decay = (0.0, 1.0 - lr * wd) if decoupled else (wd, 1.0)
-    return NAdamScalars(b1, b2, 1.0 - b1, 1.0 - b2, 1.0 - b2 ** t, eps,
+    mu_product = v["mu_product"] * mu
+    l2, param_decay = (0.0, 1.0 - lr * wd) if v["decoupled_weight_decay"] else (wd, 1.0)
+    return NAdamScalars(b1, b2, 1.0 - b1, 1.0 - b2, 1.0 - b2 ** t, v["eps"],
                         lr * (1.0 - mu) / (1.0 - mu_product),
                         lr * mu_next / (1.0 - mu_product * mu_next),
-                        l2, param_decay, _sign(flag("maximize", h["maximize"]))), mu_product
+                        l2, param_decay, _sign(v["maximize"])), mu_product
 
 
 # ---- Lion ----------------------------------------------------------------
@@ -306,12 +335,10 @@ class LionScalars(NamedTuple):
     grad_sign: float
 
 
-def _lion(h, t):
-    lr = nonneg("lr", h["lr"])
-    b1, b2 = betas_pair(h["betas"])
-    wd = nonneg("weight_decay", h["weight_decay"])
-    return LionScalars(lr, b1, b2, 1.0 - b1, 1.0 - b2, 1.0 - lr * wd,
-                       _sign(flag("maximize", h["maximize"]))), None
+def _lion(v, t):
+    lr = v["lr"]
+    b1, b2 = v["betas"]
+    return LionScalars(lr, b1, b2, 1.0 - b1, 1.0 - b2, 1.0 - lr * v["weight_decay"], _sign(v["maximize"])), None
 
 
 def _all(*names):
@@ -319,34 +346,45 @@ def _all(*names):
 
 
 _ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
+_ADAM_CHECKS = dict(lr=nonneg, betas=_betas, eps=nonneg, weight_decay=nonneg, amsgrad=flag, maximize=flag)
 
 RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("sgd", "sgd", ("momentum_buffer",),
          dict(lr=None, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
-         lambda h: {"momentum_buffer": "momentum != 0"} if h["momentum"] != 0 else {}, _sgd),
+         dict(lr=nonneg, momentum=nonneg, dampening=_real, weight_decay=nonneg, nesterov=flag, maximize=flag),
+         _sgd, lambda h: {"momentum_buffer": "momentum != 0"} if h["momentum"] != 0 else {},
+         relation=_nesterov_condition),
     Rule("adagrad", "adagrad", ("state_sum",),
          dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False),
-         _all("state_sum"), _adagrad),
+         dict(lr=nonneg, lr_decay=nonneg, weight_decay=nonneg, eps=nonneg, maximize=flag),
+         _adagrad, _all("state_sum")),
     Rule("rmsprop", "rmsprop", ("square_avg", "momentum_buffer", "grad_avg"),
          dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False),
-         _rmsprop_needs, _rmsprop),
+         dict(lr=nonneg, alpha=_closed_unit, eps=nonneg, weight_decay=nonneg, momentum=nonneg, centered=flag,
+              maximize=flag),
+         _rmsprop, _rmsprop_needs),
     Rule("adadelta", "adadelta", ("square_avg", "acc_delta"),
          dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
-         _all("square_avg", "acc_delta"), _adadelta),
+         dict(lr=nonneg, rho=_closed_unit, eps=nonneg, weight_decay=nonneg, maximize=flag),
+         _adadelta, _all("square_avg", "acc_delta")),
     Rule("adam", "adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-         _ADAM_DEFAULTS, _adam_needs, _adam_family(decoupled=False)),
+         _ADAM_DEFAULTS, _ADAM_CHECKS, _adam_family(decoupled=False), _adam_needs),
     Rule("adamw", "adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-         {**_ADAM_DEFAULTS, "weight_decay": 1e-2}, _adam_needs, _adam_family(decoupled=True)),
+         {**_ADAM_DEFAULTS, "weight_decay": 1e-2}, _ADAM_CHECKS, _adam_family(decoupled=True), _adam_needs),
     Rule("adamax", "adamax", ("exp_avg", "exp_inf"),
          dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
-         _all("exp_avg", "exp_inf"), _adamax),
+         dict(lr=nonneg, betas=_betas, eps=nonneg, weight_decay=nonneg, maximize=flag),
+         _adamax, _all("exp_avg", "exp_inf")),
     Rule("nadam", "nadam", ("exp_avg", "exp_avg_sq"),
          dict(mu_product=None, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
               momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False),
-         _all("exp_avg", "exp_avg_sq"), _nadam),
+         dict(mu_product=_mu_product, lr=nonneg, betas=_betas, eps=nonneg, weight_decay=nonneg,
+              momentum_decay=nonneg, decoupled_weight_decay=flag, maximize=flag),
+         _nadam, _all("exp_avg", "exp_avg_sq")),
     Rule("lion", "lion", ("exp_avg",),
          dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
-         _all("exp_avg"), _lion, takes_step=False),
+         dict(lr=nonneg, betas=_betas, weight_decay=nonneg, maximize=flag),
+         _lion, _all("exp_avg"), takes_step=False),
 )}
 
 #: The element kernels backends implement, with the scalars type each takes.
