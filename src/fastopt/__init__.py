@@ -9,6 +9,7 @@ One pass over memory per step, on the CPU (Numba, C/OpenMP) and on NVIDIA GPUs
 See DESIGN.md for the exact update rules and README.md for the results.
 """
 from .dispatch import BackendInfo, backends
+from .finite import all_finite
 from .functional import adadelta_, adagrad_, adam_, adamax_, adamw_, lion_, nadam_, rmsprop_, sgd_
 from .threads import get_num_threads, set_num_threads
 
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "lion_",
-    "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__",
+    "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__",
 ]
