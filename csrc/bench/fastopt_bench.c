@@ -7,7 +7,7 @@
  *
  * Prints ns/element, GB/s and % of roofline (best batch of each; and the
  * median of the per-round ratio) for N = 2^10, 2^20, 2^24. The roofline loops use the same thread
- * split as the library (static chunks, serial below 256 KiB per thread) and
+ * split as the library (static chunks, serial below 64 KiB of p per thread) and
  * are compiled per ISA with target_clones, so they are as vectorized as the
  * kernels. */
 #include <math.h>
@@ -39,7 +39,7 @@ CLONES static void roof_chunk(float *restrict p, const float *restrict g, float 
 
 static void roofline(float *p, const float *g, float *a, float *b, float *c, int64_t n, int k, int threads)
 {
-    int64_t useful = n * 4 / (256 * 1024);
+    int64_t useful = n * 4 / (64 * 1024);
     int nt = threads < useful ? threads : (int)(useful > 1 ? useful : 1);
     if (nt <= 1) {
         roof_chunk(p, g, a, b, c, n, k);
