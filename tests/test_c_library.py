@@ -81,3 +81,42 @@ def test_c_equals_reference_bitwise(ext, rule, options, dtype):
         same = (a.view(np.uint8).reshape(a.size, -1) == b.view(np.uint8).reshape(b.size, -1)).all(axis=1)
         same |= np.isnan(a) & np.isnan(b)  # NaN payloads may differ
         assert same.all(), f"{name}: {np.count_nonzero(~same)} elements differ"
+
+
+def _adamw_in_process(n):
+    p, g = np.ones(n, np.float32), np.full(n, 0.5, np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    fastopt.adamw_(p, g, m, v, step=1, backend="c")
+    return p.tobytes()
+
+
+def test_forked_child_does_not_hang(ext):
+    """GNU OpenMP's pool does not survive fork; the library runs a forked child serially."""
+    import multiprocessing
+
+    n = 1 << 20  # large enough to use threads
+    before = fastopt.get_num_threads()
+    fastopt.set_num_threads(2)
+    try:
+        parent = _adamw_in_process(n)  # the parent's pool is now up
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(_adamw_in_process, (n,)).get(timeout=120)
+    finally:
+        fastopt.set_num_threads(before)
+    assert child == parent
+
+
+def test_missing_library_is_reported_not_raised(monkeypatch, tmp_path):
+    import sys
+
+    from fastopt.backends import c
+    monkeypatch.setattr(c, "_reason", None)
+    monkeypatch.setattr(c, "_ext", None)
+    monkeypatch.delattr(fastopt, "_c", raising=False)
+    monkeypatch.setitem(sys.modules, "fastopt._c", None)  # the packaged extension: absent
+    monkeypatch.setattr(c, "_checkout_build_dir", lambda: tmp_path / "nothing")
+    monkeypatch.setenv("FASTOPT_C_BUILD_DIR", str(tmp_path))
+    reason = c.unavailable_reason()
+    assert "compiled C library is missing" in reason and str(tmp_path) in reason
+    with pytest.raises(RuntimeError, match="unavailable"):
+        c.run("lion", *(np.zeros(4, np.float32),) * 2, (np.zeros(4, np.float32),), None)

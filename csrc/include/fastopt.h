@@ -94,7 +94,9 @@ FASTOPT_API const char *fastopt_strerror(int code);
  * not while another thread is running one. Without OpenMP it has no effect. */
 FASTOPT_API int fastopt_set_num_threads(int n);
 
-/* The number of threads a large update uses (>= 1). */
+/* The number of threads a large update uses (>= 1). It is 1 in a process
+ * forked after the library was loaded: GNU OpenMP's thread pool does not
+ * survive fork, so such a child runs updates on its calling thread. */
 FASTOPT_API int fastopt_get_num_threads(void);
 
 /* The CPU path the kernels use: "avx512", "avx2" or "baseline". Decided at

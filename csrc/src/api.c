@@ -7,6 +7,10 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define FO_FORK_GUARD 1
+#endif
 #endif
 
 const char *fastopt_version(void) { return "0.1.0"; }
@@ -35,8 +39,25 @@ int fastopt_set_num_threads(int n)
     return FASTOPT_OK;
 }
 
+#ifdef FO_FORK_GUARD
+/* GNU OpenMP's thread pool does not survive fork(): a child that opens a
+ * parallel region after its parent used one deadlocks (Python's
+ * multiprocessing with the fork start method does exactly this). So a child
+ * forked after the library was loaded runs every update on its calling thread. */
+static volatile int fo_forked_child;
+static void fo_mark_forked_child(void) { fo_forked_child = 1; }
+__attribute__((constructor)) static void fo_register_fork_guard(void)
+{
+    pthread_atfork(NULL, NULL, fo_mark_forked_child);
+}
+#endif
+
 int fastopt_get_num_threads(void)
 {
+#ifdef FO_FORK_GUARD
+    if (fo_forked_child)
+        return 1;
+#endif
 #ifdef _OPENMP
     return fo_num_threads > 0 ? fo_num_threads : omp_get_max_threads();
 #else
