@@ -39,6 +39,11 @@ CLONES static void roof_chunk(float *restrict p, const float *restrict g, float 
 
 static void roofline(float *p, const float *g, float *a, float *b, float *c, int64_t n, int k, int threads)
 {
+    /* the library's split: the head up to p's 64-byte boundary first */
+    int64_t head = (int64_t)((64 - (uintptr_t)p % 64) % 64) / 4;
+    if (head > n) head = n;
+    roof_chunk(p, g, a, b, c, head, k);
+    p += head, g += head, a += head, b += head, c += head, n -= head;
     int64_t useful = n * 4 / (64 * 1024);
     int nt = threads < useful ? threads : (int)(useful > 1 ? useful : 1);
     if (nt <= 1) {

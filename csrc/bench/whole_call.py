@@ -55,7 +55,7 @@ def main():
     threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
     fastopt.set_num_threads(threads)
     assert fastopt.backends()["c"].available, fastopt.backends()["c"].reason
-    print(f"c backend, CPU path {cbackend.cpu_path()}, {threads} threads, fp32, best of 25 rounds")
+    print(f"c backend, CPU path {cbackend.cpu_path()}, {threads} threads, fp32, best of many rounds")
     print("\nWhole Python call at N = 2^10 (us): fastopt.<rule>_(...) | binding alone (backends.c.run)")
     cases = [("sgd", dict(lr=0.1)), ("sgd", dict(lr=0.1, momentum=0.9)), ("adagrad", {}), ("rmsprop", {}),
              ("adadelta", {}), ("adam", {}), ("adamw", {}), ("adamw", dict(amsgrad=True)), ("adamax", {}),
@@ -76,11 +76,14 @@ def main():
         tp.grad = torch.randn(n)
         opt = torch.optim.AdamW([tp], lr=1e-3, weight_decay=1e-2, fused=True)
         calls = {10: 2000, 20: 20, 24: 1}[log2n]  # 2^20: many calls, so both run cache-warm
-        rounds = 25 if log2n < 24 else 11
+        rounds = {10: 10, 20: 10, 24: 5}[log2n]
+        # Blocks of one side at a time, alternating, best of all: torch and
+        # fastopt each bring an OpenMP runtime whose idle threads spin for a
+        # while after a call, which would slow the other side on 2 cores.
         tf, tt = [], []
-        for _ in range(rounds):  # alternate: both see the same machine
-            tf.append(best(whole, calls, 1))
-            tt.append(best(opt.step, calls, 1))
+        for _ in range(3):
+            tf.append(best(whole, calls, rounds))
+            tt.append(best(opt.step, calls, rounds))
         f, t = min(tf), min(tt)
         print(f"  {n:10d} {f * 1e6:11.2f} {f / n * 1e9:8.3f} {t * 1e6:10.2f} {t / n * 1e9:8.3f} {t / f:7.2f}x")
 
