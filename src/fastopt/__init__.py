@@ -8,6 +8,11 @@ One pass over memory per step, on the CPU (Numba, C/OpenMP) and on NVIDIA GPUs
 
 See DESIGN.md for the exact update rules and README.md for the results.
 """
+# Import the backends package before binding the name ``backends`` to the
+# function below: the first import of a submodule binds the package as the
+# attribute ``fastopt.backends``, and a lazy backend load would otherwise
+# replace the function with the package on first use.
+from . import backends as _backend_modules  # noqa: F401  (must precede the next line)
 from .dispatch import BackendInfo, backends
 from .finite import all_finite
 from .functional import adadelta_, adagrad_, adam_, adamax_, adamw_, lion_, nadam_, rmsprop_, sgd_
