@@ -100,7 +100,7 @@ FASTOPT_API int fastopt_set_num_threads(int n);
 FASTOPT_API int fastopt_get_num_threads(void);
 
 /* The CPU path the kernels use: "avx512", "avx2" or "baseline". Decided at
- * the first call (of any fastopt function) from the CPU's features and the
+ * the first update (or call of this function) from the CPU's features and the
  * environment variable FASTOPT_ISA; an unsupported or unknown request falls
  * back to the best supported path. Static string, never NULL. */
 FASTOPT_API const char *fastopt_isa(void);
