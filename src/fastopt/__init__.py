@@ -6,6 +6,11 @@ One pass over memory per step, on the CPU (Numba, C/OpenMP) and on NVIDIA GPUs
     import fastopt
     fastopt.adamw_(p, g, m, v, step=t, lr=1e-3, weight_decay=1e-2)
 
+    flat = fastopt.FlatParams(arrays)            # one aligned buffer, views flat.params
+    opt = fastopt.AdamW(flat, lr=1e-3)           # stateful; opt.step() reads flat.grad
+
+PyTorch users: ``fastopt.torch.AdamW(model.parameters(), lr=1e-3)`` (imports torch).
+
 See DESIGN.md for the exact update rules and README.md for the results.
 """
 # Import the backends package before binding the name ``backends`` to the
@@ -15,12 +20,15 @@ See DESIGN.md for the exact update rules and README.md for the results.
 from . import backends as _backend_modules  # noqa: F401  (must precede the next line)
 from .dispatch import BackendInfo, backends
 from .finite import all_finite
+from .flat import FlatParams
 from .functional import adadelta_, adagrad_, adam_, adamax_, adamw_, lion_, nadam_, rmsprop_, sgd_
+from .optim import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, Optimizer, RMSprop
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "lion_",
-    "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__",
+    "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "Lion", "Optimizer",
+    "FlatParams", "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__",
 ]

@@ -1,0 +1,1 @@
+"""The pytest-benchmark suite (a package only so its module names never clash with tests/)."""

@@ -1,0 +1,123 @@
+"""``python -m fastopt bench``: time every rule against the roofline, NumPy and torch.
+
+Examples::
+
+    python -m fastopt bench                                   # every rule, 2^10..2^24
+    python -m fastopt bench --rules adamw --sizes 2^16,2^20,2^24
+    python -m fastopt bench --rules adam-amsgrad,sgd --threads 1 --json out.json
+    python -m fastopt bench --device cuda --sizes 2^24,2^26   # copy roofline, torch CUDA
+    python -m fastopt bench --quick --markdown                # few repeats, paste-able tables
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from .cases import CASES, DEFAULT_SIZES, HUGE_SIZE, format_size, parse_sizes, select_cases
+from .timing import DEFAULT, QUICK
+
+__all__ = ["main", "parser"]
+
+
+def _comma_list(text: str) -> list[str]:
+    return [w.strip() for w in text.split(",") if w.strip()]
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m fastopt bench",
+        description="Time fastopt's backends against a roofline kernel, the NumPy reference and torch.optim, "
+                    "in one run, on the same buffers. Prints one table per rule configuration.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("Examples::", 1)[1])
+    ap.add_argument("--rules", default=None, metavar="LIST",
+                    help="rules or cases, comma separated (a rule selects all its cases, e.g. sgd = sgd,sgd-momentum); "
+                         "default all: "
+                         + ",".join(CASES))
+    ap.add_argument("--sizes", default=None, metavar="LIST",
+                    help="element counts, comma separated: 2^20, 1M (= 2^20), 64k, 1048576; default "
+                         + ",".join(map(format_size, DEFAULT_SIZES)))
+    ap.add_argument("--huge", action="store_true",
+                    help=f"also run {format_size(HUGE_SIZE)} (AMSGrad fp32: 5 buffers x 256 MB); "
+                         "same as FASTOPT_BENCH_HUGE=1")
+    ap.add_argument("--backends", default=None, metavar="LIST",
+                    help="fastopt backends to time (numpy, numba, c, cuda); default every one available on "
+                         "the device. The NumPy reference always runs on the CPU: it is the x-numpy baseline")
+    ap.add_argument("--competitors", default="torch,numpy-seed", metavar="LIST",
+                    help="torch, numpy-seed, or none (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="threads for the CPU backends, the roofline and torch (default: fastopt's, from "
+                         "FASTOPT_NUM_THREADS / OMP_NUM_THREADS or the usable cores)")
+    ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write every measurement as JSON")
+    ap.add_argument("--quick", action="store_true", help="few, short repeats (a smoke run, noisier numbers)")
+    ap.add_argument("--repeats", type=int, default=None, metavar="N", help="measurements per row (default 7)")
+    ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return ap
+
+
+class _Progress:
+    """Progress lines on stderr; rewritten in place on a terminal."""
+
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream
+        self.tty = self.stream.isatty()
+        self.width = 0
+
+    def __call__(self, text: str) -> None:
+        if self.tty and not text.startswith(" "):
+            self.stream.write("\r" + text.ljust(self.width))
+            self.width = len(text)
+        else:
+            self.stream.write(("\n" if self.tty else "") + text + "\n")
+            self.width = 0
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        cases = select_cases(args.rules)
+        sizes = list(parse_sizes(args.sizes))
+    except ValueError as exc:
+        parser().error(str(exc))
+    if (args.huge or os.environ.get("FASTOPT_BENCH_HUGE") == "1") and HUGE_SIZE not in sizes:
+        sizes.append(HUGE_SIZE)
+    timer = QUICK if args.quick else DEFAULT
+    if args.repeats:
+        timer = type(timer)(**{**vars(timer), "repeats": args.repeats, "min_repeats": min(timer.min_repeats,
+                                                                                           args.repeats)})
+    competitors = [] if args.competitors.strip() == "none" else _comma_list(args.competitors)
+    if args.threads is not None and args.threads < 1:
+        parser().error(f"--threads must be >= 1, got {args.threads}")
+
+    # Imported here so that --help does not pay for numba and torch.
+    from . import report, runner
+
+    progress = None if args.quiet else _Progress()
+    config = runner.Config(cases=cases, sizes=sizes, dtype=args.dtype, device=args.device,
+                           backends=_comma_list(args.backends) if args.backends else None,
+                           competitors=competitors, threads=args.threads, timer=timer, progress=progress)
+    try:
+        results, meta = runner.run(config)
+    except ValueError as exc:
+        parser().error(str(exc))
+    finally:
+        if progress:
+            progress.close()
+    print(report.header(meta, args.markdown))
+    print(report.tables(results, meta, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json(results, meta) + "\n")
+        if not args.quiet:
+            print(f"wrote {args.json}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0

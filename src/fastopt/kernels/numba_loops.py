@@ -1,0 +1,200 @@
+"""The Numba CPU loops around the shared element functions.
+
+For each element kernel (:mod:`fastopt.kernels.elements`) this module builds
+two compiled loops over whole buffers, one serial and one ``prange``-parallel,
+that only index, call the element function and store. Both take
+
+    loop(param, grad, *state, floats, flags)
+
+where ``state`` are the rule's state buffers (``None`` for an unused optional
+one), ``floats``/``flags`` the float and bool fields of the rule's scalars
+tuple as two plain tuples. The parallel loop uses the calling thread's Numba
+thread count (``numba.set_num_threads``; not set in here because a jitted
+``set_num_threads`` cannot be cached).
+
+Why it looks like this (each point was measured on the 2-core AVX-512 dev
+machine, fp32, 2 threads; numbers in the issue #4 report):
+
+* **No float64 promotion.** Scalars arrive as Python floats (float64); a
+  float32 array times a float64 scalar is a float64 operation in Numba, so
+  the whole loop would run at half vector width (``vsqrtpd``) with
+  conversions per operand (AdamW at 2^20: 0.27 ns/elem instead of 0.11; the
+  roofline kernel 0.10).
+  :func:`cast_floats` casts them once, in compiled code, to the buffer dtype;
+  the element functions contain no float literals for the same reason.
+* **Flags stay runtime values.** ``amsgrad``, ``nesterov``, ``centered``...
+  and the ``weight_decay != 0`` tests are loop invariant; LLVM unswitches or
+  if-converts them and the hot loop still vectorises (``vsqrtps``/``vdivps``
+  on zmm; checked by ``tests/test_numba_backend.py``), and the kernel is at
+  the roofline, so one compiled loop per kernel, dtype and pattern of None
+  buffers serves every option (a variant per flag combination measured no
+  faster).
+* **``prange`` over the element index, not explicit chunks.** A loop
+  ``range(lo, hi)`` inside a helper called per chunk does not vectorise:
+  ``lo`` may be negative as far as Numba knows, so each ``a[i]`` keeps its
+  negative-index wraparound and LLVM gives up (1.2-3.8 ns/elem, scalar
+  ``sqrtss``). The parfor index is known non-negative, and Numba's static
+  schedule splits it into one contiguous block per thread.
+* **The scalars tuple is built inside the loop body.** A NamedTuple value
+  that is live across the parfor boundary breaks Numba's gufunc generation
+  (it re-creates the type by name); built in the body it is loop invariant
+  and LLVM hoists it.
+* ``None`` state buffers are pruned at compile time (``is None`` on an
+  argument typed ``none``): no load, no store, no dummy traffic.
+* ``error_model="numpy"``: the default Python model inserts a zero-division
+  check before each ``/``, which blocks vectorisation (scalar ``vsqrtss``, no
+  ``vdivps``); NumPy semantics (inf/NaN) are also what the reference does.
+* No ``fastmath``: ``nnan``/``ninf`` would drop NaN/Inf propagation;
+  ``contract`` (FMA) and ``arcp`` (x/y as x*(1/y)) each break bitwise
+  equality with the reference (max rel. diff 4e-7 and 1e-7) and measured no
+  faster, since the loop is memory bound.
+* ``cache=True``: a cached process pays ~0.25 s on its first update (Numba's
+  import and target setup) instead of ~1 s of compilation per kernel.
+  :data:`SOURCE_KEY` keeps that cache honest when elements.py changes.
+
+Per element the result does not depend on the block boundaries (no
+reductions, no FMA), so any thread count gives bitwise identical buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import typing
+
+import numba
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from . import elements
+from .. import rules
+from ..rules import KERNEL_SCALARS
+
+__all__ = ["LOOPS", "N_FLOATS", "SOURCE_KEY", "cast_floats"]
+
+_JIT = dict(error_model="numpy", cache=True)
+
+
+@intrinsic
+def cast_floats(typingctx, values, like):
+    """``values`` (a tuple of float64) cast to the dtype of the array ``like``."""
+    if not isinstance(values, types.UniTuple) or not isinstance(like, types.Array):
+        return None
+    ret = types.UniTuple(like.dtype, values.count)
+
+    def codegen(context, builder, sig, args):
+        vals = cgutils.unpack_tuple(builder, args[0])
+        cast = [context.cast(builder, v, values.dtype, like.dtype) for v in vals]
+        return context.make_tuple(builder, ret, cast)
+
+    return ret(values, like), codegen
+
+
+def _n_floats(cls) -> int:
+    """Number of leading float fields of a scalars NamedTuple (the bool flags follow)."""
+    kinds = [hint is float for hint in typing.get_type_hints(cls).values()]
+    n = kinds.index(False) if False in kinds else len(kinds)
+    assert not any(kinds[n:]), f"{cls.__name__}: bool fields must come after the float fields"
+    return n
+
+
+#: kernel name -> number of float fields; a loop takes ``scalars[:n], scalars[n:]``
+#: (slicing a NamedTuple gives plain tuples, which Numba types fast).
+N_FLOATS = {k: _n_floats(cls) for k, cls in KERNEL_SCALARS.items()}
+
+
+def _source_key() -> int:
+    """A hash of the element functions' and scalars' source files.
+
+    Numba's on-disk cache is keyed on the loop's own file (timestamp), its
+    bytecode and its closure contents, but not on the files of the functions
+    it calls: without this key, editing an element function in elements.py
+    (or a scalars tuple in rules.py) would silently keep running the old
+    compiled loop from the cache. Each loop holds the key in its closure.
+    """
+    digest = hashlib.sha256()
+    for module in (elements, rules):
+        with open(module.__file__, "rb") as f:
+            digest.update(f.read())
+    return int.from_bytes(digest.digest()[:7], "little")
+
+
+SOURCE_KEY = _source_key()
+
+# The three loop shapes (1, 2 or 3 state buffers). ``rng`` is ``prange`` or
+# ``range``. ``z = p[i]`` stands in for a state value that is not used.
+
+def _loop1(element, cls, rng, source_key):
+    def loop(p, g, a, floats, flags):
+        source_key  # noqa: B018  (only to be in the closure, hence in the cache key)
+        for i in rng(p.size):
+            s = cls(*(cast_floats(floats, p) + flags))
+            z = p[i]
+            p[i], a_i = element(p[i], g[i], a[i] if a is not None else z, s)
+            if a is not None:
+                a[i] = a_i
+    return loop
+
+
+def _loop2(element, cls, rng, source_key):
+    def loop(p, g, a, b, floats, flags):
+        source_key  # noqa: B018
+        for i in rng(p.size):
+            s = cls(*(cast_floats(floats, p) + flags))
+            z = p[i]
+            p[i], a_i, b_i = element(p[i], g[i], a[i] if a is not None else z,
+                                     b[i] if b is not None else z, s)
+            if a is not None:
+                a[i] = a_i
+            if b is not None:
+                b[i] = b_i
+    return loop
+
+
+def _loop3(element, cls, rng, source_key):
+    def loop(p, g, a, b, c, floats, flags):
+        source_key  # noqa: B018
+        for i in rng(p.size):
+            s = cls(*(cast_floats(floats, p) + flags))
+            z = p[i]
+            p[i], a_i, b_i, c_i = element(p[i], g[i], a[i] if a is not None else z,
+                                          b[i] if b is not None else z,
+                                          c[i] if c is not None else z, s)
+            if a is not None:
+                a[i] = a_i
+            if b is not None:
+                b[i] = b_i
+            if c is not None:
+                c[i] = c_i
+    return loop
+
+
+_SHAPES = {1: _loop1, 2: _loop2, 3: _loop3}
+
+
+def _callable_in_jit(fn):
+    """Make the plain function ``fn`` callable from CPU-jitted code, inlined.
+
+    ``fn`` itself is returned unchanged (the CUDA backend compiles the same
+    function for its target). Unlike a ``numba.njit(inline="always")``
+    dispatcher, a plain module-level function pickles deterministically, so
+    the loops that close over it keep one on-disk cache key across processes
+    (a dispatcher pickles with a fresh uuid: every process would miss the
+    cache and recompile, ~0.5 s per kernel).
+    """
+    overload(fn, target="cpu", inline="always", strict=False)(lambda *args: fn)
+    return fn
+
+
+def _build(kernel: str, parallel: bool):
+    element = _callable_in_jit(getattr(elements, kernel))
+    n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
+    rng = numba.prange if parallel else range
+    py_loop = _SHAPES[n_state](element, KERNEL_SCALARS[kernel], rng, SOURCE_KEY)
+    py_loop.__qualname__ = py_loop.__name__ = f"{kernel}_{'parallel' if parallel else 'serial'}"
+    return numba.njit(parallel=parallel, **_JIT)(py_loop)
+
+
+#: kernel name -> (serial loop, parallel loop); compiled lazily per dtype and
+#: per pattern of None state buffers, then loaded from Numba's on-disk cache.
+LOOPS = {k: (_build(k, False), _build(k, True)) for k in KERNEL_SCALARS}

@@ -1,0 +1,311 @@
+"""Stateful flat optimizers (fastopt.SGD ... fastopt.Lion) and FlatParams.
+
+The stateful classes only organise calls to the functional API, so against a
+hand-written sequence of functional calls on the same backend they must agree
+bit for bit: every comparison here is exact (``assert_array_equal``). What
+they add is checked directly: groups as segments with their own
+hyperparameters, frozen elements outside every group, lazy state, the step
+count and NAdam's carried ``mu_product``, AdaGrad's initial accumulator, the
+``lr`` setter, state dicts (round trip, validation that leaves the optimizer
+unchanged), and the packing of FlatParams (views, alignment, padding).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastopt
+from fastopt.flat import ALIGN, FlatParams, layout
+from oracle import MATRIX, MATRIX_IDS, fastopt_step, needed_state
+
+CLASSES = {"sgd": fastopt.SGD, "adagrad": fastopt.Adagrad, "rmsprop": fastopt.RMSprop,
+           "adadelta": fastopt.Adadelta, "adam": fastopt.Adam, "adamw": fastopt.AdamW,
+           "adamax": fastopt.Adamax, "nadam": fastopt.NAdam, "lion": fastopt.Lion}
+SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (33,)]
+STEPS = 12
+
+
+def arrays(dtype=np.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in SHAPES]
+
+
+def grads(n, dtype=np.float32, seed=1):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(dtype) for _ in range(STEPS)]
+
+
+def functional_run(rule, options, p, gs, state=None):
+    """The functional reference: one call per step on ``p`` (in place); returns the state."""
+    state = state if state is not None else {n: np.zeros_like(p) for n in needed_state(rule, options)}
+    extra: dict = {}
+    for t, g in enumerate(gs, start=1):
+        fastopt_step(rule, options, p, g, state, t, extra)
+    return state
+
+
+# ---- against the functional API ---------------------------------------------
+
+
+@pytest.mark.parametrize("rule,options", MATRIX, ids=MATRIX_IDS)
+def test_stateful_matches_functional(rule, options):
+    flat = FlatParams(arrays())
+    opt = CLASSES[rule](flat, **options)
+    expected = flat.data.copy()
+    gs = grads(flat.data.size)
+    ref_state = functional_run(rule, options, expected, gs)
+    for g in gs:
+        flat.grad[...] = g
+        opt.step()
+    np.testing.assert_array_equal(flat.data, expected)
+    assert opt.state[0]["step"] == STEPS
+    for name, buf in ref_state.items():
+        np.testing.assert_array_equal(opt.state[0][name], buf, err_msg=name)
+    assert set(opt.state[0]) == {"step", *ref_state, *CLASSES[rule].carry}  # lazily allocated: only what is needed
+
+
+def test_groups_are_segments_with_their_own_hyperparameters():
+    """Two groups with different hyperparameters, and one array in no group (frozen)."""
+    flat = FlatParams(arrays())
+    start = flat.data.copy()
+    w, b = flat.span(0, 1), flat.span(2, 5)  # array 1 is in no group
+    opt = fastopt.AdamW(flat, lr=1e-2, weight_decay=0.1,
+                        groups=[{"params": w}, {"params": b, "weight_decay": 0.0, "lr": 3e-2, "amsgrad": True}])
+    gs = grads(flat.data.size)
+    for g in gs:
+        flat.grad[...] = g
+        opt.step()
+    for seg, options in ((w, dict(lr=1e-2, weight_decay=0.1)), (b, dict(lr=3e-2, weight_decay=0.0, amsgrad=True))):
+        expected = start[seg].copy()
+        functional_run("adamw", options, expected, [g[seg] for g in gs])
+        np.testing.assert_array_equal(flat.data[seg], expected)
+    frozen = flat.span(1)
+    np.testing.assert_array_equal(flat.data[frozen], start[frozen])
+    assert "max_exp_avg_sq" not in opt.state[0] and "max_exp_avg_sq" in opt.state[1]
+
+
+def test_adagrad_initial_accumulator_value():
+    flat = FlatParams(arrays())
+    opt = fastopt.Adagrad(flat, lr=0.1, initial_accumulator_value=0.5)
+    expected = flat.data.copy()
+    gs = grads(flat.data.size)
+    functional_run("adagrad", dict(lr=0.1), expected, gs, {"state_sum": np.full_like(expected, 0.5)})
+    for g in gs:
+        opt.step(g)
+    np.testing.assert_array_equal(flat.data, expected)
+
+
+def test_nadam_carries_mu_product_and_lion_counts_steps():
+    flat = FlatParams(arrays())
+    opt = fastopt.NAdam(flat)
+    for g in grads(flat.data.size)[:3]:
+        opt.step(g)
+    b1, md = 0.9, 4e-3
+    mu = np.prod([b1 * (1 - 0.5 * 0.96 ** (t * md)) for t in (1, 2, 3)])
+    assert opt.state[0]["mu_product"] == pytest.approx(mu, rel=1e-15)
+    lion = fastopt.Lion(flat)
+    lion.step(flat.grad)
+    assert lion.state[0]["step"] == 1
+
+
+def test_lr_setter_is_a_schedule():
+    flat = FlatParams(arrays())
+    opt = fastopt.Adam(flat, lr=1e-2)
+    expected = flat.data.copy()
+    gs = grads(flat.data.size)
+    state = {n: np.zeros_like(expected) for n in ("exp_avg", "exp_avg_sq")}
+    for t, g in enumerate(gs, start=1):
+        lr = 1e-2 * 0.5 ** t
+        opt.lr = lr
+        assert opt.lr == lr
+        opt.step(g)
+        fastopt.adam_(expected, g, state["exp_avg"], state["exp_avg_sq"], step=t, lr=lr)
+    np.testing.assert_array_equal(flat.data, expected)
+    two = fastopt.Adam(flat, groups=[{"params": flat.span(0)}, {"params": flat.span(1), "lr": 0.5}])
+    with pytest.raises(ValueError, match="different learning rates"):
+        two.lr
+    two.lr = 0.25
+    assert [g["lr"] for g in two.param_groups] == [0.25, 0.25]
+
+
+def test_padding_stays_zero_and_float64():
+    flat = FlatParams(arrays(np.float64))
+    used = np.zeros(flat.data.size, bool)
+    for o, n in zip(flat.offsets, flat.sizes):
+        used[o:o + n] = True
+    for cls, options in ((fastopt.Adamax, {}), (fastopt.RMSprop, dict(centered=True, momentum=0.9)),
+                         (fastopt.Adagrad, dict(initial_accumulator_value=1.0)), (fastopt.Lion, {})):
+        opt = cls(flat, **options)
+        for g in grads(flat.data.size, np.float64):
+            flat.grad[...] = np.where(used, g, 0.0)  # gradients only exist for real elements
+            opt.step()
+        assert flat.data.dtype == np.float64
+        assert not flat.data[~used].any(), cls.__name__
+
+
+# ---- state dicts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule,options", [("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)),
+                                          ("adagrad", dict(initial_accumulator_value=0.1)),
+                                          ("rmsprop", dict(centered=True, momentum=0.5)), ("adadelta", {}),
+                                          ("adam", dict(amsgrad=True)), ("adamw", {}), ("adamax", {}),
+                                          ("nadam", dict(decoupled_weight_decay=True, weight_decay=0.1)),
+                                          ("lion", {})])
+def test_state_dict_round_trip_continues_the_run(rule, options):
+    gs = grads(FlatParams(arrays()).data.size)
+    straight = FlatParams(arrays())
+    opt = CLASSES[rule](straight, **options)
+    for g in gs:
+        opt.step(g)
+
+    first_flat = FlatParams(arrays())
+    first = CLASSES[rule](first_flat, **options)
+    for g in gs[:5]:
+        first.step(g)
+    saved = first.state_dict()
+    resumed_flat = FlatParams(arrays())
+    resumed_flat.data[...] = first_flat.data
+    resumed = CLASSES[rule](resumed_flat, lr=0.123)  # hyperparameters come from the state dict
+    resumed.load_state_dict(saved)
+    for g in gs[5:]:
+        resumed.step(g)
+    np.testing.assert_array_equal(resumed_flat.data, straight.data)
+    names = {"state_sum": "sum"} if rule == "adagrad" else {}
+    assert set(saved["state"][0]) == {"step", *CLASSES[rule].carry,
+                                      *(names.get(n, n) for n in needed_state(rule, options))}
+
+
+def test_state_dict_is_a_copy():
+    flat = FlatParams(arrays())
+    opt = fastopt.Adam(flat)
+    opt.step(flat.grad + 1)
+    sd = opt.state_dict()
+    sd["state"][0]["exp_avg"][...] = 7
+    sd["param_groups"][0]["lr"] = 9.0
+    assert not (opt.state[0]["exp_avg"] == 7).any() and opt.param_groups[0]["lr"] == 1e-3
+
+
+def adam_with_state():
+    flat = FlatParams(arrays())
+    opt = fastopt.Adam(flat, groups=[{"params": flat.span(0, 2)}, {"params": flat.span(2, 5), "amsgrad": True}])
+    for g in grads(flat.data.size)[:3]:
+        opt.step(g)
+    return flat, opt
+
+
+def _set(path, value):
+    def mutate(sd):
+        *head, last = path
+        target = sd
+        for k in head:
+            target = target[k]
+        if value is _DELETE:
+            del target[last]
+        else:
+            target[last] = value(target[last]) if callable(value) else value
+        return sd
+    return mutate
+
+
+_DELETE = object()
+
+BAD = {
+    "wrong size": (_set(["state", 0, "exp_avg"], lambda a: a[:-1]), ValueError,
+                   r"state_dict\['state'\]\[0\]\['exp_avg'\] has shape"),
+    "wrong dtype": (_set(["state", 1, "exp_avg_sq"], lambda a: a.astype(np.float64)), TypeError,
+                    r"\[1\]\['exp_avg_sq'\] has dtype float64, expected float32"),
+    "not an array": (_set(["state", 0, "exp_avg"], [1.0]), TypeError, r"\['exp_avg'\] must be an array"),
+    "missing buffer": (_set(["state", 1, "max_exp_avg_sq"], _DELETE), ValueError,
+                       r"\[1\] is missing 'max_exp_avg_sq'"),
+    "unknown buffer": (_set(["state", 0, "momentum"], np.zeros(3, np.float32)), ValueError,
+                       r"\[0\] has an unknown key 'momentum'"),
+    "missing step": (_set(["state", 0, "step"], _DELETE), ValueError, r"\[0\] is missing 'step'"),
+    "negative step": (_set(["state", 0, "step"], -1), ValueError, r"\['step'\] must be a whole number"),
+    "entry for no group": (_set(["state", 2], {}), ValueError, "entry 2 for no group"),
+    "missing hyperparameter": (_set(["param_groups", 0, "eps"], _DELETE), ValueError,
+                               r"param_groups'\]\[0\] is missing 'eps'"),
+    "unknown hyperparameter": (_set(["param_groups", 1, "nesterov"], True), ValueError,
+                               r"\[1\] has an unknown key 'nesterov'"),
+    "bad hyperparameter": (_set(["param_groups", 1, "lr"], -1.0), ValueError, "lr must be >= 0"),
+    "group count": (_set(["param_groups"], lambda gs: gs[:1]), ValueError, "has 1 groups"),
+    "missing top-level key": (_set(["state"], _DELETE), ValueError, "missing 'state'"),
+    "unknown top-level key": (_set(["extra"], 1), ValueError, "unknown key 'extra'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_state_dict_raises_naming_the_key_and_changes_nothing(case):
+    mutate, error, message = BAD[case]
+    flat, opt = adam_with_state()
+    before = opt.state_dict()
+    with pytest.raises(error, match=message):
+        opt.load_state_dict(mutate(opt.state_dict()))
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, entry in before["state"].items():
+        assert after["state"][i].keys() == entry.keys()
+        for k, v in entry.items():
+            np.testing.assert_array_equal(after["state"][i][k], v)
+    opt.step(flat.grad)  # still usable
+
+
+def test_construction_errors():
+    flat = FlatParams(arrays())
+    with pytest.raises(TypeError, match="unknown hyperparameter 'momentom'"):
+        fastopt.SGD(flat, lr=0.1, momentom=0.9)
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        fastopt.SGD(flat)  # SGD has no default lr
+    with pytest.raises(ValueError, match="betas"):
+        fastopt.Adam(flat, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="overlap"):
+        fastopt.Adam(flat, groups=[{"params": slice(0, 40)}, {"params": slice(30, 50)}])
+    with pytest.raises(TypeError, match=r"groups\[0\]\['params'\] must be a slice"):
+        fastopt.Adam(flat, groups=[{"params": [0, 1]}])
+    with pytest.raises(ValueError, match="contiguous"):
+        fastopt.Adam(flat, groups=[{"params": slice(0, 40, 2)}])
+    with pytest.raises(ValueError, match="1-D buffer"):
+        fastopt.Adam(flat.params[0])
+    with pytest.raises(TypeError, match="needs a gradient"):
+        fastopt.Adam(flat.data).step()
+    with pytest.raises(ValueError, match="grad has shape"):
+        fastopt.Adam(flat).step(np.zeros(3, np.float32))
+
+
+# ---- FlatParams ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flat_params_views_and_alignment(dtype):
+    src = arrays(dtype)
+    flat = FlatParams(src)
+    assert flat.data.ndim == 1 and flat.data.dtype == dtype and flat.grad.shape == flat.data.shape
+    for view, gview, a, o in zip(flat.params, flat.grads, src, flat.offsets):
+        np.testing.assert_array_equal(view, a)
+        assert view.shape == a.shape and np.shares_memory(view, flat.data) and np.shares_memory(gview, flat.grad)
+        assert view.ctypes.data % ALIGN == 0 and gview.ctypes.data % ALIGN == 0
+        assert view.ctypes.data == flat.data.ctypes.data + o * flat.data.itemsize
+    assert not flat.grad.any()
+    flat.params[2][1, 2, 0] = 42  # writes through
+    assert flat.data[flat.offsets[2] + 1 * 8 + 2 * 2] == 42
+    assert flat.span(1, 3) == slice(flat.offsets[1], flat.offsets[2] + 24)
+
+
+def test_layout_and_packing_errors():
+    assert layout([1, 16, 17, 0, 3], 4) == ((0, 16, 32, 64, 64), 80)
+    assert layout([3], 8, align=16) == ((0,), 4)
+    with pytest.raises(ValueError, match="multiple of the item size"):
+        layout([3], 8, align=12)
+    with pytest.raises(TypeError, match="pass dtype="):
+        FlatParams([np.zeros(2, np.float32), np.zeros(2)])
+    assert FlatParams([np.zeros(2, np.float32), np.ones(2)], dtype=np.float32).data.dtype == np.float32
+    with pytest.raises(IndexError):
+        FlatParams([np.zeros(2)]).span(0, 2)
+
+
+def test_import_fastopt_does_not_import_torch():
+    code = "import sys, fastopt; fastopt.AdamW; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
