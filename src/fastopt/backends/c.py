@@ -1,0 +1,131 @@
+"""The C backend: the kernels of ``csrc/`` (OpenMP threads, SIMD with runtime
+CPU dispatch) called through the cffi extension ``fastopt._c``.
+
+Why a compiled (API-mode) cffi extension rather than ``ffi.dlopen`` (ABI mode):
+an ABI-mode call goes through libffi and costs ~3 us, plus ~0.9 us per
+``ffi.from_buffer``, about 20x the kernel itself at 2^10 elements (DESIGN.md).
+The extension's wrappers are generated C that convert arguments and call the
+library directly: a 4-buffer update costs ~0.6 us of binding on top of the
+kernel (``csrc/bench/whole_call.py``). The extension is built by CMake from the
+header's declarations (``csrc/python/build_cffi.py``) and links the shared
+library ``libfastopt`` that sits next to it.
+
+Where the extension is looked for, first hit wins:
+1. ``fastopt._c`` inside the installed package (what ``pip install .`` builds);
+2. the directory in the environment variable ``FASTOPT_C_BUILD_DIR``;
+3. ``build/dev`` of the source checkout this file lives in, the output of
+   ``cmake -S . -B build/dev -DPython_EXECUTABLE=$(which python) && cmake --build build/dev``
+   (for working from a checkout with ``PYTHONPATH=src``).
+If none loads, :func:`unavailable_reason` says why and ``fastopt.backends()``
+reports it; the rest of the package works.
+
+The per-step scalars go to C as the rule's struct, filled positionally from the
+rule's NamedTuple (the header's structs have the same fields in the same order,
+checked by the tests), so there is one piece of code for every rule.
+"""
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from .. import threads
+
+name = "c"
+device = "cpu"
+
+_ext = None  # the loaded extension module
+_reason: str | None = None  # why it could not load ("" once loaded)
+_table: dict = {}  # (kernel, itemsize) -> (C function, pointer type, scalars struct type)
+
+_KERNELS = ("sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "lion")
+
+
+def _checkout_build_dir() -> Path:
+    # src/fastopt/backends/c.py -> the checkout root
+    return Path(__file__).resolve().parents[3] / "build" / "dev"
+
+
+def _import_from(directory: str):
+    """Import ``fastopt._c`` from a build directory; None when there is none."""
+    found = sorted(glob.glob(os.path.join(directory, "_c.*.so")) + glob.glob(os.path.join(directory, "_c.*.pyd")))
+    if not found:
+        return None
+    spec = importlib.util.spec_from_file_location("fastopt._c", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["fastopt._c"] = module
+    return module
+
+
+def _locate():
+    """The extension module, or raise ImportError listing where it was looked for."""
+    tried = []
+    try:
+        from .. import _c
+        return _c
+    except ImportError as exc:
+        tried.append(f"fastopt._c ({exc})")
+    for directory in (os.environ.get("FASTOPT_C_BUILD_DIR"), str(_checkout_build_dir())):
+        if not directory:
+            continue
+        module = _import_from(directory)
+        if module is not None:
+            return module
+        tried.append(f"{directory} (no _c extension built there)")
+    raise ImportError("the compiled C library is missing; install the package with pip (it builds csrc/), "
+                      "or build it with cmake into build/dev or $FASTOPT_C_BUILD_DIR. Looked in: "
+                      + "; ".join(tried))
+
+
+def _load() -> str:
+    """Load the extension once; return "" or the reason it is unavailable."""
+    global _ext, _reason
+    if _reason is None:
+        try:
+            ext = _locate()
+            ffi, lib = ext.ffi, ext.lib
+            for kernel in _KERNELS:
+                struct = ffi.typeof(f"fastopt_{kernel}_scalars *")
+                for itemsize, (suffix, ctype) in {4: ("f32", "float[]"), 8: ("f64", "double[]")}.items():
+                    _table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype, struct)
+            lib.fastopt_set_num_threads(threads.get_num_threads())
+            _ext, _reason = ext, ""
+        except Exception as exc:  # a missing or broken library is a reason, never a crash
+            _reason = f"{type(exc).__name__}: {exc}"
+    return _reason
+
+
+def unavailable_reason() -> str:
+    """"" when the C library loads here, else why not."""
+    return _load()
+
+
+def set_num_threads(n: int) -> None:
+    """OpenMP threads for the next updates (fastopt.set_num_threads calls this)."""
+    if _ext is not None:
+        _ext.lib.fastopt_set_num_threads(n)
+
+
+def cpu_path() -> str:
+    """The kernels' CPU path: "avx512", "avx2" or "baseline" (FASTOPT_ISA forces a lower one)."""
+    if _load():
+        raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
+    return _ext.ffi.string(_ext.lib.fastopt_isa()).decode()
+
+
+def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
+    """Apply one update in place (buffers already validated by fastopt.buffers)."""
+    if _ext is None and _load():
+        raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
+    fn, ctype, struct = _table[kernel, param.itemsize]
+    ffi = _ext.ffi
+    fb = ffi.from_buffer
+    args = [fb(ctype, param), fb(ctype, grad)]
+    for buf in state:
+        args.append(ffi.NULL if buf is None else fb(ctype, buf))
+    rc = fn(*args, param.size, ffi.new(struct, scalars))
+    if rc:
+        raise RuntimeError(f"fastopt_{kernel}: {ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
