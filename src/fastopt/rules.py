@@ -73,6 +73,8 @@ def flag(name: str, value: Any) -> bool:
 
 
 def step_count(value: Any) -> int:
+    if type(value) is int and value >= 1:  # the common case, on every update
+        return value
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"step must be an int >= 1 (the 1-based count of this update), got {value!r}")
     t = int(value.__index__())
