@@ -133,16 +133,21 @@ def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int =
                 if dtype0 not in SUPPORTED_DTYPES:
                     raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {dtype0}")
             flags = a.flags
-            if not flags.c_contiguous:
-                raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} for shape {a.shape}")
-            if i != grad_index and not flags.writeable:
-                raise ValueError(f"{name} is read-only; it is updated in place, so it must be writable")
+            # One flag test in the common case: carray is C-contiguous + writeable + aligned.
+            if not (flags.carray if i != grad_index else flags.c_contiguous):
+                if not flags.c_contiguous:
+                    raise ValueError(f"{name} must be C-contiguous, got strides {a.strides} for shape {a.shape}")
+                if i != grad_index and not flags.writeable:
+                    raise ValueError(f"{name} is read-only; it is updated in place, so it must be writable")
+                # (merely misaligned: accepted, the kernels do unaligned loads)
             all_own_data = all_own_data and flags.owndata
         # Arrays that own their data are separate allocations: only the same
         # array passed twice can overlap. Otherwise (views, foreign memory),
         # NumPy's bounds test (may_share_memory's default, max_work=0; the
         # keyword itself costs 0.1 us) is, for C-contiguous arrays, exactly
         # the address-range test below (and false for an empty array).
+        if all_own_data and len(set(map(id, arrays))) == len(arrays):
+            return on_device  # distinct allocations: the common case, in one set
         for i in range(1, len(arrays)):
             for j in range(i):
                 if (arrays[i] is arrays[j] and arrays[i].size if all_own_data

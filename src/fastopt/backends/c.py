@@ -39,6 +39,7 @@ device = "cpu"
 _ext = None  # the loaded extension module
 _reason: str | None = None  # why it could not load ("" once loaded)
 _table: dict = {}  # (kernel, itemsize) -> (C function, pointer type, scalars struct type)
+_from_buffer = _new = _null = None  # the extension's ffi.from_buffer, ffi.new, ffi.NULL once loaded
 
 _KERNELS = ("sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "lion")
 
@@ -92,6 +93,8 @@ def _load() -> str:
                 for itemsize, (suffix, ctype) in {4: ("f32", "float[]"), 8: ("f64", "double[]")}.items():
                     _table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype, struct)
             lib.fastopt_set_num_threads(threads.get_num_threads())
+            global _from_buffer, _new, _null
+            _from_buffer, _new, _null = ffi.from_buffer, ffi.new, ffi.NULL
             _ext, _reason = ext, ""
         except Exception as exc:  # a missing or broken library is a reason, never a crash
             _reason = f"{type(exc).__name__}: {exc}"
@@ -118,14 +121,16 @@ def cpu_path() -> str:
 
 def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     """Apply one update in place (buffers already validated by fastopt.buffers)."""
-    if _ext is None and _load():
-        raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
-    fn, ctype, struct = _table[kernel, param.itemsize]
-    ffi = _ext.ffi
-    fb = ffi.from_buffer
-    args = [fb(ctype, param), fb(ctype, grad)]
-    for buf in state:
-        args.append(ffi.NULL if buf is None else fb(ctype, buf))
-    rc = fn(*args, param.size, ffi.new(struct, scalars))
+    try:
+        fn, ctype, struct = _table[kernel, param.itemsize]
+    except KeyError:  # not loaded yet (or not loadable)
+        if _load():
+            raise RuntimeError(f"backend 'c' is unavailable: {_reason}") from None
+        fn, ctype, struct = _table[kernel, param.itemsize]
+    # This runs on every update: one expression, locals only (each Python step
+    # is a measurable share of a 2^10-element call).
+    fb, null = _from_buffer, _null
+    rc = fn(fb(ctype, param), fb(ctype, grad), *[null if b is None else fb(ctype, b) for b in state],
+            param.size, _new(struct, scalars))
     if rc:
-        raise RuntimeError(f"fastopt_{kernel}: {ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
+        raise RuntimeError(f"fastopt_{kernel}: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
