@@ -112,6 +112,7 @@ def test_missing_library_is_reported_not_raised(monkeypatch, tmp_path):
     from fastopt.backends import c
     monkeypatch.setattr(c, "_reason", None)
     monkeypatch.setattr(c, "_ext", None)
+    monkeypatch.setattr(c, "_table", {})
     monkeypatch.delattr(fastopt, "_c", raising=False)
     monkeypatch.setitem(sys.modules, "fastopt._c", None)  # the packaged extension: absent
     monkeypatch.setattr(c, "_checkout_build_dir", lambda: tmp_path / "nothing")

@@ -88,13 +88,15 @@ def _load() -> str:
         try:
             ext = _locate()
             ffi, lib = ext.ffi, ext.lib
+            table = {}
             for kernel in _KERNELS:
                 struct = ffi.typeof(f"fastopt_{kernel}_scalars *")
                 for itemsize, (suffix, ctype) in {4: ("f32", "float[]"), 8: ("f64", "double[]")}.items():
-                    _table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype, struct)
+                    table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype, struct)
             lib.fastopt_set_num_threads(threads.get_num_threads())
             global _from_buffer, _new, _null
             _from_buffer, _new, _null = ffi.from_buffer, ffi.new, ffi.NULL
+            _table.update(table)  # only once everything loaded: run() relies on it
             _ext, _reason = ext, ""
         except Exception as exc:  # a missing or broken library is a reason, never a crash
             _reason = f"{type(exc).__name__}: {exc}"
