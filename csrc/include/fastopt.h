@@ -115,9 +115,9 @@ FASTOPT_API const char *fastopt_isa(void);
  *   one_minus_X   1 - X, computed in double by prepare.
  * Flags are int, 0 or 1.
  *
- * prepare functions: out must be non-NULL; lr, eps, weight decays, momentum
- * and momentum_decay must be finite and >= 0; betas in [0, 1); alpha and rho in
- * [0, 1]; step >= 1 (the 1-based count of this update). Anything else returns
+ * prepare functions: out must be non-NULL; lr, lr_decay, eps, weight decays,
+ * momentum and momentum_decay must be finite and >= 0; betas in [0, 1); alpha
+ * and rho in [0, 1]; step >= 1 (the 1-based count of this update). Anything else returns
  * FASTOPT_ERR_HYPER (FASTOPT_ERR_NULL for a NULL pointer) and leaves *out
  * unchanged. They compute exactly what fastopt.rules does in Python.
  */
