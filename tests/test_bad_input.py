@@ -173,10 +173,19 @@ def test_unknown_backend():
 
 
 def test_env_backend(monkeypatch):
-    monkeypatch.setenv("FASTOPT_BACKEND", "fortran")
-    expect_rejected("adam", make("adam"), ValueError, ["backend", "'fortran'"])
-    monkeypatch.setenv("FASTOPT_BACKEND", "numpy")
-    call("adam", make("adam"))
+    from fastopt import dispatch
+    try:
+        monkeypatch.setenv("FASTOPT_BACKEND", "fortran")
+        dispatch.refresh_environment()
+        expect_rejected("adam", make("adam"), ValueError, ["backend", "'fortran'"])
+        monkeypatch.setenv("FASTOPT_BACKEND", "numpy")
+        dispatch.refresh_environment()
+        assert dispatch.select(None, False).name == "numpy"
+        call("adam", make("adam"))
+    finally:
+        monkeypatch.undo()
+        dispatch.refresh_environment()
+    assert dispatch.select(None, False) is dispatch.select("auto", False)  # the setting is gone again
 
 
 class FakeDeviceArray:

@@ -1,7 +1,8 @@
 """Choosing the backend that runs an update.
 
 Order of precedence: the ``backend=`` argument, then the ``FASTOPT_BACKEND``
-environment variable, then ``"auto"``. ``auto`` sends device arrays
+environment variable (read at the first update; :func:`refresh_environment`
+re-reads it), then ``"auto"``. ``auto`` sends device arrays
 (``__cuda_array_interface__``) to ``cuda`` and host arrays to the first
 available backend of :data:`AUTO_HOST_ORDER` (fastest first, see README).
 
@@ -16,7 +17,8 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["BackendInfo", "backends", "get_backend", "loaded_modules", "select", "AUTO_HOST_ORDER"]
+__all__ = ["BackendInfo", "backends", "get_backend", "loaded_modules", "refresh_environment", "select",
+           "AUTO_HOST_ORDER"]
 
 #: backend name -> module implementing ``run(kernel, param, grad, state, scalars, stream)``
 _MODULES = {
@@ -86,12 +88,26 @@ def get_backend(name: str) -> ModuleType:
 
 
 _auto_host: ModuleType | None = None
+_env_backend: str | None = None  # FASTOPT_BACKEND as read by refresh_environment ("" when unset)
+
+
+def refresh_environment() -> None:
+    """Read ``FASTOPT_BACKEND`` again.
+
+    It is read once, at the first update, like ``NUMBA_*``/``OMP_*`` settings:
+    looking it up on every call costs ~0.45 us, a tenth of a small update.
+    Call this after changing it in a running process.
+    """
+    global _env_backend
+    _env_backend = os.environ.get("FASTOPT_BACKEND", "")
 
 
 def select(backend: str | None, on_device: bool) -> ModuleType:
     """The backend module for buffers on the host (``on_device=False``) or a GPU."""
     global _auto_host
-    name = backend or os.environ.get("FASTOPT_BACKEND") or "auto"
+    if _env_backend is None:
+        refresh_environment()
+    name = backend or _env_backend or "auto"
     if name == "auto":
         if on_device:
             return get_backend("cuda")

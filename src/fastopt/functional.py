@@ -10,8 +10,8 @@ that has passed.
 
 Arrays: NumPy arrays on the host or ``__cuda_array_interface__`` arrays on
 a GPU, float32 or float64, one shape and dtype for all. ``backend=None`` means
-``FASTOPT_BACKEND`` or ``auto``; ``stream`` is a CUDA stream for the ``cuda``
-backend (ignored on the host).
+``FASTOPT_BACKEND`` (read at the first update) or ``auto``; ``stream`` is a
+CUDA stream for the ``cuda`` backend (ignored on the host).
 """
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def _update(rule: Rule, param: Array, grad: Array, state: tuple, hyper: dict,
             step: Any, backend: Optional[str], stream: Any) -> Any:
     """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result."""
     t = step_count(step) if rule.takes_step else 1
-    scalars, extra = rule.prepare(hyper, t)
-    needed = rule.needs(hyper)
+    values, needed = rule.checked(hyper)
+    scalars, extra = rule.compute(values, t)
     names, arrays, used = ["param", "grad"], [param, grad], []
     for name, buf in zip(rule.state, state):
         if buf is None:

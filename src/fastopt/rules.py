@@ -125,8 +125,9 @@ class Rule:
     # of a small update.
     _validated: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def validate(self, hyper: Mapping[str, Any]) -> Mapping[str, Any]:
-        """``hyper`` checked and converted (floats, bools); raises naming the argument."""
+    def checked(self, hyper: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, str]]:
+        """``hyper`` checked and converted (floats, bools), and the state buffers it
+        needs (see ``needs``). Raises TypeError/ValueError naming the argument."""
         # The key holds the types too: True == 1 must not let lr=True pass as a cached lr=1.
         values = tuple(hyper.values())
         try:
@@ -135,9 +136,10 @@ class Rule:
         except TypeError:  # an unhashable value (betas as a list): check every time
             key = done = None
         if done is None:
-            done = {name: check(name, hyper[name]) for name, check in self.checks.items()}
+            valid = {name: check(name, hyper[name]) for name, check in self.checks.items()}
             if self.relation is not None:
-                self.relation(done)
+                self.relation(valid)
+            done = (valid, self.needs(valid))
             if key is not None:
                 if len(self._validated) >= _CACHE_LIMIT:
                     self._validated.clear()
@@ -146,7 +148,7 @@ class Rule:
 
     def prepare(self, hyper: Mapping[str, Any], step: int) -> tuple[NamedTuple, Any]:
         """Validate ``hyper`` and build the kernel scalars of update number ``step``."""
-        return self.compute(self.validate(hyper), step)
+        return self.compute(self.checked(hyper)[0], step)
 
 
 def _closed_unit(name: str, value: Any) -> float:
