@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from oracle import MATRIX, MATRIX_IDS, inputs, needed_state, run_fastopt
+from oracle import MATRIX, MATRIX_IDS, inputs, run_fastopt
 
 CPU_BACKENDS = ["numba", "c"]
 TOL = {np.float32: dict(rtol=1e-5, atol=1e-6), np.float64: dict(rtol=1e-13, atol=1e-14)}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from oracle import MATRIX, MATRIX_IDS, inputs, run_fastopt
+from oracle import MATRIX, inputs, run_fastopt
 
 BACKENDS = [name for name, info in fastopt.backends().items() if info.available and info.device == "cpu"]
 # One case per rule is enough here: the property concerns the plumbing, not the math.

@@ -99,22 +99,23 @@ def salted(rng, n, dtype, rate, scale=1.0, positive=False):
     return x
 
 
-def close(a, b, dtype):
+def close(a, b, dtype, what):
     """Agreement of two results: same non-finite pattern, finite parts to round-off.
 
     The reference's own rounding error in one step is a few ulp of the largest
     intermediate; ``atol`` scales with the typical magnitude so tiny results
     next to large intermediates are not held to a relative bound they cannot meet.
     """
-    assert np.array_equal(np.isnan(a), np.isnan(b)), "NaN positions differ"
+    assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}: NaN positions differ"
     assert np.array_equal(np.isposinf(a), np.isposinf(b)) and np.array_equal(np.isneginf(a), np.isneginf(b)), \
-        "Inf positions differ"
+        f"{what}: Inf positions differ"
     fin = np.isfinite(b)
     if not fin.any():
         return
     eps = np.finfo(dtype).eps
     scale = float(np.max(np.abs(b[fin]))) if fin.any() else 1.0
-    np.testing.assert_allclose(a[fin], b[fin], rtol=64 * eps, atol=64 * eps * min(scale, 1e30) + 1e-300)
+    np.testing.assert_allclose(a[fin], b[fin], rtol=64 * eps, atol=64 * eps * min(scale, 1e30) + 1e-300,
+                               err_msg=what)
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled CPU backend available")
@@ -140,7 +141,7 @@ def test_backends_agree_with_reference(problem):
         results[backend] = (p, state, extra.get("mu_product"))
     p_ref, s_ref, mu_ref = results.pop("numpy")
     for backend, (p, state, mu) in results.items():
-        close(p, p_ref, dtype)
+        close(p, p_ref, dtype, f"param on {backend}")
         for name in need:
-            close(state[name], s_ref[name], dtype)
-        assert mu == mu_ref
+            close(state[name], s_ref[name], dtype, f"{name} on {backend}")
+        assert mu == mu_ref, backend

@@ -250,7 +250,7 @@ class Optimizer(torch.optim.Optimizer):
         as a tensor), loadable by the matching ``torch.optim`` class."""
         state: dict[int, dict[str, Any]] = {}
         groups, index = [], 0
-        for i, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             ids = list(range(index, index + len(group["params"])))
             index += len(ids)
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})

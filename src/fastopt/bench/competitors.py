@@ -15,7 +15,7 @@ every other implementation and allocates none of its own. torch has no Lion.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 
