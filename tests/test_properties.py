@@ -5,11 +5,7 @@ odd tails included), a dtype, and gradients/state salted with special values
 (0, -0, subnormals, huge, +-inf, NaN), then runs several consecutive steps on
 every available CPU backend and on the reference.
 
-Agreement. Finite results must agree to float round-off, scaled by the
-magnitude of the values involved (see ``close``); non-finite results must sit
-in the same places with the same sign. The Numba backend evaluates the
-reference's operations in the same order, so it is expected to agree exactly;
-the tolerance exists for backends that contract multiply-adds.
+Agreement: bitwise, NaN payloads aside (see ``close``).
 
 Budget: the ``ci`` profile (default) runs ``CI_EXAMPLES`` examples per test;
 ``HYPOTHESIS_PROFILE=long`` runs 20x more for a local soak.
@@ -100,22 +96,17 @@ def salted(rng, n, dtype, rate, scale=1.0, positive=False):
 
 
 def close(a, b, dtype, what):
-    """Agreement of two results: same non-finite pattern, finite parts to round-off.
+    """Agreement of two results: bitwise, except that NaNs compare by position only.
 
-    The reference's own rounding error in one step is a few ulp of the largest
-    intermediate; ``atol`` scales with the typical magnitude so tiny results
-    next to large intermediates are not held to a relative bound they cannot meet.
+    The compiled CPU backends evaluate the reference's operations in the same
+    order and dtype, without FMA contraction, with IEEE sqrt and division, so
+    nothing looser is needed (a backend that contracts would need a
+    round-off tolerance here, scaled by the magnitudes involved).
     """
+    assert a.dtype == b.dtype == dtype, what
     assert np.array_equal(np.isnan(a), np.isnan(b)), f"{what}: NaN positions differ"
-    assert np.array_equal(np.isposinf(a), np.isposinf(b)) and np.array_equal(np.isneginf(a), np.isneginf(b)), \
-        f"{what}: Inf positions differ"
-    fin = np.isfinite(b)
-    if not fin.any():
-        return
-    eps = np.finfo(dtype).eps
-    scale = float(np.max(np.abs(b[fin]))) if fin.any() else 1.0
-    np.testing.assert_allclose(a[fin], b[fin], rtol=64 * eps, atol=64 * eps * min(scale, 1e30) + 1e-300,
-                               err_msg=what)
+    keep = ~np.isnan(b)
+    np.testing.assert_array_equal(a[keep].view(np.uint8), b[keep].view(np.uint8), err_msg=what)
 
 
 @pytest.mark.skipif(not COMPILED, reason="no compiled CPU backend available")

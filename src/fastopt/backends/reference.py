@@ -103,6 +103,8 @@ def nadam(param, grad, exp_avg, exp_avg_sq, s: rules.NAdamScalars):
 
 def lion(param, grad, exp_avg, s: rules.LionScalars):
     g = grad * s.grad_sign
+    # np.sign: sign(+-0) = +0 like torch.sign, but sign(NaN) = NaN (torch.sign
+    # gives 0, which would freeze the parameter silently): the NaN propagates.
     update = np.sign(s.beta1 * exp_avg + s.one_minus_beta1 * g)
     param *= s.param_decay
     param -= s.lr * update

@@ -117,6 +117,8 @@ def lion(p, g, exp_avg, s):
     g = g * s.grad_sign
     c = s.beta1 * exp_avg + s.one_minus_beta1 * g
     p = p * s.param_decay
-    # p - lr*sign(c) without a float literal; c == 0 or NaN gives p - lr*c (p, or NaN).
-    p = p - s.lr if c > 0 else (p + s.lr if c < 0 else p - s.lr * c)
+    # p - lr*sign(c) without a float literal. For c = +-0 or NaN, c - c is
+    # sign(c): +0 (as np.sign and torch.sign give for -0 too) or NaN, which
+    # propagates (torch.sign(NaN) is 0; fastopt surfaces the NaN, as every rule does).
+    p = p - s.lr if c > 0 else (p + s.lr if c < 0 else p - s.lr * (c - c))
     return p, s.beta2 * exp_avg + s.one_minus_beta2 * g
