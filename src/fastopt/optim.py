@@ -111,7 +111,10 @@ class Optimizer:
             missing = [k for k in cls.hyper_defaults() if k not in hyper]
             if missing:
                 raise ValueError(f"{where} is missing hyperparameter {missing[0]!r}")
-        cls.rule.prepare({**hyper, **cls.carry}, 1)  # the rule's own checks, on a dry run
+        # The rule's own checks, on exactly its hyperparameters: a group also holds
+        # its slice, which is unhashable and would defeat the rule's cache of
+        # validated sets (this runs for every group on every step).
+        cls.rule.checked({**{k: hyper[k] for k in cls.rule.checks if k not in cls.carry}, **cls.carry})
         for name in cls.extra_defaults:
             nonneg(name, hyper[name])
 
