@@ -339,3 +339,12 @@ def test_backends_are_discovered_at_run_time(monkeypatch, capsys):
     rows = [line.split() for line in text.splitlines() if line.split()[:1] == ["numba"]]
     assert len(rows) == 1 and rows[0][-1].endswith("x")  # ns/elem, GB/s, % roofline, x numpy
     assert "numpy" in text  # the baseline runs even when not asked for
+
+
+def test_cli_device_cuda_without_gpu_is_a_clear_error():
+    if fastopt.backends()["cuda"].available:
+        pytest.skip("a CUDA backend is available here")  # only meaningful without a GPU
+    out = subprocess.run([sys.executable, "-m", "fastopt", "bench", "--device", "cuda", "--sizes", "2^10",
+                          "--rules", "adamw"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "--device cuda needs the cuda backend" in out.stderr and "Traceback" not in out.stderr

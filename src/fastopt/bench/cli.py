@@ -99,6 +99,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser().error(f"--threads must be >= 1, got {args.threads}")
 
+    if args.device == "cuda":
+        from ..dispatch import backends
+        cuda = backends()["cuda"]
+        if not cuda.available:
+            parser().error(f"--device cuda needs the cuda backend, which is unavailable here: {cuda.reason}")
+
     # Imported here so that --help does not pay for numba and torch.
     from . import report, runner
 
