@@ -36,24 +36,7 @@
 #define FO_T_CAT(a, b) FO_T_CAT_(a, b)
 #define FO_REF_LOOPS_ONLY
 
-#define T float
-#define SFX _f32
-#define SQRT sqrtf
-#define FABS fabsf
-#include "reference.inc"
-#undef T
-#undef SFX
-#undef SQRT
-#undef FABS
-#define T double
-#define SFX _f64
-#define SQRT sqrt
-#define FABS fabs
-#include "reference.inc"
-#undef T
-#undef SFX
-#undef SQRT
-#undef FABS
+#include "reference_both.inc"
 
 /* ---- random numbers: splitmix64 ---------------------------------------- */
 

@@ -77,24 +77,7 @@ static double uniform(uint64_t *s)
     return (double)((*s * 2685821657736338717ull) >> 11) * 0x1.0p-52 - 1.0;
 }
 
-#define T float
-#define SFX _f32
-#define SQRT sqrtf
-#define FABS fabsf
-#include "reference.inc"
-#undef T
-#undef SFX
-#undef SQRT
-#undef FABS
-#define T double
-#define SFX _f64
-#define SQRT sqrt
-#define FABS fabs
-#include "reference.inc"
-#undef T
-#undef SFX
-#undef SQRT
-#undef FABS
+#include "reference_both.inc"
 
 static int failures;
 #define CHECK(cond, ...)                             \
