@@ -308,7 +308,7 @@ class Optimizer:
                     raise ValueError(f"{where} is missing {c!r}")
                 state[c] = initial
             else:
-                state[c] = _scalar(entry[c], f"{where}[{c!r}]")
+                state[c] = _number(entry[c], f"{where}[{c!r}]")
         if step:
             for name in cls.rule.needs(hyper):
                 if name not in buffers:
@@ -343,10 +343,6 @@ def _count(value: Any, where: str) -> int:
     if not x.is_integer() or x < 0:
         raise ValueError(f"{where} must be a whole number >= 0, got {value!r}")
     return int(x)
-
-
-def _scalar(value: Any, where: str) -> float:
-    return _number(value, where)
 
 
 def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str) -> Any:

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple
 
-__all__ = ["Rule", "RULES", "get_rule"]
+__all__ = ["Rule", "RULES", "KERNEL_SCALARS"]
 
 
 # --------------------------------------------------------------------------
@@ -398,9 +398,3 @@ KERNEL_SCALARS: dict[str, type] = {
     "nadam": NAdamScalars, "lion": LionScalars,
 }
 
-
-def get_rule(name: str) -> Rule:
-    try:
-        return RULES[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer rule {name!r}; expected one of {sorted(RULES)}") from None
