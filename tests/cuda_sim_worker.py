@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from oracle import MATRIX, fastopt_step, inputs, needed_state  # noqa: E402
+from oracle import FULL, MATRIX, fastopt_step, gpt_shapes, inputs, list_inputs, needed_state, run_lists  # noqa: E402
 
 N, STEPS = 37, 3
 DTYPES = {"f32": np.float32, "f64": np.float64}
@@ -52,6 +52,11 @@ def run_on_device(rule, options, p0, grads, wrap=lambda a: a):
         fastopt_step(rule, options, wrap(p), wrap(cuda.to_device(g)),
                      {k: wrap(v) for k, v in state.items()}, t, extra)
     return p.copy_to_host(), {k: v.copy_to_host() for k, v in state.items()}
+
+
+def list_case_inputs():
+    """The small GPT's 75 tensors (tiny dims: the simulator runs threads in Python), 2 steps."""
+    return list_inputs(gpt_shapes(vocab=4, d=2, layers=6), 2, np.float32, seed=5)
 
 
 def error_of(fn):
@@ -90,7 +95,7 @@ def main(out):
     from fastopt.backends import cuda as backend
     from fastopt.kernels import elements
 
-    elements.math = types.SimpleNamespace(sqrt=np.sqrt)
+    elements.math = types.SimpleNamespace(sqrt=np.sqrt, copysign=np.copysign)
     # NaN/Inf arithmetic in the simulated threads (np.seterr is per thread), silent as on a GPU.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     backend.THREADS_PER_BLOCK = 8
@@ -112,6 +117,16 @@ def main(out):
                 results[f"{i}-{dname}-{k}"] = v
     report["matrix_seconds"] = time.perf_counter() - t0
     report["matrix_launches"] = len(launches)
+
+    # Lists of tensors: one list call per step over the small GPT's 75 tensors.
+    p0, grads = list_case_inputs()
+    for rule, options in FULL.items():
+        params, state = run_lists(rule, options, p0, grads, to_device=cuda.to_device, to_host=lambda a: a.copy_to_host())
+        for i, p in enumerate(params):
+            results[f"list-{rule}-param-{i}"] = p
+        for k, v in state.items():
+            for i, a in enumerate(v):
+                results[f"list-{rule}-{k}-{i}"] = a
 
     # Zero-copy views of other interface objects, requires_grad included, on any shape.
     shaped = cai_inputs()

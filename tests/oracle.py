@@ -1,7 +1,7 @@
 """The test matrix shared by every backend test: rules x options, and the oracles.
 
-``CASES`` lists, per rule, option sets that together exercise every option of
-DESIGN.md. ``run_fastopt`` drives the functional API for many steps;
+``CASES`` lists, per rule, option sets derived from the rule table that
+together exercise every option. ``run_fastopt`` drives the functional API for many steps;
 ``run_torch`` drives ``torch.optim`` (single-tensor path, ``foreach=False``) on
 the same inputs; ``run_lion_published`` is Lion as published (Chen et al.
 2023, Algorithm 2; the lucidrains reference implementation), since torch has no Lion.
@@ -11,90 +11,92 @@ from __future__ import annotations
 import numpy as np
 
 import fastopt
+from fastopt.checks import closed_unit, flag, nonneg, real, unit
+from fastopt.rule import Hyper
 from fastopt.rules import RULES
 
-CASES: dict[str, list[dict]] = {
-    "sgd": [
-        dict(lr=0.1),
-        dict(lr=0.1, momentum=0.9),
-        dict(lr=0.1, momentum=0.9, dampening=0.3),
-        dict(lr=0.1, momentum=0.9, nesterov=True),
-        dict(lr=0.1, momentum=0.5, weight_decay=0.1),
-        dict(lr=0.05, weight_decay=0.1),
-        dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True),
-        dict(lr=0.1, maximize=True),
-    ],
-    "adagrad": [
-        dict(),
-        dict(lr=0.1, lr_decay=0.05),
-        dict(weight_decay=0.1),
-        dict(lr=0.1, eps=1e-6, maximize=True),
-        dict(lr_decay=0.01, weight_decay=0.05, maximize=True),
-    ],
-    "rmsprop": [
-        dict(),
-        dict(centered=True),
-        dict(momentum=0.9),
-        dict(centered=True, momentum=0.5),
-        dict(weight_decay=0.1, alpha=0.9, eps=1e-6),
-        dict(maximize=True, momentum=0.3),
-        dict(centered=True, momentum=0.9, weight_decay=0.01, maximize=True),
-    ],
-    "adadelta": [
-        dict(),
-        dict(weight_decay=0.1),
-        dict(lr=0.5, rho=0.5, eps=1e-4),
-        dict(maximize=True, weight_decay=0.01),
-    ],
-    "adam": [
-        dict(),
-        dict(amsgrad=True),
-        dict(weight_decay=0.1),
-        dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6),
-        dict(maximize=True),
-        dict(amsgrad=True, weight_decay=0.05, maximize=True, lr=0.01),
-    ],
-    "adamw": [
-        dict(),
-        dict(amsgrad=True),
-        dict(weight_decay=0.1, lr=0.01),
-        dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.0),
-        dict(maximize=True),
-        dict(amsgrad=True, weight_decay=0.05, maximize=True, lr=0.01),
-    ],
-    "adamax": [
-        dict(),
-        dict(weight_decay=0.1),
-        dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6),
-        dict(maximize=True),
-    ],
-    "nadam": [
-        dict(),
-        dict(weight_decay=0.1),
-        dict(weight_decay=0.1, decoupled_weight_decay=True),
-        dict(lr=0.01, betas=(0.8, 0.99), momentum_decay=0.01),
-        dict(maximize=True, eps=1e-6),
-    ],
-    "lion": [
-        dict(),
-        dict(lr=1e-3, weight_decay=0.1),
-        dict(betas=(0.95, 0.98)),
-        dict(maximize=True, weight_decay=0.01),
-    ],
-}
+def _varied(h: Hyper):
+    """A valid value of ``h`` other than its default, or None (no default to vary from)."""
+    d, check = h.default, h.check
+    if check is flag:
+        return not d
+    if getattr(check, "arity", 1) == 2:
+        one = Hyper(h.name, d[0], check_of_pair(check))
+        return tuple(_varied(Hyper(h.name, x, one.check)) for x in d)
+    if d is None:
+        return None
+    if check is nonneg:
+        return 0.1 if d == 0 else d * 5
+    if check in (unit, closed_unit):
+        return 0.5 if d == 1 else 1.0 - 2.0 * (1.0 - d)
+    if check is real:
+        return 0.3 if d == 0 else -d
+    raise AssertionError(f"no varied value for {h.name} ({check})")
+
+
+def check_of_pair(check):
+    # pair(unit) and pair(closed_unit) carry the C predicate of their element check
+    return {c.c: c for c in (unit, closed_unit, nonneg)}[check.c]
+
+
+def _required(rule) -> dict:
+    """Values for hyperparameters without a default (SGD's lr), the carried one excluded."""
+    return {h.name: 0.1 for h in rule.hyper if h.default is None and h.name != rule.carry_name}
+
+
+def _valid(rule, options: dict) -> bool:
+    try:
+        rule.checked({**rule.defaults, **options, **({rule.carry[0]: rule.carry[1]} if rule.carry else {})})
+    except ValueError:
+        return False
+    return True
+
+
+def cases_of(rule) -> list[dict]:
+    """Option sets derived from the rule table: the defaults, each hyperparameter
+    varied alone, and everything varied at once (less what the rule's relation
+    refuses), then that with each flag off. Together they exercise every option
+    and state buffer."""
+    base = _required(rule)
+    single = [{h.name: _varied(h)} for h in rule.hyper
+              if h.name != rule.carry_name and h.default is not None]
+    everything = {k: v for one in single for k, v in one.items()}
+    for drop in [None, *everything]:  # the all-on case, or the largest valid subset
+        candidate = {k: v for k, v in everything.items() if k != drop}
+        if _valid(rule, {**base, **candidate}):
+            break
+    # ... and the all-on case with each flag off in turn (options in combination:
+    # SGD's dampening with momentum, RMSprop's momentum without centering).
+    flags = [h.name for h in rule.hyper if h.check is flag and h.name in everything]
+    without_flag = [{k: v for k, v in everything.items() if k != name} for name in flags]
+    out = [base, *({**base, **one} for one in single), {**base, **candidate}, *({**base, **o} for o in without_flag)]
+    return [o for i, o in enumerate(out) if _valid(rule, o) and o not in out[:i]]
+
+
+#: Per rule, the options the backend tests run (derived from the table, no hand-kept list).
+CASES: dict[str, list[dict]] = {name: cases_of(rule) for name, rule in RULES.items()}
+
+#: Per rule, the case that uses every state buffer the rule has (for the bad-input tests).
+FULL: dict[str, dict] = {name: next(o for o in reversed(CASES[name])
+                                    if set(RULES[name].needs({**RULES[name].defaults, **o,
+                                                              **dict([RULES[name].carry] if RULES[name].carry else [])})
+                                           ) == set(RULES[name].state))
+                         for name in RULES}
+
 
 #: (rule, options) pairs, flattened for pytest.mark.parametrize, with readable ids.
 MATRIX = [(rule, opts) for rule, cases in CASES.items() for opts in cases]
 MATRIX_IDS = [f"{rule}-" + ("-".join(f"{k}={v}" for k, v in opts.items()) or "defaults") for rule, opts in MATRIX]
 
-#: ``torch.optim`` state names that differ from fastopt's (DESIGN names them as torch's
-#: functional API does).
-TORCH_STATE_NAME = {"state_sum": "sum"}
+#: ``torch.optim`` state keys that differ from the functional names (torch's functional API's).
+TORCH_STATE_NAME = {s.name: s.key for rule in RULES.values() for s in rule.buffers if s.saved_as}
 
 
 def hyper(rule: str, options: dict) -> dict:
-    """The full hyperparameter dict (defaults filled in) of one case."""
-    return {**RULES[rule].defaults, **options}
+    """The full hyperparameter dict of one case: defaults filled in, the carried
+    value (NAdam's mu_product) at its value before the first step."""
+    r = RULES[rule]
+    return {**r.defaults, **options, **(dict([r.carry]) if r.carry else {})}
 
 
 def needed_state(rule: str, options: dict) -> tuple[str, ...]:
@@ -116,9 +118,10 @@ def fastopt_step(rule: str, options: dict, p, g, state: dict, step: int, extra: 
     kwargs = dict(options, backend=backend)
     if RULES[rule].takes_step:
         kwargs["step"] = step
-    if rule == "nadam":
-        kwargs["mu_product"] = extra.get("mu_product", 1.0)
-        extra["mu_product"] = fn(p, g, *args, **kwargs)
+    carry = RULES[rule].carry
+    if carry:
+        kwargs[carry[0]] = extra.get(carry[0], carry[1])
+        extra[carry[0]] = fn(p, g, *args, **kwargs)
     else:
         fn(p, g, *args, **kwargs)
 
@@ -137,14 +140,10 @@ def run_torch(rule: str, options: dict, p0, grads):
     """The same run through ``torch.optim`` (single-tensor implementation)."""
     import torch
 
-    if rule == "lion":
-        return run_lion_published(options, p0, grads)
-    cls = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rmsprop": torch.optim.RMSprop,
-           "adadelta": torch.optim.Adadelta, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
-           "adamax": torch.optim.Adamax, "nadam": torch.optim.NAdam}[rule]
+    cls = getattr(torch.optim, RULES[rule].title, None)
+    if cls is None:
+        return PUBLISHED[rule](options, p0, grads)
     opts = dict(options)
-    if rule == "adamw" and "weight_decay" not in opts:
-        opts["weight_decay"] = RULES["adamw"].defaults["weight_decay"]  # torch's default differs (1e-2 both now)
     param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
     opt = cls([param], foreach=False, **opts)
     # torch keeps step scalars such as NAdam's mu_product in the default dtype;
@@ -181,3 +180,47 @@ def run_lion_published(options: dict, p0, grads):
         p.add_(update, alpha=-lr)
         m.mul_(b2).add_(g, alpha=1 - b2)
     return p.numpy(), {"exp_avg": m.numpy()}
+
+
+#: Oracles for the rules torch.optim does not have: the published algorithm, written with torch ops.
+PUBLISHED = {"lion": run_lion_published}
+
+
+def gpt_shapes(vocab: int = 16, d: int = 8, layers: int = 6) -> list[tuple[int, ...]]:
+    """The 75 parameter shapes of a small GPT-style model: the token embedding
+    (tied to the LM head; positions are rotary, so not learned), per layer two
+    LayerNorms and the attention (qkv, projection) and MLP Linear weights and
+    biases, and the final LayerNorm."""
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),  # ln_1, attn.c_attn, attn.c_proj
+                   (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, mlp.c_fc, mlp.c_proj
+    return shapes + [(d,), (d,)]
+
+
+def list_inputs(shapes, steps: int, dtype, seed: int = 0):
+    """Starting parameters (one array per shape) and ``steps`` lists of gradients."""
+    rng = np.random.default_rng(seed)
+    p0 = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(steps)]
+    return p0, grads
+
+
+def run_lists(rule: str, options: dict, p0, grads, backend=None, per_tensor=False, to_device=None, to_host=None):
+    """``len(grads)`` updates of the tensors ``p0`` from zero state, as one list call
+    per step (or one call per tensor with ``per_tensor``); returns (params, {state: list})."""
+    to_device = to_device or (lambda a: a.copy())
+    to_host = to_host or (lambda a: a)
+    params = [to_device(p) for p in p0]
+    state = {name: [to_device(np.zeros_like(p)) for p in p0] for name in needed_state(rule, options)}
+    extra: dict = {}
+    for t, gs in enumerate(grads, start=1):
+        gs = [to_device(g) for g in gs]
+        if per_tensor:
+            for i, (p, g) in enumerate(zip(params, gs)):
+                tensor_extra = dict(extra)
+                fastopt_step(rule, options, p, g, {k: v[i] for k, v in state.items()}, t, tensor_extra, backend)
+            extra = tensor_extra
+        else:
+            fastopt_step(rule, options, params, gs, state, t, extra, backend)
+    return [to_host(p) for p in params], {k: [to_host(a) for a in v] for k, v in state.items()}

@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt.checks import closed_unit, flag, nonneg, real
 from fastopt.rules import RULES
-from oracle import hyper, needed_state
+from oracle import FULL, needed_state
 
 # Validation happens before dispatch, but every backend is exercised to prove no
 # backend path writes before checking.
 BACKENDS = [name for name, info in fastopt.backends().items() if info.available and info.device == "cpu"]
 
-# One option set per rule that needs every state buffer the rule can take.
-FULL = {"sgd": dict(lr=0.1, momentum=0.9), "adagrad": {}, "rmsprop": dict(momentum=0.9, centered=True),
-        "adadelta": {}, "adam": dict(amsgrad=True), "adamw": dict(amsgrad=True), "adamax": {},
-        "nadam": {}, "lion": {}}
+# FULL (from oracle): per rule, one option set that needs every state buffer the rule can take.
 
 
 def make(rule, n=33, dtype=np.float32):
@@ -33,8 +31,8 @@ def call(rule, bufs, **over):
     kwargs = dict(FULL[rule])
     if RULES[rule].takes_step:
         kwargs["step"] = 3
-    if rule == "nadam":
-        kwargs["mu_product"] = 0.5
+    if RULES[rule].carry:
+        kwargs[RULES[rule].carry[0]] = 0.5
     kwargs.update(over)
     fn = getattr(fastopt, rule + "_")
     return fn(bufs["param"], bufs["grad"], *[bufs.get(n) for n in RULES[rule].state], **kwargs)
@@ -112,12 +110,13 @@ def test_read_only_grad_is_accepted():
     call("adam", bufs)
 
 
-@pytest.mark.parametrize("rule,option,why", [
-    ("adam", "max_exp_avg_sq", "amsgrad"), ("adamw", "max_exp_avg_sq", "amsgrad"),
-    ("sgd", "momentum_buffer", "momentum"), ("rmsprop", "momentum_buffer", "momentum"),
-    ("rmsprop", "grad_avg", "centered"), ("adagrad", "state_sum", "adagrad_"),
-    ("nadam", "exp_avg_sq", "nadam_"), ("lion", "exp_avg", "lion_"),
-])
+# Every state buffer of every rule: the message names it and the option that needs
+# it (or the function, for a buffer the rule always needs).
+MISSING = [(name, buf.name, buf.why.split()[0].split("=")[0] if buf.why else name + "_")
+           for name, rule in RULES.items() for buf in rule.buffers]
+
+
+@pytest.mark.parametrize("rule,option,why", MISSING, ids=[f"{r}-{o}" for r, o, _ in MISSING])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_missing_state(rule, option, why, backend):
     bufs = make(rule)
@@ -125,34 +124,34 @@ def test_missing_state(rule, option, why, backend):
     expect_rejected(rule, bufs, ValueError, [option, why, "None"], backend=backend)
 
 
-# (rule, argument, bad value, exception, words in the message)
-BAD_HYPER = []
+def _bad_values(h):
+    """(bad value, exception, words in the message) for one hyperparameter, from its check."""
+    name, check = h.name, h.check
+    if getattr(check, "arity", 1) == 2:  # a pair of values in [0, 1) (betas)
+        return [((1.0, 0.9), ValueError, [f"{name}[0]", "[0, 1)"]),
+                ((0.9, -0.5), ValueError, [f"{name}[1]", "[0, 1)"]),
+                ((0.9, float("nan")), ValueError, [f"{name}[1]", "finite"]),
+                (0.9, TypeError, [name, "pair"])]
+    if check is flag:
+        return [("yes", TypeError, [name, "bool"]), (2, TypeError, [name, "bool"])]
+    common = [(float("nan"), ValueError, [name, "finite"]), (float("inf"), ValueError, [name, "finite"]),
+              ("0.1", TypeError, [name, "real number"])]
+    if check is nonneg:
+        return common + [(-0.1, ValueError, [name, ">= 0", "-0.1"])]
+    if check is closed_unit:
+        return common + [(1.5, ValueError, [name, "[0, 1]"]), (-0.5, ValueError, [name, "[0, 1]"])]
+    assert check is real, f"no bad values for the check of {name}"
+    return common
+
+
+# (rule, argument, bad value, exception, words in the message): every hyperparameter of the table.
+BAD_HYPER = [(name, h.name, *bad) for name, rule in RULES.items() for h in rule.hyper for bad in _bad_values(h)]
 for _rule in RULE_NAMES:
-    h = hyper(_rule, FULL[_rule])
-    for _arg in ("lr", "eps", "weight_decay", "momentum", "lr_decay", "momentum_decay"):
-        if _arg in h:
-            BAD_HYPER += [(_rule, _arg, -0.1, ValueError, [_arg, ">= 0", "-0.1"]),
-                          (_rule, _arg, float("nan"), ValueError, [_arg, "finite"]),
-                          (_rule, _arg, float("inf"), ValueError, [_arg, "finite"]),
-                          (_rule, _arg, "0.1", TypeError, [_arg, "real number"])]
-    if "betas" in h:
-        BAD_HYPER += [(_rule, "betas", (1.0, 0.9), ValueError, ["betas[0]", "[0, 1)"]),
-                      (_rule, "betas", (0.9, -0.5), ValueError, ["betas[1]", "[0, 1)"]),
-                      (_rule, "betas", (0.9, float("nan")), ValueError, ["betas[1]", "finite"]),
-                      (_rule, "betas", 0.9, TypeError, ["betas", "pair"])]
     if RULES[_rule].takes_step:
         BAD_HYPER += [(_rule, "step", 0, ValueError, ["step", ">= 1"]),
                       (_rule, "step", -3, ValueError, ["step", ">= 1"]),
                       (_rule, "step", 1.5, TypeError, ["step", "int"]),
                       (_rule, "step", True, TypeError, ["step", "int"])]
-BAD_HYPER += [
-    ("rmsprop", "alpha", 1.5, ValueError, ["alpha", "[0, 1]"]),
-    ("adadelta", "rho", -0.5, ValueError, ["rho", "[0, 1]"]),
-    ("nadam", "mu_product", 1.5, ValueError, ["mu_product", "[0, 1]"]),
-    ("nadam", "mu_product", float("nan"), ValueError, ["mu_product", "finite"]),
-    ("adam", "amsgrad", "yes", TypeError, ["amsgrad", "bool"]),
-    ("sgd", "maximize", 2, TypeError, ["maximize", "bool"]),
-]
 
 
 @pytest.mark.parametrize("rule,arg,value,exc,words", BAD_HYPER,
@@ -220,3 +219,103 @@ def test_validation_cache_is_not_fooled():
     expect_rejected("adam", make("adam"), ValueError, ["lr", ">= 0"], lr=-1)
     call("adam", bufs, betas=[0.9, 0.99])  # unhashable: checked every time
     expect_rejected("adam", make("adam"), ValueError, ["betas[1]"], betas=[0.9, 1.5])
+
+
+# ---- lists of tensors ---------------------------------------------------------
+
+
+def make_lists(rule, shapes=((3, 4), (5,), (1,)), dtype=np.float32):
+    rng = np.random.default_rng(2)
+    roles = ["param", "grad", *needed_state(rule, FULL[rule])]
+    return {r: [np.abs(rng.standard_normal(sh)).astype(dtype) for sh in shapes] for r in roles}
+
+
+def call_lists(rule, bufs, **over):
+    return call(rule, {k: v for k, v in bufs.items()}, **over)
+
+
+def expect_lists_rejected(rule, bufs, exc, words, **over):
+    snapshot = {k: [a.tobytes() for a in v] for k, v in bufs.items()}
+    with pytest.raises(exc) as info:
+        call_lists(rule, bufs, **over)
+    for word in words:
+        assert word in str(info.value), f"{word!r} not in {info.value!r}"
+    for k, v in bufs.items():
+        assert [a.tobytes() for a in v] == snapshot[k], f"{k} was modified by a rejected call"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_list_problems(rule, backend):
+    roles = list(make_lists(rule))
+    good = make_lists(rule)
+    before = [a.copy() for a in good["param"]]
+    call_lists(rule, good, backend=backend)
+    assert all(not np.array_equal(a, b) for a, b in zip(before, good["param"]))
+    for victim in roles:
+        bufs = make_lists(rule)
+        bufs[victim] = bufs[victim][:2]  # one tensor short
+        # (when param is short, the first other role is reported against it)
+        expect_lists_rejected(rule, bufs, ValueError, [victim, "arrays, expected"], backend=backend)
+        bufs = make_lists(rule)
+        bufs[victim][1] = np.zeros(6, np.float32)  # the wrong shape at one position
+        expect_lists_rejected(rule, bufs, ValueError, [f"{victim}[1]", "shape"], backend=backend)
+        bufs = make_lists(rule)
+        bufs[victim][2] = bufs[victim][2].astype(np.float64)
+        expect_lists_rejected(rule, bufs, TypeError, [f"{victim}[2]", "float64"], backend=backend)
+        bufs = make_lists(rule)
+        bufs[victim][0] = np.zeros((3, 8), np.float32)[:, ::2]
+        expect_lists_rejected(rule, bufs, ValueError, [f"{victim}[0]", "contiguous"], backend=backend)
+    bufs = make_lists(rule)
+    bufs["param"] = bufs["param"][0]  # an array where the others are lists
+    with pytest.raises(TypeError):
+        call_lists(rule, bufs, backend=backend)
+    # One dtype per call, across positions too.
+    bufs = {r: [a.astype(np.float64) if i == 1 else a for i, a in enumerate(v)]
+            for r, v in make_lists(rule).items()}
+    expect_lists_rejected(rule, bufs, TypeError, ["param[1]", "float64", "one dtype"], backend=backend)
+    # Overlap across tensors: a state buffer of tensor 2 inside the parameter of tensor 0.
+    bufs = make_lists(rule)
+    base = np.zeros(40, np.float32)
+    last = roles[-1]
+    bufs["param"][0] = base[:12].reshape(3, 4)
+    bufs[last][2] = base[10:11]
+    expect_lists_rejected(rule, bufs, ValueError, ["overlaps", f"{last}[2]", "param[0]"], backend=backend)
+
+
+def test_empty_lists_are_a_no_op():
+    fastopt.adam_([], [], [], [], step=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ndarray_subclasses_are_refused_before_any_write(backend, tmp_path):
+    """np.matrix (whose * is a matrix product), masked arrays (whose mask no kernel
+    reads) and memmaps: refused on every backend, naming the argument; np.asarray
+    views of the same memory are the supported form."""
+    for make_sub in (np.asmatrix, lambda a: np.ma.masked_array(a, mask=a > 1),
+                     lambda a: np.memmap(tmp_path / "m.bin", a.dtype, "w+", shape=a.shape)):
+        for victim in ("param", "grad", "exp_avg_sq"):
+            bufs = make("adam")
+            bufs[victim] = make_sub(bufs[victim].reshape(1, -1) if make_sub is np.asmatrix else bufs[victim])
+            if make_sub is np.asmatrix:
+                bufs = {k: (v if k == victim else v.reshape(1, -1)) for k, v in bufs.items()}
+            expect_rejected("adam", bufs, TypeError, [victim, "np.asarray"], backend=backend)
+    m = np.memmap(tmp_path / "p.bin", np.float32, "w+", shape=(33,))
+    m[:] = 1.0
+    bufs = make("adam")
+    bufs["param"] = np.asarray(m)
+    call("adam", bufs, backend=backend)
+    assert not np.array_equal(np.asarray(m), np.ones(33, np.float32))  # the update landed in the mapped memory
+
+
+@pytest.mark.parametrize("shape", [(), (33, 1), (3, 11), (1, 3, 11)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_c_contiguous_shape_on_every_backend(backend, shape):
+    """0-d, (n, 1), 2-D and 3-D arrays are updated elementwise like their flat view."""
+    rng = np.random.default_rng(3)
+    flat = {k: np.abs(rng.standard_normal(int(np.prod(shape)))).astype(np.float32) for k in ("p", "g", "m", "v")}
+    shaped = {k: v.copy().reshape(shape) for k, v in flat.items()}
+    fastopt.adam_(*flat.values(), step=2, backend=backend)
+    fastopt.adam_(*shaped.values(), step=2, backend=backend)
+    for k in flat:
+        assert shaped[k].shape == shape and shaped[k].tobytes() == flat[k].tobytes(), k

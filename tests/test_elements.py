@@ -27,8 +27,8 @@ def element_step(kernel, p, g, state, scalars):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("rule,options", MATRIX, ids=MATRIX_IDS)
 def test_elements_equal_reference_bitwise(rule, options, dtype, monkeypatch):
-    # Python's math.sqrt returns a float64; Numba's keeps float32. np.sqrt does too.
-    monkeypatch.setattr(elements, "math", types.SimpleNamespace(sqrt=np.sqrt))
+    # Python's math.sqrt returns a float64; Numba's keeps float32. np.sqrt does too (and np.copysign).
+    monkeypatch.setattr(elements, "math", types.SimpleNamespace(sqrt=np.sqrt, copysign=np.copysign))
     r = RULES[rule]
     p0, grads = inputs(19, 5, dtype, seed=3)
     grads[2][:4] = [np.nan, np.inf, -np.inf, 0.0]  # non-finite values propagate identically
@@ -37,11 +37,10 @@ def test_elements_equal_reference_bitwise(rule, options, dtype, monkeypatch):
     for use_elements in (False, True):
         p = p0.copy()
         state = tuple(np.zeros_like(p) if n in need else None for n in r.state)
-        mu = 1.0
+        carried = dict([r.carry]) if r.carry else {}
         for t, g in enumerate(grads, start=1):
-            h = dict(hyper(rule, options), mu_product=mu)
-            scalars, extra = r.prepare(h, t)
-            mu = extra if extra is not None else mu
+            scalars, extra = r.prepare({**hyper(rule, options), **carried}, t)
+            carried = {r.carry[0]: extra} if r.carry else {}
             cast = type(scalars)(*(dtype(x) if isinstance(x, float) else x for x in scalars))
             with np.errstate(all="ignore"):
                 if use_elements:

@@ -4,6 +4,7 @@ checks the small-call path relies on.
 
 The math itself is covered by test_backends.py (every rule x option x dtype
 against the reference)."""
+import inspect
 import os
 import re
 import subprocess
@@ -17,12 +18,14 @@ import pytest
 import fastopt
 from fastopt.backends import numba_cpu
 from fastopt.kernels import numba_loops
-from oracle import MATRIX, MATRIX_IDS, inputs, run_fastopt
+from fastopt.kernels import elements
+from fastopt.rules import RULES
+from oracle import FULL, MATRIX, MATRIX_IDS, hyper, inputs, needed_state, run_fastopt
 
-ONE_PER_KERNEL = {}
-for _rule, _opts in MATRIX:  # the richest option set of each rule: most state buffers and flags
-    ONE_PER_KERNEL[_rule] = (_rule, _opts)
-KERNEL_CASES = list(ONE_PER_KERNEL.values())
+#: Each element kernel with the first rule that runs it.
+KERNEL_RULE = {}
+for _name, _rule in RULES.items():
+    KERNEL_RULE.setdefault(_rule.kernel, _name)
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
 
 
@@ -50,25 +53,26 @@ def _fresh_asm(kernel, args):
 
 
 @pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 assembly")
-@pytest.mark.parametrize("kernel", ["adam", "rmsprop", "sgd", "lion"])
+@pytest.mark.parametrize("kernel", sorted(KERNEL_RULE))
 def test_float32_loop_is_vectorised_without_float64_promotion(kernel):
     # The two measured pitfalls: a float64 scalar promotes the float32 loop
     # (float32 -> float64 conversions appear) and a loop that does not vectorise (no packed
     # single-precision arithmetic). Flags and None buffers must not stop it.
-    from fastopt.rules import KERNEL_SCALARS, RULES
-    rule = {"adam": "adamw"}.get(kernel, kernel)
-    opts = dict(ONE_PER_KERNEL[rule][1])
-    scalars, _ = RULES[rule].prepare({**RULES[rule].defaults, **opts}, 3)
+    from fastopt.rules import KERNEL_SCALARS
+    rule = KERNEL_RULE[kernel]
+    opts = dict(FULL[rule])  # every state buffer and flag of the rule in use
+    scalars, _ = RULES[rule].prepare(hyper(rule, opts), 3)
     n = numba_loops.N_FLOATS[kernel]
     x = np.ones(64, np.float32)
-    need = RULES[rule].needs({**RULES[rule].defaults, **opts})
+    need = needed_state(rule, opts)
     state = [x.copy() if name in need else None for name in RULES[rule].state]
     assert type(scalars) is KERNEL_SCALARS[kernel]
     asm = _fresh_asm(kernel, (x.copy(), x.copy(), *state, scalars[:n], scalars[n:]))
     # (float64 -> float32 conversions are expected: the scalars are cast once.)
     assert not re.search(r"cvtss2sd|cvtps2pd", asm), "float32 values widened to float64"
     assert re.search(r"\b(v?)(mul|add|sub)ps\b", asm), "float32 loop not vectorised"
-    if kernel in ("adam", "rmsprop"):
+    source = inspect.getsource(getattr(elements, kernel))
+    if "math.sqrt(" in source and " / " in source:
         assert re.search(r"\bv?sqrtps\b", asm) and re.search(r"\bv?divps\b", asm), "sqrt/div not vectorised"
 
 

@@ -19,11 +19,11 @@ import pytest
 
 import fastopt
 from fastopt.flat import ALIGN, FlatParams, layout
-from oracle import MATRIX, MATRIX_IDS, fastopt_step, needed_state
+from fastopt.rules import RULES
+from oracle import FULL, MATRIX, MATRIX_IDS, TORCH_STATE_NAME, fastopt_step, needed_state
 
-CLASSES = {"sgd": fastopt.SGD, "adagrad": fastopt.Adagrad, "rmsprop": fastopt.RMSprop,
-           "adadelta": fastopt.Adadelta, "adam": fastopt.Adam, "adamw": fastopt.AdamW,
-           "adamax": fastopt.Adamax, "nadam": fastopt.NAdam, "lion": fastopt.Lion}
+#: The stateful class of every rule of the table.
+CLASSES = {name: getattr(fastopt, rule.title) for name, rule in RULES.items()}
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (33,)]
 STEPS = 12
 
@@ -64,7 +64,7 @@ def test_stateful_matches_functional(rule, options):
     assert opt.state[0]["step"] == STEPS
     for name, buf in ref_state.items():
         np.testing.assert_array_equal(opt.state[0][name], buf, err_msg=name)
-    assert set(opt.state[0]) == {"step", *ref_state, *CLASSES[rule].carry}  # lazily allocated: only what is needed
+    assert set(opt.state[0]) == {"step", *ref_state, *CLASSES[rule].algorithm.carry}  # lazily allocated: only what is needed
 
 
 def test_groups_are_segments_with_their_own_hyperparameters():
@@ -149,12 +149,11 @@ def test_padding_stays_zero_and_float64():
 # ---- state dicts -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule,options", [("sgd", dict(lr=0.1, momentum=0.9, nesterov=True)),
-                                          ("adagrad", dict(initial_accumulator_value=0.1)),
-                                          ("rmsprop", dict(centered=True, momentum=0.5)), ("adadelta", {}),
-                                          ("adam", dict(amsgrad=True)), ("adamw", {}), ("adamax", {}),
-                                          ("nadam", dict(decoupled_weight_decay=True, weight_decay=0.1)),
-                                          ("lion", {})])
+# Every rule with every state buffer in use, and its optimizer-only options (AdaGrad's initial value).
+ROUND_TRIP = [(name, {**FULL[name], **{h.name: 0.1 for h in rule.optimizer_hyper}}) for name, rule in RULES.items()]
+
+
+@pytest.mark.parametrize("rule,options", ROUND_TRIP, ids=[r for r, _ in ROUND_TRIP])
 def test_state_dict_round_trip_continues_the_run(rule, options):
     gs = grads(FlatParams(arrays()).data.size)
     straight = FlatParams(arrays())
@@ -174,9 +173,9 @@ def test_state_dict_round_trip_continues_the_run(rule, options):
     for g in gs[5:]:
         resumed.step(g)
     np.testing.assert_array_equal(resumed_flat.data, straight.data)
-    names = {"state_sum": "sum"} if rule == "adagrad" else {}
-    assert set(saved["state"][0]) == {"step", *CLASSES[rule].carry,
-                                      *(names.get(n, n) for n in needed_state(rule, options))}
+    options = {k: v for k, v in options.items() if k in RULES[rule].defaults}
+    assert set(saved["state"][0]) == {"step", *CLASSES[rule].algorithm.carry,
+                                      *(TORCH_STATE_NAME.get(n, n) for n in needed_state(rule, options))}
 
 
 def test_state_dict_is_a_copy():
@@ -309,3 +308,67 @@ def test_layout_and_packing_errors():
 def test_import_fastopt_does_not_import_torch():
     code = "import sys, fastopt; fastopt.AdamW; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_assigning_flat_grad_is_used_by_the_next_step():
+    flat = FlatParams(arrays())
+    opt = fastopt.SGD(flat, lr=0.1)
+    other = np.ones_like(flat.data)
+    before = flat.data.copy()
+    flat.grad = other
+    assert flat.grads[0].base is other or np.shares_memory(flat.grads[0], other)
+    opt.step()
+    np.testing.assert_array_equal(flat.data, before - np.float32(0.1) * other)
+    with pytest.raises(ValueError, match="grad has shape"):
+        flat.grad = np.ones(3, np.float32)
+    with pytest.raises(TypeError, match="grad has dtype"):
+        flat.grad = np.ones_like(flat.data, dtype=np.float64)
+    assert flat.grad is other  # a rejected assignment changes nothing
+
+
+def test_every_update_function_takes_step():
+    """README: every function takes ``step=``; Lion's update does not depend on it,
+    but the keyword is accepted (and checked) for one calling convention."""
+    x = [np.ones(4, np.float32) for _ in range(3)]
+    fastopt.lion_(*x, step=5)
+    with pytest.raises(ValueError, match="step"):
+        fastopt.lion_(*x, step=0)
+
+
+def test_a_step_checks_every_group_before_writing_any():
+    """A bad second group (edited span, overlapping span, out-of-range carried value,
+    state of the wrong size) fails the step before the first group is written."""
+    def two_groups(cls=fastopt.NAdam):
+        flat = FlatParams(arrays())
+        opt = cls(flat, groups=[{"params": flat.span(0, 2)}, {"params": flat.span(2, 5)}])
+        flat.grad[...] = 1.0
+        opt.step()
+        return flat, opt
+
+    edits = [
+        (lambda o, f: o.state[1].__setitem__("mu_product", 1.5), ValueError, "mu_product"),
+        (lambda o, f: o.param_groups[1].__setitem__("params", slice(f.offsets[1], f.data.size)), ValueError, "overlap"),
+        (lambda o, f: o.param_groups[1].__setitem__("params", slice(f.offsets[2], f.data.size - 1)), ValueError,
+         "shape"),
+        (lambda o, f: o.param_groups[1].__setitem__("params", [0, 1]), TypeError, "slice"),
+        (lambda o, f: o.param_groups[1].__setitem__("lr", -1.0), ValueError, r"param_groups\[1\]: lr"),
+    ]
+    for edit, exc, word in edits:
+        flat, opt = two_groups()
+        edit(opt, flat)
+        before = flat.data.copy(), [dict(s) for s in opt.state]
+        steps = [s["step"] for s in opt.state]
+        with pytest.raises(exc, match=word):
+            opt.step()
+        np.testing.assert_array_equal(flat.data, before[0])
+        assert [s["step"] for s in opt.state] == steps
+
+
+def test_loaded_carried_value_is_range_checked_at_load():
+    flat = FlatParams(arrays())
+    opt = fastopt.NAdam(flat)
+    opt.step(np.ones_like(flat.data))
+    saved = opt.state_dict()
+    saved["state"][0]["mu_product"] = 1.5
+    with pytest.raises(ValueError, match=r"mu_product.*\[0, 1\]"):
+        opt.load_state_dict(saved)

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import fastopt
 from fastopt.rules import RULES
-from oracle import fastopt_step, hyper
+from fastopt.checks import closed_unit, flag, nonneg, real, unit
+from oracle import fastopt_step, needed_state
 
 CI_EXAMPLES = 150
 settings.register_profile("ci", max_examples=CI_EXAMPLES, deadline=None, derandomize=True,
@@ -33,37 +34,40 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 COMPILED = [name for name, info in fastopt.backends().items() if info.available and info.device == "cpu"
             and name != "numpy"]
 
-unit = st.floats(0.0, 0.999)
-rate = st.floats(0.0, 1.0)
-small = st.floats(0.0, 0.5)
-tiny = st.sampled_from([0.0, 1e-12, 1e-8, 1e-6, 1e-3])
-
-#: For each rule, a strategy of valid hyperparameters and options (everything but step).
-SPACE = {
-    "sgd": st.fixed_dictionaries(dict(lr=rate, momentum=st.sampled_from([0.0, 0.5, 0.9, 0.99]),
-                                      dampening=small, weight_decay=small, maximize=st.booleans(),
-                                      nesterov=st.booleans())).map(
-        lambda h: dict(h, dampening=0.0) if h["nesterov"] else h).map(
-        lambda h: dict(h, momentum=0.9) if h["nesterov"] and h["momentum"] == 0 else h),
-    "adagrad": st.fixed_dictionaries(dict(lr=rate, lr_decay=small, weight_decay=small, eps=tiny,
-                                          maximize=st.booleans())),
-    "rmsprop": st.fixed_dictionaries(dict(lr=rate, alpha=unit, eps=tiny, weight_decay=small,
-                                          momentum=st.sampled_from([0.0, 0.5, 0.9]), centered=st.booleans(),
-                                          maximize=st.booleans())),
-    "adadelta": st.fixed_dictionaries(dict(lr=rate, rho=unit, eps=tiny, weight_decay=small,
-                                           maximize=st.booleans())),
-    "adam": st.fixed_dictionaries(dict(lr=rate, betas=st.tuples(unit, unit), eps=tiny, weight_decay=small,
-                                       amsgrad=st.booleans(), maximize=st.booleans())),
-    "adamw": st.fixed_dictionaries(dict(lr=rate, betas=st.tuples(unit, unit), eps=tiny, weight_decay=small,
-                                        amsgrad=st.booleans(), maximize=st.booleans())),
-    "adamax": st.fixed_dictionaries(dict(lr=rate, betas=st.tuples(unit, unit), eps=tiny, weight_decay=small,
-                                         maximize=st.booleans())),
-    "nadam": st.fixed_dictionaries(dict(lr=rate, betas=st.tuples(unit, unit), eps=tiny, weight_decay=small,
-                                        momentum_decay=st.sampled_from([0.0, 4e-3, 0.1]),
-                                        decoupled_weight_decay=st.booleans(), maximize=st.booleans())),
-    "lion": st.fixed_dictionaries(dict(lr=rate, betas=st.tuples(unit, unit), weight_decay=small,
-                                       maximize=st.booleans())),
+#: A strategy of valid values per hyperparameter check (fastopt.checks).
+_VALUES = {
+    nonneg: st.one_of(st.sampled_from([0.0, 1e-12, 1e-8, 1e-6, 1e-3]), st.floats(0.0, 1.0)),
+    unit: st.floats(0.0, 0.999),
+    closed_unit: st.floats(0.0, 1.0),
+    real: st.floats(-0.5, 0.5),
+    flag: st.booleans(),
 }
+
+
+def _strategy(h):
+    if getattr(h.check, "arity", 1) == 2:
+        element = next(c for c in _VALUES if getattr(c, "c", None) == h.check.c)
+        return st.tuples(_VALUES[element], _VALUES[element])
+    return _VALUES[h.check]
+
+
+def _make_valid(rule, options):
+    """Turn flags off until the rule's relation holds (SGD: nesterov needs momentum, no dampening)."""
+    for name in [None, *(h.name for h in rule.hyper if h.check is flag)]:
+        if name is not None:
+            options = {**options, name: False}
+        try:
+            rule.checked({**rule.defaults, **options, **dict([rule.carry] if rule.carry else [])})
+            return options
+        except ValueError:
+            continue
+    raise AssertionError(f"no valid options for {rule.name} from {options}")
+
+
+#: For each rule, a strategy of valid hyperparameters and options (everything but step), from the table.
+SPACE = {name: st.fixed_dictionaries({h.name: _strategy(h) for h in rule.hyper if h.name != rule.carry_name})
+         .map(lambda o, rule=rule: _make_valid(rule, o))
+         for name, rule in RULES.items()}
 
 SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-40, -1e-40, 1e-310, 3e38, -3e38, 1e300]
 
@@ -115,11 +119,10 @@ def test_backends_agree_with_reference(problem):
     rule, options, n, dtype, steps, special_rate, seed = problem
     rng = np.random.default_rng(seed)
     p0 = salted(rng, n, dtype, special_rate)
-    need = RULES[rule].needs(hyper(rule, options))
+    need = needed_state(rule, options)
     # State starts from plausible values (squares are non-negative), salted too.
-    state0 = {name: salted(rng, n, dtype, special_rate, positive=name not in ("exp_avg", "momentum_buffer",
-                                                                            "grad_avg"))
-              for name in need}
+    signed = {s.name: s.signed for s in RULES[rule].buffers}
+    state0 = {name: salted(rng, n, dtype, special_rate, positive=not signed[name]) for name in need}
     grads = [salted(rng, n, dtype, special_rate) for _ in range(steps)]
     results = {}
     for backend in ["numpy", *COMPILED]:
@@ -129,7 +132,7 @@ def test_backends_agree_with_reference(problem):
         with np.errstate(all="ignore"):
             for t, g in enumerate(grads, start=1):
                 fastopt_step(rule, options, p, g, state, t, extra, backend=backend)
-        results[backend] = (p, state, extra.get("mu_product"))
+        results[backend] = (p, state, extra)
     p_ref, s_ref, mu_ref = results.pop("numpy")
     for backend, (p, state, mu) in results.items():
         close(p, p_ref, dtype, f"param on {backend}")

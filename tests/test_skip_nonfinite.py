@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import fastopt
+from fastopt.rules import RULES
 from oracle import CASES
 
 RULES_WITH_OPTIONS = [(rule, CASES[rule][0]) for rule in CASES]
@@ -22,9 +23,7 @@ def test_flat_optimizer_skips_and_reports(rule, options, bad):
     arrays = [rng.standard_normal(s).astype(np.float32) for s in [(3, 5), (7,)]]
     flat = fastopt.FlatParams(arrays)
     twin = fastopt.FlatParams([a.copy() for a in arrays])
-    cls = {"sgd": fastopt.SGD, "adagrad": fastopt.Adagrad, "rmsprop": fastopt.RMSprop, "adadelta": fastopt.Adadelta,
-           "adam": fastopt.Adam, "adamw": fastopt.AdamW, "adamax": fastopt.Adamax, "nadam": fastopt.NAdam,
-           "lion": fastopt.Lion}[rule]
+    cls = getattr(fastopt, RULES[rule].title)
     opt, ref = cls(flat, skip_nonfinite=True, **options), cls(twin, **options)
     grads = [rng.standard_normal(flat.grad.shape).astype(np.float32) for _ in range(3)]
     flat.grad[:] = grads[0]

@@ -81,19 +81,40 @@ int fastopt_get_num_threads(void)
 
 static void *fo_off(void *p, int64_t bytes) { return p ? (char *)p + bytes : NULL; }
 
-static void fo_loop_range(fo_loop loop, void *p, const void *g, void *s0, void *s1, void *s2, int64_t lo,
-                          int64_t len, int64_t esize, const void *scalars)
+/* The loop over elements [lo, lo + len) of one tensor. */
+static void fo_loop_range(fo_loop loop, void *p, const void *g, void *const *state, int64_t lo, int64_t len,
+                          int64_t esize, const void *scalars)
 {
     const int64_t b = lo * esize;
-    loop(fo_off(p, b), (const char *)g + b, fo_off(s0, b), fo_off(s1, b), fo_off(s2, b), len, scalars);
+    void *st[FO_MAX_STATE];
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        st[k] = fo_off(state[k], b);
+    loop(fo_off(p, b), (const char *)g + b, st, len, scalars);
 }
 
-/* Run kernel `rule` over n elements of `esize` bytes: the unaligned head, then
- * one contiguous static chunk per thread. Each element's result depends only
- * on that element, and every code path rounds identically, so the split never
- * changes a bit of the output. */
-static int fo_run(int rule, int dtype, void *p, const void *g, void *s0, void *s1, void *s2,
-                  unsigned need, int64_t n, const void *scalars)
+/* Elements before param's first 64-byte boundary (0 when param is not even
+ * aligned to its element size), at most n. */
+static int64_t fo_head(const void *p, int64_t n, int64_t esize)
+{
+    const uintptr_t mis = (uintptr_t)p % FO_ALIGN_BYTES;
+    const int64_t head = mis % esize ? 0 : (int64_t)((FO_ALIGN_BYTES - mis) % FO_ALIGN_BYTES) / esize;
+    return head < n ? head : n;
+}
+
+/* Threads for `elements` elements of `esize` bytes: FO_MIN_BYTES_PER_THREAD each at least. */
+static int64_t fo_threads_for(int64_t elements, int64_t esize)
+{
+    int64_t threads = fastopt_get_num_threads();
+    const int64_t useful = elements / (FO_MIN_BYTES_PER_THREAD / esize);
+    return threads < useful ? threads : useful;
+}
+
+/* Run kernel `kernel` over n elements of `esize` bytes: the unaligned head,
+ * then one contiguous static chunk per thread. Each element's result depends
+ * only on that element, and every code path rounds identically, so the split
+ * never changes a bit of the output. Bit k of `need`: state[k] is required. */
+static int fo_run(int kernel, int dtype, void *p, const void *g, void *const *state, unsigned need, int64_t n,
+                  const void *scalars)
 {
     if (!scalars)
         return FASTOPT_ERR_NULL;
@@ -101,24 +122,21 @@ static int fo_run(int rule, int dtype, void *p, const void *g, void *s0, void *s
         return FASTOPT_ERR_LENGTH;
     if (n == 0)
         return FASTOPT_OK;
-    if (!p || !g || ((need & 1) && !s0) || ((need & 2) && !s1) || ((need & 4) && !s2))
+    if (!p || !g)
         return FASTOPT_ERR_NULL;
-    const fo_loop loop = fo_kernels_selected()->loop[rule][dtype];
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        if ((need >> k & 1u) && !state[k])
+            return FASTOPT_ERR_NULL;
+    const fo_loop loop = fo_kernels_selected()->loop[kernel][dtype];
     const int64_t esize = dtype == FO_F32 ? 4 : 8, align = FO_ALIGN_BYTES / esize;
-    const uintptr_t mis = (uintptr_t)p % FO_ALIGN_BYTES;
-    int64_t head = mis % esize ? 0 : (int64_t)((FO_ALIGN_BYTES - mis) % FO_ALIGN_BYTES) / esize;
-    if (head > n)
-        head = n;
+    const int64_t head = fo_head(p, n, esize);
     if (head)
-        fo_loop_range(loop, p, g, s0, s1, s2, 0, head, esize, scalars);
+        fo_loop_range(loop, p, g, state, 0, head, esize, scalars);
     const int64_t rest = n - head;
-    int64_t threads = fastopt_get_num_threads();
-    const int64_t useful = rest * esize / FO_MIN_BYTES_PER_THREAD;
-    if (threads > useful)
-        threads = useful;
+    const int64_t threads = fo_threads_for(rest, esize);
     if (threads <= 1) {
         if (rest)
-            fo_loop_range(loop, p, g, s0, s1, s2, head, rest, esize, scalars);
+            fo_loop_range(loop, p, g, state, head, rest, esize, scalars);
         return FASTOPT_OK;
     }
 #ifdef _OPENMP
@@ -128,76 +146,150 @@ static int fo_run(int rule, int dtype, void *p, const void *g, void *s0, void *s
         const int64_t chunk = ((rest + nt - 1) / nt + align - 1) / align * align;
         const int64_t lo = omp_get_thread_num() * chunk;
         if (lo < rest)
-            fo_loop_range(loop, p, g, s0, s1, s2, head + lo, rest - lo < chunk ? rest - lo : chunk, esize,
-                          scalars);
+            fo_loop_range(loop, p, g, state, head + lo, rest - lo < chunk ? rest - lo : chunk, esize, scalars);
     }
 #endif
     return FASTOPT_OK;
 }
 
-/* ---- kernels: one definition per rule, instantiated per dtype ------------ */
+/* ---- lists of tensors ----------------------------------------------------
+ * fastopt_<rule>_list_*: tables of per-tensor pointers. The total element
+ * count is split into one contiguous range per thread (the same thread count
+ * rule as fo_run, on the total); each thread walks the tensors its range
+ * covers. Inside a tensor, a range boundary is moved up to the next 64-byte
+ * boundary of that tensor's param (its head, then whole lines), so each
+ * tensor runs as fo_run would run it: head first, then aligned chunks. */
 
-#define FO_ENTRY_POINTS(T, SFX, DT)                                                                  \
-    int fastopt_sgd_##SFX(T *param, const T *grad, T *momentum_buffer, int64_t n,                    \
-                          const fastopt_sgd_scalars *s)                                              \
-    {                                                                                                \
-        return fo_run(FO_SGD, DT, param, grad, momentum_buffer, NULL, NULL,                          \
-                      s && s->momentum != 0, n, s);                                                  \
-    }                                                                                                \
-    int fastopt_adagrad_##SFX(T *param, const T *grad, T *state_sum, int64_t n,                      \
-                              const fastopt_adagrad_scalars *s)                                      \
-    {                                                                                                \
-        return fo_run(FO_ADAGRAD, DT, param, grad, state_sum, NULL, NULL, 1, n, s);                  \
-    }                                                                                                \
-    int fastopt_rmsprop_##SFX(T *param, const T *grad, T *square_avg, T *momentum_buffer,            \
-                              T *grad_avg, int64_t n, const fastopt_rmsprop_scalars *s)              \
-    {                                                                                                \
-        return fo_run(FO_RMSPROP, DT, param, grad, square_avg, momentum_buffer, grad_avg,            \
-                      s ? 1u | (s->use_momentum ? 2u : 0u) | (s->centered ? 4u : 0u) : 0u, n, s);   \
-    }                                                                                                \
-    int fastopt_adadelta_##SFX(T *param, const T *grad, T *square_avg, T *acc_delta, int64_t n,      \
-                               const fastopt_adadelta_scalars *s)                                    \
-    {                                                                                                \
-        return fo_run(FO_ADADELTA, DT, param, grad, square_avg, acc_delta, NULL, 3, n, s);           \
-    }                                                                                                \
-    int fastopt_adam_##SFX(T *param, const T *grad, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq,    \
-                           int64_t n, const fastopt_adam_scalars *s)                                 \
-    {                                                                                                \
-        return fo_run(FO_ADAM, DT, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq,                 \
-                      s && s->amsgrad ? 7 : 3, n, s);                                                \
-    }                                                                                                \
-    int fastopt_adamw_##SFX(T *param, const T *grad, T *exp_avg, T *exp_avg_sq, T *max_exp_avg_sq,   \
-                            int64_t n, const fastopt_adam_scalars *s)                                \
-    {                                                                                                \
-        return fastopt_adam_##SFX(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, n, s);           \
-    }                                                                                                \
-    int fastopt_adamax_##SFX(T *param, const T *grad, T *exp_avg, T *exp_inf, int64_t n,             \
-                             const fastopt_adamax_scalars *s)                                        \
-    {                                                                                                \
-        return fo_run(FO_ADAMAX, DT, param, grad, exp_avg, exp_inf, NULL, 3, n, s);                  \
-    }                                                                                                \
-    int fastopt_nadam_##SFX(T *param, const T *grad, T *exp_avg, T *exp_avg_sq, int64_t n,           \
-                            const fastopt_nadam_scalars *s)                                          \
-    {                                                                                                \
-        return fo_run(FO_NADAM, DT, param, grad, exp_avg, exp_avg_sq, NULL, 3, n, s);                \
-    }                                                                                                \
-    int fastopt_lion_##SFX(T *param, const T *grad, T *exp_avg, int64_t n,                           \
-                           const fastopt_lion_scalars *s)                                            \
-    {                                                                                                \
-        return fo_run(FO_LION, DT, param, grad, exp_avg, NULL, NULL, 1, n, s);                       \
+/* Entry i of a table of float * or double * (read with its own type). */
+static void *fo_at(const void *table, int64_t i, int dtype)
+{
+    if (!table)
+        return NULL;
+    return dtype == FO_F32 ? (void *)((float *const *)table)[i] : (void *)((double *const *)table)[i];
+}
+
+/* Where a range boundary at local element x of a tensor of n elements (head
+ * `head`) falls: 0, n, the head, or an aligned element past it. */
+static int64_t fo_cut(int64_t x, int64_t n, int64_t head, int64_t align)
+{
+    if (x <= 0)
+        return 0;
+    if (x >= n)
+        return n;
+    if (x <= head)
+        return head;
+    x = head + (x - head + align - 1) / align * align;
+    return x < n ? x : n;
+}
+
+typedef struct {
+    fo_loop loop;
+    int dtype;
+    int64_t esize, align, count;
+    const void *param, *grad;
+    const void *const *state; /* FO_MAX_STATE tables (NULL: unused) */
+    const int64_t *n;
+    const void *scalars;
+} fo_list;
+
+/* The elements [lo, hi) of the concatenation of the tensors. */
+static void fo_list_range(const fo_list *L, int64_t lo, int64_t hi)
+{
+    int64_t offset = 0;
+    for (int64_t i = 0; i < L->count && offset < hi; offset += L->n[i], i++) {
+        const int64_t n = L->n[i];
+        if (n == 0 || offset + n <= lo)
+            continue;
+        void *p = fo_at(L->param, i, L->dtype);
+        const void *g = fo_at(L->grad, i, L->dtype);
+        void *st[FO_MAX_STATE];
+        for (int k = 0; k < FO_MAX_STATE; k++)
+            st[k] = fo_at(L->state[k], i, L->dtype);
+        const int64_t head = fo_head(p, n, L->esize);
+        const int64_t a = fo_cut(lo - offset, n, head, L->align), b = fo_cut(hi - offset, n, head, L->align);
+        if (a < head && a < b) /* the head on its own, as fo_run runs it */
+            fo_loop_range(L->loop, p, g, st, a, (b < head ? b : head) - a, L->esize, L->scalars);
+        const int64_t from = a > head ? a : head;
+        if (from < b)
+            fo_loop_range(L->loop, p, g, st, from, b - from, L->esize, L->scalars);
     }
+}
 
-FO_ENTRY_POINTS(float, f32, FO_F32)
-FO_ENTRY_POINTS(double, f64, FO_F64)
+static int fo_run_list(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
+                       unsigned need, const int64_t *n, int64_t count, const void *scalars)
+{
+    if (!scalars)
+        return FASTOPT_ERR_NULL;
+    if (count < 0)
+        return FASTOPT_ERR_LENGTH;
+    if (count == 0)
+        return FASTOPT_OK;
+    if (!n || !param || !grad)
+        return FASTOPT_ERR_NULL;
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        if ((need >> k & 1u) && !state[k])
+            return FASTOPT_ERR_NULL;
+    const int64_t esize = dtype == FO_F32 ? 4 : 8;
+    int64_t total = 0;
+    for (int64_t i = 0; i < count; i++) {
+        if (n[i] < 0 || n[i] > INT64_MAX / esize - total)
+            return FASTOPT_ERR_LENGTH;
+        if (n[i] == 0)
+            continue;
+        if (!fo_at(param, i, dtype) || !fo_at(grad, i, dtype))
+            return FASTOPT_ERR_NULL;
+        for (int k = 0; k < FO_MAX_STATE; k++)
+            if ((need >> k & 1u) && !fo_at(state[k], i, dtype))
+                return FASTOPT_ERR_NULL;
+        total += n[i];
+    }
+    const fo_list L = {fo_kernels_selected()->loop[kernel][dtype], dtype, esize, FO_ALIGN_BYTES / esize, count,
+                       param, grad, state, n, scalars};
+    const int64_t threads = fo_threads_for(total, esize);
+    if (threads <= 1) {
+        fo_list_range(&L, 0, total);
+        return FASTOPT_OK;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int64_t nt = omp_get_num_threads();
+        const int64_t chunk = (total + nt - 1) / nt;
+        const int64_t lo = omp_get_thread_num() * chunk;
+        if (lo < total)
+            fo_list_range(&L, lo, total - lo < chunk ? total : lo + chunk);
+    }
+#endif
+    return FASTOPT_OK;
+}
 
 /* ---- prepare: hyperparameters and step -> scalars ------------------------
- * The same checks and formulas as fastopt/rules.py (Python's float ** and
- * math.sqrt are C's pow and sqrt), so the scalars are bitwise the same. */
+ * The checks and formulas of fastopt/rules.py, translated (Python's float **
+ * and math.sqrt are C's pow and sqrt; int step arithmetic stays int64_t until
+ * Python would convert it), so the scalars are bitwise the same. */
 
 static int fo_nonneg(double x) { return isfinite(x) && x >= 0.0; }
 static int fo_unit(double x) { return isfinite(x) && x >= 0.0 && x < 1.0; }        /* [0, 1) */
 static int fo_unit_closed(double x) { return isfinite(x) && x >= 0.0 && x <= 1.0; } /* [0, 1] */
-static double fo_sign(int maximize) { return maximize ? -1.0 : 1.0; }
+
+/* int64_t + and - of the step arithmetic: exact, as Python's int, except
+ * that they saturate where int64_t would overflow (steps near INT64_MAX). */
+static inline int64_t fo_add_i64(int64_t a, int64_t b)
+{
+    if (b > 0 && a > INT64_MAX - b)
+        return INT64_MAX;
+    if (b < 0 && a < INT64_MIN - b)
+        return INT64_MIN;
+    return a + b;
+}
+static inline int64_t fo_sub_i64(int64_t a, int64_t b)
+{
+    if (b < 0 && a > INT64_MAX + b)
+        return INT64_MAX;
+    if (b > 0 && a < INT64_MIN + b)
+        return INT64_MIN;
+    return a - b;
+}
 
 #define FO_REQUIRE(cond) \
     do {                 \
@@ -205,131 +297,5 @@ static double fo_sign(int maximize) { return maximize ? -1.0 : 1.0; }
             return FASTOPT_ERR_HYPER; \
     } while (0)
 
-int fastopt_sgd_prepare(fastopt_sgd_scalars *out, double lr, double momentum, double dampening,
-                        double weight_decay, int nesterov, int maximize, int64_t step)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_nonneg(momentum) && isfinite(dampening) && fo_nonneg(weight_decay));
-    FO_REQUIRE(step >= 1 && (!nesterov || (momentum > 0.0 && dampening == 0.0)));
-    fastopt_sgd_scalars s = {lr, momentum, 1.0 - dampening, weight_decay, fo_sign(maximize),
-                             nesterov != 0, step == 1};
-    *out = s;
-    return FASTOPT_OK;
-}
-
-int fastopt_adagrad_prepare(fastopt_adagrad_scalars *out, double lr, double lr_decay,
-                            double weight_decay, double eps, int maximize, int64_t step)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_nonneg(lr_decay) && fo_nonneg(weight_decay) && fo_nonneg(eps));
-    FO_REQUIRE(step >= 1);
-    fastopt_adagrad_scalars s = {lr / (1.0 + (double)(step - 1) * lr_decay), eps, weight_decay,
-                                 fo_sign(maximize)};
-    *out = s;
-    return FASTOPT_OK;
-}
-
-int fastopt_rmsprop_prepare(fastopt_rmsprop_scalars *out, double lr, double alpha, double eps,
-                            double weight_decay, double momentum, int centered, int maximize,
-                            int64_t step)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_unit_closed(alpha) && fo_nonneg(eps) && fo_nonneg(weight_decay));
-    FO_REQUIRE(fo_nonneg(momentum) && step >= 1);
-    fastopt_rmsprop_scalars s = {lr, alpha, 1.0 - alpha, eps, weight_decay, momentum,
-                                 fo_sign(maximize), centered != 0, momentum > 0.0};
-    *out = s;
-    return FASTOPT_OK;
-}
-
-int fastopt_adadelta_prepare(fastopt_adadelta_scalars *out, double lr, double rho, double eps,
-                             double weight_decay, int maximize, int64_t step)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_unit_closed(rho) && fo_nonneg(eps) && fo_nonneg(weight_decay));
-    FO_REQUIRE(step >= 1);
-    fastopt_adadelta_scalars s = {lr, rho, 1.0 - rho, eps, weight_decay, fo_sign(maximize)};
-    *out = s;
-    return FASTOPT_OK;
-}
-
-static int fo_adam_family(fastopt_adam_scalars *out, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, int amsgrad, int maximize, int64_t step, int decoupled)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_unit(beta1) && fo_unit(beta2) && fo_nonneg(eps));
-    FO_REQUIRE(fo_nonneg(weight_decay) && step >= 1);
-    const double t = (double)step;
-    fastopt_adam_scalars s = {beta1, beta2, 1.0 - beta1, 1.0 - beta2,
-                              lr / (1.0 - pow(beta1, t)), sqrt(1.0 - pow(beta2, t)), eps,
-                              decoupled ? 0.0 : weight_decay, decoupled ? 1.0 - lr * weight_decay : 1.0,
-                              fo_sign(maximize), amsgrad != 0};
-    *out = s;
-    return FASTOPT_OK;
-}
-
-int fastopt_adam_prepare(fastopt_adam_scalars *out, double lr, double beta1, double beta2, double eps,
-                         double weight_decay, int amsgrad, int maximize, int64_t step)
-{
-    return fo_adam_family(out, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step, 0);
-}
-
-int fastopt_adamw_prepare(fastopt_adam_scalars *out, double lr, double beta1, double beta2, double eps,
-                          double weight_decay, int amsgrad, int maximize, int64_t step)
-{
-    return fo_adam_family(out, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step, 1);
-}
-
-int fastopt_adamax_prepare(fastopt_adamax_scalars *out, double lr, double beta1, double beta2,
-                           double eps, double weight_decay, int maximize, int64_t step)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_unit(beta1) && fo_unit(beta2) && fo_nonneg(eps));
-    FO_REQUIRE(fo_nonneg(weight_decay) && step >= 1);
-    fastopt_adamax_scalars s = {beta1, beta2, 1.0 - beta1, lr / (1.0 - pow(beta1, (double)step)), eps,
-                                weight_decay, fo_sign(maximize)};
-    *out = s;
-    return FASTOPT_OK;
-}
-
-int fastopt_nadam_prepare(fastopt_nadam_scalars *out, double *mu_product, double lr, double beta1,
-                          double beta2, double eps, double weight_decay, double momentum_decay,
-                          int decoupled_weight_decay, int maximize, int64_t step)
-{
-    if (!out || !mu_product)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_unit(beta1) && fo_unit(beta2) && fo_nonneg(eps));
-    FO_REQUIRE(fo_nonneg(weight_decay) && fo_nonneg(momentum_decay) && step >= 1);
-    FO_REQUIRE(fo_unit_closed(*mu_product));
-    const double t = (double)step;
-    const double mu = beta1 * (1.0 - 0.5 * pow(0.96, t * momentum_decay));
-    const double mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (t + 1.0) * momentum_decay));
-    const double product = *mu_product * mu;
-    const int dec = decoupled_weight_decay != 0;
-    fastopt_nadam_scalars s = {beta1, beta2, 1.0 - beta1, 1.0 - beta2, 1.0 - pow(beta2, t), eps,
-                               lr * (1.0 - mu) / (1.0 - product),
-                               lr * mu_next / (1.0 - product * mu_next),
-                               dec ? 0.0 : weight_decay, dec ? 1.0 - lr * weight_decay : 1.0,
-                               fo_sign(maximize)};
-    *out = s;
-    *mu_product = product;
-    return FASTOPT_OK;
-}
-
-int fastopt_lion_prepare(fastopt_lion_scalars *out, double lr, double beta1, double beta2,
-                         double weight_decay, int maximize)
-{
-    if (!out)
-        return FASTOPT_ERR_NULL;
-    FO_REQUIRE(fo_nonneg(lr) && fo_unit(beta1) && fo_unit(beta2) && fo_nonneg(weight_decay));
-    fastopt_lion_scalars s = {lr, beta1, beta2, 1.0 - beta1, 1.0 - beta2, 1.0 - lr * weight_decay,
-                              fo_sign(maximize)};
-    *out = s;
-    return FASTOPT_OK;
-}
+/* Every rule's prepare function and entry points, generated from the rule table. */
+#include "rules_api.inc"

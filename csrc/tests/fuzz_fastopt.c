@@ -214,7 +214,11 @@ static int same_d(double a, double b) { return !memcmp(&a, &b, sizeof a) || (isn
 static const char *check_fields(int rule, const scalars *s, const hyper *hp, int64_t step, double mu_in,
                                 double mu_out)
 {
-    const double *h = hp->h, sign = hp->maximize ? -1.0 : 1.0, t = (double)step;
+    /* prepare takes -0.0 as +0.0 (as the Python checks do): compare with that. */
+    double hn[sizeof hp->h / sizeof hp->h[0]];
+    for (size_t k = 0; k < sizeof hn / sizeof hn[0]; k++)
+        hn[k] = hp->h[k] + 0.0;
+    const double *h = hn, sign = hp->maximize ? -1.0 : 1.0, t = (double)step;
 #define F(cond, name) \
     if (!(cond)) return name
     switch (rule) {

@@ -11,7 +11,7 @@ One pass over memory per step, on the CPU (Numba, C/OpenMP) and on NVIDIA GPUs
 
 PyTorch users: ``fastopt.torch.AdamW(model.parameters(), lr=1e-3)`` (imports torch).
 
-See DESIGN.md for the exact update rules and README.md for the results.
+See docs/design.md for the design and the update rules, README.md for the results.
 """
 # Import the backends package before binding the name ``backends`` to the
 # function below: the first import of a submodule binds the package as the
@@ -21,14 +21,12 @@ from . import backends as _backend_modules  # noqa: F401  (must precede the next
 from .dispatch import BackendInfo, backends
 from .finite import all_finite
 from .flat import FlatParams
-from .functional import adadelta_, adagrad_, adam_, adamax_, adamw_, lion_, nadam_, rmsprop_, sgd_
-from .optim import SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, Optimizer, RMSprop
+from . import functional, optim
+from .functional import *  # noqa: F401,F403  (sgd_ ... lion_: one update function per rule)
+from .optim import *  # noqa: F401,F403  (SGD ... Lion: one stateful class per rule, and Optimizer)
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "lion_",
-    "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "Lion", "Optimizer",
-    "FlatParams", "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__",
-]
+__all__ = [*functional.__all__, *optim.__all__,
+           "FlatParams", "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__"]

@@ -1,8 +1,9 @@
 """Checking the buffers of one update before anything is written.
 
 An update takes a parameter buffer, a gradient and the rule's state buffers.
-They must all live on the same side (host NumPy arrays, or device arrays that
-export ``__cuda_array_interface__``), share one shape and one float dtype, be
+They must all live on the same side (host NumPy arrays, not subclasses, or
+device arrays that export ``__cuda_array_interface__``), share one shape and
+one float dtype, be
 C-contiguous, and never overlap: the kernels stream through them once and in
 parallel, so an overlap would make the result depend on the schedule. Every
 buffer except the gradient is written, so those must be writable; a
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SUPPORTED_DTYPES", "check_buffers", "device_interface", "is_device_array"]
+__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "device_interface", "is_device_array"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE_NAMES = "float32 or float64"
@@ -84,12 +85,14 @@ def _device_extent(name: str, a: Any, writable: bool) -> tuple[int, int, tuple, 
     return ptr, ptr + nbytes, shape, dtype
 
 
-def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int = 1) -> bool:
+def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int = 1, overlap: bool = True) -> bool:
     """Validate the buffers of one update; return True when they are device arrays.
 
     ``names[i]`` is the argument name of ``arrays[i]`` (used in messages).
     ``arrays[grad_index]`` is the only buffer that is read but never written.
     Raises TypeError/ValueError naming the argument; writes nothing.
+    ``overlap=False`` skips the overlap test (:func:`check_lists` does it across
+    the whole call).
     """
     first = arrays[0]
     on_device = is_device_array(first)
@@ -116,7 +119,15 @@ def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int =
         shape0 = dtype0 = None
         all_own_data = True
         for i, (name, a) in enumerate(zip(names, arrays)):
-            if not isinstance(a, np.ndarray):
+            if type(a) is not np.ndarray:
+                if isinstance(a, np.ndarray):
+                    # np.matrix redefines *, masked arrays carry a mask no kernel
+                    # reads: a subclass's own semantics cannot be honoured by
+                    # every backend, so none takes one. np.asarray(x) is a plain
+                    # view of the same memory (a memmap's file included).
+                    raise TypeError(f"{name} is a {type(a).__module__}.{type(a).__name__}, a subclass of "
+                                    "numpy.ndarray whose semantics the kernels do not follow; pass "
+                                    f"np.asarray({name}) (a plain view of the same memory)")
                 if is_device_array(a):
                     raise TypeError(
                         f"{name} is a device array but {names[0]} is a NumPy array on the host; "
@@ -146,7 +157,7 @@ def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int =
         # NumPy's bounds test (may_share_memory's default, max_work=0; the
         # keyword itself costs 0.1 us) is, for C-contiguous arrays, exactly
         # the address-range test below (and false for an empty array).
-        if all_own_data and len(set(map(id, arrays))) == len(arrays):
+        if not overlap or all_own_data and len(set(map(id, arrays))) == len(arrays):
             return on_device  # distinct allocations: the common case, in one set
         for i in range(1, len(arrays)):
             for j in range(i):
@@ -157,7 +168,7 @@ def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int =
         return on_device
     # Overlap test on address ranges: exact for contiguous buffers. Empty
     # buffers cannot overlap anything.
-    for i in range(len(extents)):
+    for i in range(len(extents) if overlap else 0):
         lo_i, hi_i = extents[i]
         if lo_i == hi_i:
             continue
@@ -167,3 +178,66 @@ def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int =
                 raise ValueError(f"{names[i]} overlaps {names[j]} in memory; every buffer of an update "
                                  "must be a separate array")
     return on_device
+
+
+def _extent(a: Any) -> tuple[int, int]:
+    """The address range [lo, hi) of a C-contiguous host or device array."""
+    if isinstance(a, np.ndarray):
+        lo = a.__array_interface__["data"][0]
+        return lo, lo + a.nbytes
+    lo, hi, _, _ = _device_extent("", a, False)
+    return lo, hi
+
+
+def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1) -> bool:
+    """Validate the buffers of one update over lists of tensors; return True on the device.
+
+    ``lists[r]`` is the list (or tuple) of arrays of role ``names[r]`` (param,
+    grad, each state buffer). Every list has the length of the first; position
+    i of every list has one shape; every array has one dtype and is on one
+    side; no two arrays of the call overlap. Raises TypeError/ValueError
+    naming the role and the position (``exp_avg[3]``); writes nothing.
+    """
+    count = None
+    for name, arrays in zip(names, lists):
+        if not isinstance(arrays, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of arrays like {names[0]}, got {type(arrays).__name__}")
+        if count is None:
+            count = len(arrays)
+        elif len(arrays) != count:
+            raise ValueError(f"{name} has {len(arrays)} arrays, expected {count} (the length of {names[0]})")
+    if not count:
+        return False
+    # Position by position: the flat checks over one tensor's buffers give the
+    # same messages; the names carry the position.
+    on_device = None
+    dtype0 = None
+    for i in range(count):
+        row = [arrays[i] for arrays in lists]
+        row_names = [f"{name}[{i}]" for name in names]
+        here = check_buffers(row_names, row, grad_index, overlap=False)
+        if on_device is None:
+            on_device, dtype0 = here, _dtype(row[0])
+        elif here != on_device:
+            raise TypeError(f"{row_names[0]} is {'a device' if here else 'a host'} array but {names[0]}[0] is not; "
+                            "all buffers of one update must be on the same device")
+        elif _dtype(row[0]) != dtype0:
+            raise TypeError(f"{row_names[0]} has dtype {_dtype(row[0])}, expected {dtype0} (the dtype of {names[0]}[0]); "
+                            "one call updates one dtype")
+    # Overlap across every array of the call. Arrays that own their data are
+    # distinct allocations unless the same object appears twice; otherwise
+    # sort the address ranges once (n log n, not n^2 pairs).
+    everything = [(a, f"{name}[{i}]") for name, arrays in zip(names, lists) for i, a in enumerate(arrays)]
+    if not on_device and all(a.flags.owndata for a, _ in everything) \
+            and len({id(a) for a, _ in everything}) == len(everything):
+        return on_device
+    spans = sorted((*_extent(a), where) for a, where in everything)
+    spans = [s for s in spans if s[0] != s[1]]  # empty arrays overlap nothing
+    for (lo, hi, where), (lo2, hi2, where2) in zip(spans, spans[1:]):
+        if lo2 < hi:
+            raise ValueError(f"{where2} overlaps {where} in memory; every buffer of an update must be a separate array")
+    return on_device
+
+
+def _dtype(a: Any) -> np.dtype:
+    return a.dtype if isinstance(a, np.ndarray) else np.dtype(device_interface(a)["typestr"])

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .buffers import SUPPORTED_DTYPES, is_device_array
+from .buffers import SUPPORTED_DTYPES, check_buffers, is_device_array
 
 __all__ = ["ALIGN", "FlatParams", "layout", "new_buffer", "to_host", "copy_into", "dtype_of", "shape_of"]
 
@@ -129,11 +129,24 @@ class FlatParams:
         self.sizes = tuple(int(np.prod(s)) for s in self.shapes)
         self.offsets, size = layout(self.sizes, self.dtype.itemsize, align)
         self.data = new_buffer(arrays[0], size, 0.0, self.dtype, align)
-        self.grad = new_buffer(arrays[0], size, 0.0, self.dtype, align)
+        self._grad = new_buffer(arrays[0], size, 0.0, self.dtype, align)
         self.params = self._views(self.data)
-        self.grads = self._views(self.grad)
+        self.grads = self._views(self._grad)
         for view, a in zip(self.params, arrays):
             copy_into(view, a if device else np.asarray(a, self.dtype))
+
+    @property
+    def grad(self) -> Array:
+        """The flat gradient buffer (``grads[i]`` are views of it)."""
+        return self._grad
+
+    @grad.setter
+    def grad(self, buffer: Array) -> None:
+        """Use ``buffer`` (shape and dtype of ``data``) as the gradient from now on;
+        ``grads`` become views of it and the optimizers read it at their next step."""
+        check_buffers(["data", "grad"], [self.data, buffer])
+        self._grad = buffer
+        self.grads = self._views(buffer)
 
     def _views(self, buf: Array) -> list:
         return [buf[o:o + n].reshape(s) for o, n, s in zip(self.offsets, self.sizes, self.shapes)]

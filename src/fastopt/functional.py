@@ -1,55 +1,68 @@
 """Fused in-place update functions: ``fastopt.adamw_(p, g, m, v, step=t)``.
 
-Each function is one update of a flat buffer (or any C-contiguous array) in a
-single pass over memory. The signatures follow DESIGN.md and name their state
-buffers as ``torch.optim`` does. Every body is the same call to
+Each function is one update in a single pass over memory, of one flat buffer
+(any C-contiguous array) or of lists of tensors: every buffer argument is
+either an array or a list/tuple of arrays, one per tensor (``adamw_([p1, p2],
+[g1, g2], [m1, m2], [v1, v2], step=t)``), updated in one native call. The
+signatures name their state buffers as ``torch.optim`` does (docs/design.md). Every body is the same call to
 :func:`_update`: the rule (``fastopt.rules``) validates hyperparameters and
 builds the per-step scalars, :mod:`fastopt.buffers` checks the arrays, and
 :mod:`fastopt.dispatch` picks the backend. Nothing is written until all of
 that has passed.
 
 Arrays: NumPy arrays on the host or ``__cuda_array_interface__`` arrays on
-a GPU, float32 or float64, one shape and dtype for all. ``backend=None`` means
+a GPU, float32 or float64, one dtype for the whole call; in list form,
+position i of every list has one shape, and every list has one length. ``backend=None`` means
 ``FASTOPT_BACKEND`` (read at the first update) or ``auto``; ``stream`` is a
 CUDA stream for the ``cuda`` backend (ignored on the host).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple, Union
 
 from . import dispatch
-from .buffers import check_buffers
-from .rules import RULES, Rule, step_count
+from .buffers import check_buffers, check_lists
+from .checks import step_count
+from .rule import Rule
+from .rules import RULES
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "lion_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "radam_", "lion_"]
 
 Array = Any  # numpy.ndarray or an object with __cuda_array_interface__
+#: Every buffer argument is one array or a list/tuple of arrays (one per tensor).
+Buffers = Union[Array, Sequence[Array]]
 Betas = Tuple[float, float]
 
 
-def _update(rule: Rule, param: Array, grad: Array, state: tuple, hyper: dict,
+def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict,
             step: Any, backend: Optional[str], stream: Any) -> Any:
     """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result."""
-    t = step_count(step) if rule.takes_step else 1
+    t = step_count(step) if rule.takes_step or step is not None else 1
     values, needed = rule.checked(hyper)
-    scalars, extra = rule.compute(values, t)
+    scalars, extra = rule.compute_scalars(values, t)
     names, arrays, used = ["param", "grad"], [param, grad], []
     for name, buf in zip(rule.state, state):
         if buf is None:
             if name in needed:
                 why = needed[name]
                 raise ValueError(f"{name} is required by {rule.name}_"
-                                 + ("" if why in (rule.name, "this rule") else f" when {why}") + ", got None")
+                                 + ("" if why == "this rule" else f" when {why}") + ", got None")
         else:
             names.append(name)
             arrays.append(buf)
         used.append(buf if name in needed else None)
-    on_device = check_buffers(names, arrays)
-    dispatch.select(backend, on_device).run(rule.kernel, param, grad, tuple(used), scalars, stream)
+    if isinstance(param, (list, tuple)):
+        on_device = check_lists(names, arrays)
+        dispatch.select(backend, on_device).run_list(rule.kernel, list(param), list(grad),
+                                                     tuple(None if b is None else list(b) for b in used),
+                                                     scalars, stream)
+    else:
+        on_device = check_buffers(names, arrays)
+        dispatch.select(backend, on_device).run(rule.kernel, param, grad, tuple(used), scalars, stream)
     return extra
 
 
-def sgd_(param: Array, grad: Array, momentum_buffer: Optional[Array] = None, *, step: int, lr: float,
+def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = None, *, step: int, lr: float,
          momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
          maximize: bool = False, backend: Optional[str] = None, stream: Any = None) -> None:
     """SGD with optional momentum, dampening and Nesterov momentum (``torch.optim.SGD``).
@@ -64,7 +77,7 @@ def sgd_(param: Array, grad: Array, momentum_buffer: Optional[Array] = None, *, 
     _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream)
 
 
-def adagrad_(param: Array, grad: Array, state_sum: Array, *, step: int, lr: float = 1e-2,
+def adagrad_(param: Buffers, grad: Buffers, state_sum: Buffers, *, step: int, lr: float = 1e-2,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
              backend: Optional[str] = None, stream: Any = None) -> None:
     """AdaGrad (Duchi et al., 2011; ``torch.optim.Adagrad``).
@@ -75,8 +88,8 @@ def adagrad_(param: Array, grad: Array, state_sum: Array, *, step: int, lr: floa
     _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream)
 
 
-def rmsprop_(param: Array, grad: Array, square_avg: Array, momentum_buffer: Optional[Array] = None,
-             grad_avg: Optional[Array] = None, *, step: int, lr: float = 1e-2, alpha: float = 0.99,
+def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer: Optional[Buffers] = None,
+             grad_avg: Optional[Buffers] = None, *, step: int, lr: float = 1e-2, alpha: float = 0.99,
              eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
              maximize: bool = False, backend: Optional[str] = None, stream: Any = None) -> None:
     """RMSProp (Hinton's lecture 6e; centered variant of Graves 2013; ``torch.optim.RMSprop``).
@@ -91,7 +104,7 @@ def rmsprop_(param: Array, grad: Array, square_avg: Array, momentum_buffer: Opti
     _update(RULES["rmsprop"], param, grad, (square_avg, momentum_buffer, grad_avg), hyper, step, backend, stream)
 
 
-def adadelta_(param: Array, grad: Array, square_avg: Array, acc_delta: Array, *, step: int, lr: float = 1.0,
+def adadelta_(param: Buffers, grad: Buffers, square_avg: Buffers, acc_delta: Buffers, *, step: int, lr: float = 1.0,
               rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0, maximize: bool = False,
               backend: Optional[str] = None, stream: Any = None) -> None:
     """Adadelta (Zeiler, 2012; ``torch.optim.Adadelta``).
@@ -103,7 +116,7 @@ def adadelta_(param: Array, grad: Array, square_avg: Array, acc_delta: Array, *,
     _update(RULES["adadelta"], param, grad, (square_avg, acc_delta), hyper, step, backend, stream)
 
 
-def adam_(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Optional[Array] = None,
+def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, max_exp_avg_sq: Optional[Buffers] = None,
           *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
           backend: Optional[str] = None, stream: Any = None) -> None:
@@ -118,7 +131,7 @@ def adam_(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_
     _update(RULES["adam"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream)
 
 
-def adamw_(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, max_exp_avg_sq: Optional[Array] = None,
+def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, max_exp_avg_sq: Optional[Buffers] = None,
            *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
            weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
            backend: Optional[str] = None, stream: Any = None) -> None:
@@ -130,7 +143,7 @@ def adamw_(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, max_exp
     _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream)
 
 
-def adamax_(param: Array, grad: Array, exp_avg: Array, exp_inf: Array, *, step: int, lr: float = 2e-3,
+def adamax_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_inf: Buffers, *, step: int, lr: float = 2e-3,
             betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
             backend: Optional[str] = None, stream: Any = None) -> None:
     """Adamax, Adam's infinity-norm variant (Kingma & Ba, 2015, sec. 7); ``torch.optim.Adamax``.
@@ -141,7 +154,7 @@ def adamax_(param: Array, grad: Array, exp_avg: Array, exp_inf: Array, *, step: 
     _update(RULES["adamax"], param, grad, (exp_avg, exp_inf), hyper, step, backend, stream)
 
 
-def nadam_(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: int, mu_product: float,
+def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, mu_product: float,
            lr: float = 2e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
            momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False, maximize: bool = False,
            backend: Optional[str] = None, stream: Any = None) -> float:
@@ -159,12 +172,32 @@ def nadam_(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step
     return _update(RULES["nadam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream)
 
 
-def lion_(param: Array, grad: Array, exp_avg: Array, *, lr: float = 1e-4, betas: Betas = (0.9, 0.99),
-          weight_decay: float = 0.0, maximize: bool = False, backend: Optional[str] = None,
-          stream: Any = None) -> None:
+def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, lr: float = 1e-3,
+           betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+           decoupled_weight_decay: bool = False, maximize: bool = False, backend: Optional[str] = None,
+           stream: Any = None) -> None:
+    """RAdam: Adam with the variance of the adaptive step rectified (Liu et al., 2020); ``torch.optim.RAdam``.
+
+    ``m``, ``v`` as Adam (decoupled decay ``p *= 1 - lr*wd`` first when
+    ``decoupled_weight_decay``); ``rho_inf = 2/(1-b2) - 1``,
+    ``rho_t = rho_inf - 2*t*b2**t/(1-b2**t)``; when ``rho_t > 5``:
+    ``p -= lr*rect/(1-b1**t) * m*sqrt(1-b2**t)/(sqrt(v)+eps)`` with
+    ``rect = sqrt((rho_t-4)(rho_t-2)rho_inf/((rho_inf-4)(rho_inf-2)rho_t))``,
+    else ``p -= lr/(1-b1**t) * m``.
+    """
+    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
+    _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream)
+
+
+def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int] = None, lr: float = 1e-4,
+          betas: Betas = (0.9, 0.99), weight_decay: float = 0.0, maximize: bool = False,
+          backend: Optional[str] = None, stream: Any = None) -> None:
     """Lion, evolved sign momentum (Chen et al., 2023, Algorithm 2).
 
     ``c = b1*m + (1-b1)*g``; ``p = p*(1-lr*wd) - lr*sign(c)``; ``m = b2*m + (1-b2)*g``.
+    The update does not depend on the step count: ``step`` is optional (checked
+    when given), so every update function takes the same call.
     """
     hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["lion"], param, grad, (exp_avg,), hyper, None, backend, stream)
+    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream)

@@ -1,16 +1,19 @@
-"""One definition per optimizer: defaults, validation, state names, per-step scalars.
+"""The rule table: one entry per algorithm, the only place that defines one.
 
-This module is the only place that knows an algorithm's hyperparameters. Every
-backend receives the *same* precomputed per-step scalars (bias corrections,
-decayed learning rates, NAdam's mu terms), built here once per call, so no
-backend re-derives them and the C struct, the Numba kernel arguments and the
-NumPy reference all agree field by field.
+Each entry (a :class:`fastopt.rule.Rule`) gives the hyperparameters with
+defaults and checks, the state buffers with the options that need them, the
+per-step scalars and their formulas, and the element function's name
+(:mod:`fastopt.kernels.elements` holds the element math, and
+:mod:`fastopt.backends.reference` the NumPy oracle). Everything else, the C
+library included, is derived from here: see docs/design.md, "Adding a rule".
 
-A rule's ``scalars`` are a ``NamedTuple`` of Python floats and bools. Their
-field order is the order of the matching C struct in ``csrc/include/fastopt.h``
-and of the positional scalar arguments of the Numba kernels.
+Every backend receives the *same* per-step scalars, computed here once per
+call in double precision (bias corrections, decayed learning rates, NAdam's mu
+terms), so no backend re-derives them. The ``compute`` functions are
+restricted Python (see :mod:`fastopt.rule`): the C library's
+``fastopt_<rule>_prepare`` is generated from them.
 
-Conventions used by every kernel:
+Conventions used by every rule:
 
 * ``grad_sign`` is ``-1.0`` when ``maximize`` else ``1.0``: multiplying by it
   is exact, NaN-preserving, and keeps the loop branch-free.
@@ -18,152 +21,24 @@ Conventions used by every kernel:
   kernels skip the term when it is 0 so that ``0*inf`` never makes a NaN
   PyTorch would not make.
 * ``param_decay`` is the decoupled multiplier ``1 - lr*wd`` (AdamW, Lion,
-  decoupled NAdam), exactly 1.0 when unused.
+  decoupled NAdam and RAdam), exactly 1.0 when unused.
+* Scalars NamedTuples list their float fields first, then the bool flags.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
-__all__ = ["Rule", "RULES", "KERNEL_SCALARS"]
+from .checks import closed_unit, flag, nonneg, pair, real, unit
+from .rule import Hyper, Rule, State
 
+__all__ = ["RULES", "KERNEL_SCALARS"]
 
-# --------------------------------------------------------------------------
-# Hyperparameter checks. Each names the argument, the value and the range.
-# --------------------------------------------------------------------------
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    x = float(value)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return x
-
-
-def nonneg(name: str, value: Any) -> float:
-    x = _real(name, value)
-    if x < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return x
-
-
-def unit_interval(name: str, value: Any, *, closed: bool = False) -> float:
-    """Check ``0 <= value < 1`` (or ``<= 1`` when ``closed``)."""
-    x = _real(name, value)
-    if x < 0.0 or (x > 1.0 if closed else x >= 1.0):
-        interval = "[0, 1]" if closed else "[0, 1)"
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return x
-
-
-def betas_pair(value: Any) -> tuple[float, float]:
-    try:
-        b1, b2 = value
-    except (TypeError, ValueError):
-        raise TypeError(f"betas must be a pair (beta1, beta2), got {value!r}") from None
-    return unit_interval("betas[0]", b1), unit_interval("betas[1]", b2)
-
-
-def flag(name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, int)) or isinstance(value, int) and value not in (0, 1):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-    return bool(value)
-
-
-def step_count(value: Any) -> int:
-    if type(value) is int and value >= 1:  # the common case, on every update
-        return value
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"step must be an int >= 1 (the 1-based count of this update), got {value!r}")
-    t = int(value.__index__())
-    if t < 1:
-        raise ValueError(f"step must be >= 1 (the 1-based count of this update), got {value!r}")
-    return t
-
-
-def _sign(maximize: bool) -> float:
-    return -1.0 if maximize else 1.0
-
-
-# --------------------------------------------------------------------------
-# The rule record
-# --------------------------------------------------------------------------
-
-Check = Callable[[str, Any], Any]  # (argument name, value) -> validated value, or raise
-
-_CACHE_LIMIT = 256
-
-
-@dataclass(frozen=True)
-class Rule:
-    """Everything fastopt knows about one algorithm.
-
-    name:       public name (``fastopt.<name>_``).
-    kernel:     name of the element kernel backends run (AdamW reuses Adam's).
-    state:      state buffer names in signature order (PyTorch's state names).
-    defaults:   hyperparameter defaults, as in the functional signature.
-    checks:     hyperparameter name -> its check (validates and converts).
-    compute:    (validated hyperparameters, step) -> (kernel scalars, extra result).
-    needs:      validated hyperparameters -> {state buffer this call requires:
-                the option that requires it} (for the error message).
-    relation:   optional check across hyperparameters (SGD's Nesterov condition).
-    """
-
-    name: str
-    kernel: str
-    state: tuple[str, ...]
-    defaults: Mapping[str, Any]
-    checks: Mapping[str, Check]
-    compute: Callable[[Mapping[str, Any], int], tuple[NamedTuple, Any]]
-    needs: Callable[[Mapping[str, Any]], dict[str, str]]
-    relation: Callable[[Mapping[str, Any]], None] | None = None
-    takes_step: bool = True
-    # Validated hyperparameters by the values (and their types) given: a training
-    # loop passes the same ones every step, and the checks are most of the cost
-    # of a small update.
-    _validated: dict = field(default_factory=dict, compare=False, repr=False)
-
-    def checked(self, hyper: Mapping[str, Any]) -> tuple[Mapping[str, Any], dict[str, str]]:
-        """``hyper`` checked and converted (floats, bools), and the state buffers it
-        needs (see ``needs``). Raises TypeError/ValueError naming the argument."""
-        # The key holds the types too: True == 1 must not let lr=True pass as a cached lr=1.
-        values = tuple(hyper.values())
-        try:
-            key = (values, tuple(map(type, values)))
-            done = self._validated.get(key)
-        except TypeError:  # an unhashable value (betas as a list): check every time
-            key = done = None
-        if done is None:
-            valid = {name: check(name, hyper[name]) for name, check in self.checks.items()}
-            if self.relation is not None:
-                self.relation(valid)
-            done = (valid, self.needs(valid))
-            if key is not None:
-                if len(self._validated) >= _CACHE_LIMIT:
-                    self._validated.clear()
-                self._validated[key] = done
-        return done
-
-    def prepare(self, hyper: Mapping[str, Any], step: int) -> tuple[NamedTuple, Any]:
-        """Validate ``hyper`` and build the kernel scalars of update number ``step``."""
-        return self.compute(self.checked(hyper)[0], step)
-
-
-def _closed_unit(name: str, value: Any) -> float:
-    return unit_interval(name, value, closed=True)
-
-
-def _betas(name: str, value: Any) -> tuple[float, float]:
-    return betas_pair(value)
-
-
-def _mu_product(name: str, value: Any) -> float:
-    x = _real(name, value)
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1] (1.0 before the first step), got {value!r}")
-    return x
+_LR = Hyper("lr", 1e-3, nonneg)
+_BETAS = Hyper("betas", (0.9, 0.999), pair(unit), ("beta1", "beta2"))
+_EPS = Hyper("eps", 1e-8, nonneg)
+_WD = Hyper("weight_decay", 0.0, nonneg)
+_MAXIMIZE = Hyper("maximize", False, flag)
 
 
 # ---- SGD -----------------------------------------------------------------
@@ -175,32 +50,54 @@ class SGDScalars(NamedTuple):
     weight_decay: float
     grad_sign: float
     nesterov: bool
-    first_step: bool
+    first_step: bool  # torch starts the buffer from the first gradient, undamped
 
 
-def _sgd(v, t):
-    return SGDScalars(v["lr"], v["momentum"], 1.0 - v["dampening"], v["weight_decay"], _sign(v["maximize"]),
-                      v["nesterov"], t == 1), None
+def _sgd(lr, momentum, dampening, weight_decay, nesterov, maximize, step):
+    return SGDScalars(lr=lr, momentum=momentum, one_minus_dampening=1.0 - dampening, weight_decay=weight_decay,
+                      grad_sign=-1.0 if maximize else 1.0, nesterov=nesterov, first_step=step == 1)
 
 
-def _nesterov_condition(v):
-    if v["nesterov"] and (v["momentum"] <= 0.0 or v["dampening"] != 0.0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0, "
-                         f"got momentum={v['momentum']!r}, dampening={v['dampening']!r}")
+def _nesterov_ok(momentum, dampening, nesterov):
+    return not nesterov or (momentum > 0.0 and dampening == 0.0)
+
+
+SGD = Rule(
+    "sgd", "SGD", "SGD with optional momentum, dampening and Nesterov momentum (torch.optim.SGD).",
+    "g = grad*grad_sign (+ weight_decay*p);\n"
+    "with momentum: buf = g at the first step, else buf = momentum*buf + (1-dampening)*g;\n"
+    "               g = g + momentum*buf (nesterov) or g = buf;\n"
+    "p -= lr*g.",
+    (Hyper("lr", None, nonneg), Hyper("momentum", 0.0, nonneg), Hyper("dampening", 0.0, real), _WD,
+     Hyper("nesterov", False, flag), _MAXIMIZE),
+    (State("momentum_buffer", when="momentum != 0", why="momentum != 0"),),
+    SGDScalars, _sgd, saves_step=False,
+    relation=(_nesterov_ok, "nesterov=True requires momentum > 0 and dampening == 0, "
+                            "got momentum={momentum}, dampening={dampening}"))
 
 
 # ---- AdaGrad -------------------------------------------------------------
 
 class AdagradScalars(NamedTuple):
-    clr: float  # lr / (1 + (t-1)*lr_decay)
+    clr: float  # lr / (1 + (step-1)*lr_decay)
     eps: float
     weight_decay: float
     grad_sign: float
 
 
-def _adagrad(v, t):
-    return AdagradScalars(v["lr"] / (1.0 + (t - 1) * v["lr_decay"]), v["eps"], v["weight_decay"],
-                          _sign(v["maximize"])), None
+def _adagrad(lr, lr_decay, weight_decay, eps, maximize, step):
+    return AdagradScalars(clr=lr / (1.0 + (step - 1) * lr_decay), eps=eps, weight_decay=weight_decay,
+                          grad_sign=-1.0 if maximize else 1.0)
+
+
+ADAGRAD = Rule(
+    "adagrad", "Adagrad", "AdaGrad (Duchi et al., 2011; torch.optim.Adagrad).",
+    "g = grad*grad_sign (+ weight_decay*p); clr = lr/(1 + (step-1)*lr_decay);\n"
+    "state_sum += g*g; p -= clr*g/(sqrt(state_sum) + eps).",
+    (Hyper("lr", 1e-2, nonneg), Hyper("lr_decay", 0.0, nonneg), _WD, Hyper("eps", 1e-10, nonneg), _MAXIMIZE),
+    (State("state_sum", saved_as="sum", init="initial_accumulator_value", signed=False),),
+    AdagradScalars, _adagrad,
+    optimizer_hyper=(Hyper("initial_accumulator_value", 0.0, nonneg),))
 
 
 # ---- RMSProp -------------------------------------------------------------
@@ -214,21 +111,25 @@ class RMSpropScalars(NamedTuple):
     momentum: float
     grad_sign: float
     centered: bool
-    use_momentum: bool
+    use_momentum: bool  # momentum > 0
 
 
-def _rmsprop(v, t):
-    return RMSpropScalars(v["lr"], v["alpha"], 1.0 - v["alpha"], v["eps"], v["weight_decay"], v["momentum"],
-                          _sign(v["maximize"]), v["centered"], v["momentum"] > 0.0), None
+def _rmsprop(lr, alpha, eps, weight_decay, momentum, centered, maximize, step):
+    return RMSpropScalars(lr=lr, alpha=alpha, one_minus_alpha=1.0 - alpha, eps=eps, weight_decay=weight_decay,
+                          momentum=momentum, grad_sign=-1.0 if maximize else 1.0, centered=centered,
+                          use_momentum=momentum > 0.0)
 
 
-def _rmsprop_needs(h):
-    need = {"square_avg": "rmsprop"}
-    if h["momentum"] > 0:
-        need["momentum_buffer"] = "momentum > 0"
-    if h["centered"]:
-        need["grad_avg"] = "centered=True"
-    return need
+RMSPROP = Rule(
+    "rmsprop", "RMSprop", "RMSProp (Hinton's lecture 6e; centered variant of Graves 2013; torch.optim.RMSprop).",
+    "g = grad*grad_sign (+ weight_decay*p); sq = alpha*sq + (1-alpha)*g*g;\n"
+    "centered: ga = ga + (1-alpha)*(g-ga), avg = sqrt(sq - ga*ga) + eps, else avg = sqrt(sq) + eps;\n"
+    "momentum: buf = momentum*buf + g/avg, p -= lr*buf; else p -= lr*g/avg.",
+    (Hyper("lr", 1e-2, nonneg), Hyper("alpha", 0.99, closed_unit), _EPS, _WD, Hyper("momentum", 0.0, nonneg),
+     Hyper("centered", False, flag), _MAXIMIZE),
+    (State("square_avg", signed=False), State("momentum_buffer", when="use_momentum", why="momentum > 0"),
+     State("grad_avg", when="centered", why="centered=True")),
+    RMSpropScalars, _rmsprop)
 
 
 # ---- Adadelta ------------------------------------------------------------
@@ -242,9 +143,18 @@ class AdadeltaScalars(NamedTuple):
     grad_sign: float
 
 
-def _adadelta(v, t):
-    return AdadeltaScalars(v["lr"], v["rho"], 1.0 - v["rho"], v["eps"], v["weight_decay"],
-                           _sign(v["maximize"])), None
+def _adadelta(lr, rho, eps, weight_decay, maximize, step):
+    return AdadeltaScalars(lr=lr, rho=rho, one_minus_rho=1.0 - rho, eps=eps, weight_decay=weight_decay,
+                           grad_sign=-1.0 if maximize else 1.0)
+
+
+ADADELTA = Rule(
+    "adadelta", "Adadelta", "Adadelta (Zeiler, 2012; torch.optim.Adadelta).",
+    "g = grad*grad_sign (+ weight_decay*p); sq = rho*sq + (1-rho)*g*g;\n"
+    "d = sqrt(acc + eps)/sqrt(sq + eps)*g; acc = rho*acc + (1-rho)*d*d; p -= lr*d.",
+    (Hyper("lr", 1.0, nonneg), Hyper("rho", 0.9, closed_unit), Hyper("eps", 1e-6, nonneg), _WD, _MAXIMIZE),
+    (State("square_avg", signed=False), State("acc_delta", signed=False)),
+    AdadeltaScalars, _adadelta)
 
 
 # ---- Adam / AdamW ----------------------------------------------------------
@@ -254,30 +164,39 @@ class AdamScalars(NamedTuple):
     beta2: float
     one_minus_beta1: float
     one_minus_beta2: float
-    step_size: float  # lr / (1 - beta1**t)
-    bias_correction2_sqrt: float  # sqrt(1 - beta2**t)
+    step_size: float  # lr / (1 - beta1**step)
+    bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
     eps: float
-    weight_decay: float  # L2 term added to the gradient (Adam)
+    weight_decay: float  # L2 term added to the gradient (Adam); 0 for AdamW
     param_decay: float  # decoupled 1 - lr*wd (AdamW), else 1
     grad_sign: float
     amsgrad: bool
 
 
-def _adam_family(decoupled: bool):
-    def compute(v, t):
-        lr, wd = v["lr"], v["weight_decay"]
-        b1, b2 = v["betas"]
-        l2, param_decay = (0.0, 1.0 - lr * wd) if decoupled else (wd, 1.0)
-        return AdamScalars(b1, b2, 1.0 - b1, 1.0 - b2, lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t),
-                           v["eps"], l2, param_decay, _sign(v["maximize"]), v["amsgrad"]), None
-    return compute
+def _adam(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step, decoupled):
+    return AdamScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+                       step_size=lr / (1.0 - beta1 ** step), bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step),
+                       eps=eps, weight_decay=0.0 if decoupled else weight_decay,
+                       param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
+                       grad_sign=-1.0 if maximize else 1.0, amsgrad=amsgrad)
 
 
-def _adam_needs(h):
-    need = {"exp_avg": "adam", "exp_avg_sq": "adam"}
-    if h["amsgrad"]:
-        need["max_exp_avg_sq"] = "amsgrad=True"
-    return need
+_ADAM_HYPER = (_LR, _BETAS, _EPS, _WD, Hyper("amsgrad", False, flag), _MAXIMIZE)
+_ADAM_STATE = (State("exp_avg"), State("exp_avg_sq", signed=False),
+               State("max_exp_avg_sq", when="amsgrad", why="amsgrad=True", signed=False))
+_ADAM_MATH = ("g = grad*grad_sign (+ weight_decay*p); m = m + (1-beta1)*(g-m); v = beta2*v + (1-beta2)*g*g;\n"
+              "amsgrad: vmax = max(vmax, v) (NaN propagates), and vmax replaces v below;\n"
+              "p -= step_size*m/(sqrt(v)/bias_correction2_sqrt + eps).")
+
+ADAM = Rule(
+    "adam", "Adam", "Adam (Kingma & Ba, 2015) with optional AMSGrad (Reddi et al., 2018); torch.optim.Adam.",
+    _ADAM_MATH, _ADAM_HYPER, _ADAM_STATE, AdamScalars, _adam, constants={"decoupled": False})
+
+ADAMW = Rule(
+    "adamw", "AdamW", "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019); torch.optim.AdamW.",
+    "p *= 1 - lr*weight_decay first, then Adam with no L2 term:\n" + _ADAM_MATH,
+    (_LR, _BETAS, _EPS, Hyper("weight_decay", 1e-2, nonneg), *_ADAM_HYPER[4:]), _ADAM_STATE, AdamScalars, _adam,
+    element="adam", constants={"decoupled": True})
 
 
 # ---- Adamax --------------------------------------------------------------
@@ -286,16 +205,23 @@ class AdamaxScalars(NamedTuple):
     beta1: float
     beta2: float
     one_minus_beta1: float
-    clr: float  # lr / (1 - beta1**t)
+    clr: float  # lr / (1 - beta1**step)
     eps: float
     weight_decay: float
     grad_sign: float
 
 
-def _adamax(v, t):
-    b1, b2 = v["betas"]
-    return AdamaxScalars(b1, b2, 1.0 - b1, v["lr"] / (1.0 - b1 ** t), v["eps"], v["weight_decay"],
-                         _sign(v["maximize"])), None
+def _adamax(lr, beta1, beta2, eps, weight_decay, maximize, step):
+    return AdamaxScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, clr=lr / (1.0 - beta1 ** step),
+                         eps=eps, weight_decay=weight_decay, grad_sign=-1.0 if maximize else 1.0)
+
+
+ADAMAX = Rule(
+    "adamax", "Adamax", "Adamax, Adam's infinity-norm variant (Kingma & Ba, 2015, sec. 7); torch.optim.Adamax.",
+    "g = grad*grad_sign (+ weight_decay*p); m = m + (1-beta1)*(g-m);\n"
+    "u = max(beta2*u, |g| + eps) (NaN propagates); p -= clr*m/u.",
+    (Hyper("lr", 2e-3, nonneg), _BETAS, _EPS, _WD, _MAXIMIZE), (State("exp_avg"), State("exp_inf", signed=False)),
+    AdamaxScalars, _adamax)
 
 
 # ---- NAdam ---------------------------------------------------------------
@@ -305,7 +231,7 @@ class NAdamScalars(NamedTuple):
     beta2: float
     one_minus_beta1: float
     one_minus_beta2: float
-    bias_correction2: float  # 1 - beta2**t
+    bias_correction2: float  # 1 - beta2**step
     eps: float
     grad_coef: float  # lr*(1-mu_t)/(1-mu_product)
     exp_avg_coef: float  # lr*mu_next/(1-mu_product*mu_next)
@@ -314,23 +240,79 @@ class NAdamScalars(NamedTuple):
     grad_sign: float
 
 
-def _nadam(v, t):
-    lr, wd, md = v["lr"], v["weight_decay"], v["momentum_decay"]
-    b1, b2 = v["betas"]
-    mu = b1 * (1.0 - 0.5 * 0.96 ** (t * md))
-    mu_next = b1 * (1.0 - 0.5 * 0.96 ** ((t + 1) * md))
-    mu_product = v["mu_product"] * mu
-    l2, param_decay = (0.0, 1.0 - lr * wd) if v["decoupled_weight_decay"] else (wd, 1.0)
-    return NAdamScalars(b1, b2, 1.0 - b1, 1.0 - b2, 1.0 - b2 ** t, v["eps"],
-                        lr * (1.0 - mu) / (1.0 - mu_product),
-                        lr * mu_next / (1.0 - mu_product * mu_next),
-                        l2, param_decay, _sign(v["maximize"])), mu_product
+def _nadam(mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize,
+           step):
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    product = mu_product * mu
+    return NAdamScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+                        bias_correction2=1.0 - beta2 ** step, eps=eps,
+                        grad_coef=lr * (1.0 - mu) / (1.0 - product),
+                        exp_avg_coef=lr * mu_next / (1.0 - product * mu_next),
+                        weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+                        param_decay=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+                        grad_sign=-1.0 if maximize else 1.0), product
+
+
+NADAM = Rule(
+    "nadam", "NAdam", "NAdam: Adam with Nesterov momentum (Dozat, 2016); torch.optim.NAdam.",
+    "mu_t = beta1*(1 - 0.5*0.96**(t*momentum_decay)), mu_next likewise at t+1, mu_product *= mu_t;\n"
+    "p *= param_decay (decoupled); g = grad*grad_sign (+ weight_decay*p); m, v as Adam;\n"
+    "denom = sqrt(v/(1-beta2**t)) + eps;\n"
+    "p -= lr*(1-mu_t)/(1-mu_product)*g/denom + lr*mu_next/(1-mu_product*mu_next)*m/denom.",
+    (Hyper("mu_product", None, closed_unit), Hyper("lr", 2e-3, nonneg), _BETAS, _EPS, _WD,
+     Hyper("momentum_decay", 4e-3, nonneg), Hyper("decoupled_weight_decay", False, flag), _MAXIMIZE),
+    (State("exp_avg"), State("exp_avg_sq", signed=False)),
+    NAdamScalars, _nadam, carry=("mu_product", 1.0))
+
+
+# ---- RAdam ---------------------------------------------------------------
+
+class RAdamScalars(NamedTuple):
+    beta1: float
+    beta2: float
+    one_minus_beta1: float
+    one_minus_beta2: float
+    step_size: float  # lr*rect/(1 - beta1**step) when rectified, else lr/(1 - beta1**step)
+    bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
+    eps: float
+    weight_decay: float
+    param_decay: float
+    grad_sign: float
+    rectified: bool  # rho_t > 5: the variance is tractable, use the adaptive step
+
+
+def _radam(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, step):
+    bias_correction1 = 1.0 - beta1 ** step
+    bias_correction2 = 1.0 - beta2 ** step
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2 ** step / bias_correction2
+    rectified = rho_t > 5.0
+    rect = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) \
+        if rectified else 1.0
+    return RAdamScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+                        step_size=lr * rect / bias_correction1, bias_correction2_sqrt=math.sqrt(bias_correction2),
+                        eps=eps, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
+                        param_decay=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+                        grad_sign=-1.0 if maximize else 1.0, rectified=rectified)
+
+
+RADAM = Rule(
+    "radam", "RAdam", "RAdam: Adam with the variance rectified (Liu et al., 2020); torch.optim.RAdam.",
+    "p *= param_decay (decoupled); g = grad*grad_sign (+ weight_decay*p); m, v as Adam;\n"
+    "rho_inf = 2/(1-beta2) - 1, rho_t = rho_inf - 2*t*beta2**t/(1-beta2**t);\n"
+    "rho_t > 5: rect = sqrt((rho_t-4)(rho_t-2)rho_inf/((rho_inf-4)(rho_inf-2)rho_t)),\n"
+    "           p -= lr*rect/(1-beta1**t) * m*sqrt(1-beta2**t)/(sqrt(v) + eps);\n"
+    "else:      p -= lr/(1-beta1**t) * m.",
+    (_LR, _BETAS, _EPS, _WD, Hyper("decoupled_weight_decay", False, flag), _MAXIMIZE),
+    (State("exp_avg"), State("exp_avg_sq", signed=False)),
+    RAdamScalars, _radam)
 
 
 # ---- Lion ----------------------------------------------------------------
 
 class LionScalars(NamedTuple):
-    lr: float
+    lr: float  # >= 0 (the kernels compute lr*sign(c) as copysign(lr, c))
     beta1: float
     beta2: float
     one_minus_beta1: float
@@ -339,62 +321,23 @@ class LionScalars(NamedTuple):
     grad_sign: float
 
 
-def _lion(v, t):
-    lr = v["lr"]
-    b1, b2 = v["betas"]
-    return LionScalars(lr, b1, b2, 1.0 - b1, 1.0 - b2, 1.0 - lr * v["weight_decay"], _sign(v["maximize"])), None
+def _lion(lr, beta1, beta2, weight_decay, maximize):
+    return LionScalars(lr=lr, beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+                       param_decay=1.0 - lr * weight_decay, grad_sign=-1.0 if maximize else 1.0)
 
 
-def _all(*names):
-    return lambda h: dict.fromkeys(names, "this rule")
+LION = Rule(
+    "lion", "Lion", "Lion, evolved sign momentum (Chen et al., 2023, Algorithm 2).",
+    "c = beta1*m + (1-beta1)*g; p = p*(1 - lr*weight_decay) - lr*sign(c) (sign(+-0) = +0, NaN propagates);\n"
+    "m = beta2*m + (1-beta2)*g.",
+    (Hyper("lr", 1e-4, nonneg), Hyper("betas", (0.9, 0.99), pair(unit), ("beta1", "beta2")), _WD, _MAXIMIZE),
+    (State("exp_avg"),),
+    LionScalars, _lion, takes_step=False)
 
 
-_ADAM_DEFAULTS = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False, maximize=False)
-_ADAM_CHECKS = dict(lr=nonneg, betas=_betas, eps=nonneg, weight_decay=nonneg, amsgrad=flag, maximize=flag)
-
-RULES: dict[str, Rule] = {r.name: r for r in (
-    Rule("sgd", "sgd", ("momentum_buffer",),
-         dict(lr=None, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False),
-         dict(lr=nonneg, momentum=nonneg, dampening=_real, weight_decay=nonneg, nesterov=flag, maximize=flag),
-         _sgd, lambda h: {"momentum_buffer": "momentum != 0"} if h["momentum"] != 0 else {},
-         relation=_nesterov_condition),
-    Rule("adagrad", "adagrad", ("state_sum",),
-         dict(lr=1e-2, lr_decay=0.0, weight_decay=0.0, eps=1e-10, maximize=False),
-         dict(lr=nonneg, lr_decay=nonneg, weight_decay=nonneg, eps=nonneg, maximize=flag),
-         _adagrad, _all("state_sum")),
-    Rule("rmsprop", "rmsprop", ("square_avg", "momentum_buffer", "grad_avg"),
-         dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False, maximize=False),
-         dict(lr=nonneg, alpha=_closed_unit, eps=nonneg, weight_decay=nonneg, momentum=nonneg, centered=flag,
-              maximize=flag),
-         _rmsprop, _rmsprop_needs),
-    Rule("adadelta", "adadelta", ("square_avg", "acc_delta"),
-         dict(lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.0, maximize=False),
-         dict(lr=nonneg, rho=_closed_unit, eps=nonneg, weight_decay=nonneg, maximize=flag),
-         _adadelta, _all("square_avg", "acc_delta")),
-    Rule("adam", "adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-         _ADAM_DEFAULTS, _ADAM_CHECKS, _adam_family(decoupled=False), _adam_needs),
-    Rule("adamw", "adam", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-         {**_ADAM_DEFAULTS, "weight_decay": 1e-2}, _ADAM_CHECKS, _adam_family(decoupled=True), _adam_needs),
-    Rule("adamax", "adamax", ("exp_avg", "exp_inf"),
-         dict(lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, maximize=False),
-         dict(lr=nonneg, betas=_betas, eps=nonneg, weight_decay=nonneg, maximize=flag),
-         _adamax, _all("exp_avg", "exp_inf")),
-    Rule("nadam", "nadam", ("exp_avg", "exp_avg_sq"),
-         dict(mu_product=None, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-              momentum_decay=4e-3, decoupled_weight_decay=False, maximize=False),
-         dict(mu_product=_mu_product, lr=nonneg, betas=_betas, eps=nonneg, weight_decay=nonneg,
-              momentum_decay=nonneg, decoupled_weight_decay=flag, maximize=flag),
-         _nadam, _all("exp_avg", "exp_avg_sq")),
-    Rule("lion", "lion", ("exp_avg",),
-         dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False),
-         dict(lr=nonneg, betas=_betas, weight_decay=nonneg, maximize=flag),
-         _lion, _all("exp_avg"), takes_step=False),
-)}
+#: Every rule, by name, in the order of the docs.
+RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
+                                               LION)}
 
 #: The element kernels backends implement, with the scalars type each takes.
-KERNEL_SCALARS: dict[str, type] = {
-    "sgd": SGDScalars, "adagrad": AdagradScalars, "rmsprop": RMSpropScalars,
-    "adadelta": AdadeltaScalars, "adam": AdamScalars, "adamax": AdamaxScalars,
-    "nadam": NAdamScalars, "lion": LionScalars,
-}
-
+KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in RULES.values()}

@@ -33,12 +33,13 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
-from . import optim
+from .algorithm import Algorithm, one_class_per_rule
 from .finite import all_finite
 from .flat import layout
-from .rules import flag
+from .checks import flag
+from .rules import RULES
 
-__all__ = ["Optimizer", "SGD", "Adagrad", "RMSprop", "Adadelta", "Adam", "AdamW", "Adamax", "NAdam", "Lion"]
+__all__ = ["Optimizer"]
 
 #: torch options that choose torch's own implementation: accepted, kept in the
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
@@ -65,34 +66,35 @@ def _scalar_dtype() -> torch.dtype:
 
 
 class Optimizer(torch.optim.Optimizer):
-    """A ``torch.optim.Optimizer`` that steps the fastopt rule ``core`` over one flat buffer.
+    """A ``torch.optim.Optimizer`` that steps a fastopt rule over one flat buffer.
 
-    Subclasses are one line: ``class AdamW(Optimizer, core=fastopt.optim.AdamW)``.
-    Constructed as the matching ``torch.optim`` class: ``(params, lr, **hyper)``,
-    where ``params`` is an iterable of tensors or of group dicts.
+    One subclass per rule of :mod:`fastopt.rules`, made at import (see the end
+    of this module). Constructed as the matching ``torch.optim`` class:
+    ``(params, lr, **hyper)``, where ``params`` is an iterable of tensors or of
+    group dicts.
     """
 
-    core: ClassVar[type[optim.Optimizer]]
+    core: ClassVar[Algorithm]
     #: torch options fastopt does not take (``foreach``, ``capturable``...), with torch's defaults.
     torch_options: ClassVar[dict[str, Any]]
     #: whether torch's state has a ``step`` (``torch.optim.SGD`` keeps none).
     saves_step: ClassVar[bool]
 
-    def __init_subclass__(cls, core: type[optim.Optimizer] | None = None, saves_step: bool = True,
-                          **kwargs: Any) -> None:
+    def __init_subclass__(cls, rule: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if core is None:
+        if rule is None:
             return
-        cls.core, cls.saves_step = core, saves_step
-        theirs = getattr(torch.optim, core.__name__, None)
+        core = cls.core = Algorithm(RULES[rule])
+        theirs = getattr(torch.optim, core.name, None)
+        cls.saves_step = RULES[rule].saves_step
         cls.torch_options = {}
         if theirs is not None:  # read torch's signature, so a newer torch's options are known
             for name, p in inspect.signature(theirs.__init__).parameters.items():
                 if name not in ("self", "params") and name not in core.hyper_defaults():
                     cls.torch_options[name] = p.default
-        like = f"Drop-in for ``torch.optim.{core.__name__}``" if theirs else "A ``torch.optim.Optimizer``"
+        like = f"Drop-in for ``torch.optim.{core.name}``" if theirs else "A ``torch.optim.Optimizer``"
         cls.__doc__ = (f"{like} running fastopt's fused update over one flat buffer "
-                       f"(see :mod:`fastopt.torch`).\n\n{core.__doc__}")
+                       f"(see :mod:`fastopt.torch`).\n\n{core.describe()}")
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, *, skip_nonfinite: bool = False,
                  **hyper: Any) -> None:
@@ -338,39 +340,8 @@ def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:
     return value
 
 
-# ---- the algorithms: one line each ---------------------------------------------------
+# ---- the algorithms: one class per rule of the table -------------------------------
 
-class SGD(Optimizer, core=optim.SGD, saves_step=False):
-    pass
-
-
-class Adagrad(Optimizer, core=optim.Adagrad):
-    pass
-
-
-class RMSprop(Optimizer, core=optim.RMSprop):
-    pass
-
-
-class Adadelta(Optimizer, core=optim.Adadelta):
-    pass
-
-
-class Adam(Optimizer, core=optim.Adam):
-    pass
-
-
-class AdamW(Optimizer, core=optim.AdamW):
-    pass
-
-
-class Adamax(Optimizer, core=optim.Adamax):
-    pass
-
-
-class NAdam(Optimizer, core=optim.NAdam):
-    pass
-
-
-class Lion(Optimizer, core=optim.Lion):
-    pass
+_CLASSES = one_class_per_rule(Optimizer, __name__)
+__all__ += list(_CLASSES)
+globals().update(_CLASSES)

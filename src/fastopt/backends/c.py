@@ -3,7 +3,7 @@ CPU dispatch) called through the cffi extension ``fastopt._c``.
 
 Why a compiled (API-mode) cffi extension rather than ``ffi.dlopen`` (ABI mode):
 an ABI-mode call goes through libffi and costs ~3 us, plus ~0.9 us per
-``ffi.from_buffer``, about 20x the kernel itself at 2^10 elements (DESIGN.md).
+``ffi.from_buffer``, about 20x the kernel itself at 2^10 elements (docs/design.md, section 1).
 The extension's wrappers are generated C that convert arguments and call the
 library directly: a 4-buffer update costs ~0.6 us of binding on top of the
 kernel (``csrc/bench/whole_call.py``). The extension is built by CMake from the
@@ -19,6 +19,10 @@ Where the extension is looked for, first hit wins:
 If none loads, :func:`unavailable_reason` says why and ``fastopt.backends()``
 reports it; the rest of the package works.
 
+``run_list`` updates a list of tensors in one native call (the
+``fastopt_<rule>_list_*`` entry points: one pointer table per role, the
+threads spread over all the elements).
+
 The per-step scalars go to C as the rule's struct, filled positionally from the
 rule's NamedTuple (the header's structs have the same fields in the same order,
 checked by the tests), so there is one piece of code for every rule.
@@ -31,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import threads
+from .. import environment, threads
 
 name = "c"
 device = "cpu"
@@ -39,9 +43,14 @@ device = "cpu"
 _ext = None  # the loaded extension module
 _reason: str | None = None  # why it could not load ("" once loaded)
 _table: dict = {}  # (kernel, itemsize) -> (C function, pointer type, scalars struct type)
+_list_table: dict = {}  # (kernel, itemsize) -> (C list function, pointer type, table type, scalars struct type)
 _from_buffer = _new = _null = None  # the extension's ffi.from_buffer, ffi.new, ffi.NULL once loaded
 
-_KERNELS = ("sgd", "adagrad", "rmsprop", "adadelta", "adam", "adamax", "nadam", "lion")
+
+def _kernels() -> tuple[str, ...]:
+    """The element kernels of the rule table: each has fastopt_<kernel>_f32/_f64 in C."""
+    from ..rules import KERNEL_SCALARS
+    return tuple(KERNEL_SCALARS)
 
 
 def _checkout_build_dir() -> Path:
@@ -87,15 +96,19 @@ def _load() -> str:
     if _reason is None:
         try:
             ext = _locate()
+            environment.warn_ignored_isa()  # FASTOPT_ISA=<unknown> falls back silently in C: say so
             ffi, lib = ext.ffi, ext.lib
-            table = {}
-            for kernel in _KERNELS:
+            table, list_table = {}, {}
+            for kernel in _kernels():
                 struct = ffi.typeof(f"fastopt_{kernel}_scalars *")
-                for itemsize, (suffix, ctype) in {4: ("f32", "float[]"), 8: ("f64", "double[]")}.items():
-                    table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype, struct)
+                for itemsize, (suffix, ctype) in {4: ("f32", "float"), 8: ("f64", "double")}.items():
+                    table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype + "[]", struct)
+                    list_table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_list_{suffix}"), ctype + "[]",
+                                                    ffi.typeof(ctype + " *[]"), struct)
             lib.fastopt_set_num_threads(threads.get_num_threads())
             global _from_buffer, _new, _null
             _from_buffer, _new, _null = ffi.from_buffer, ffi.new, ffi.NULL
+            _list_table.update(list_table)
             _table.update(table)  # only once everything loaded: run() relies on it
             _ext, _reason = ext, ""
         except Exception as exc:  # a missing or broken library is a reason, never a crash
@@ -145,7 +158,19 @@ def _call3(fn, ctype, struct, p, g, state, scalars):
               _new(struct, scalars))
 
 
-_CALLERS = {1: _call1, 2: _call2, 3: _call3}
+def _call_any(fn, ctype, struct, p, g, state, scalars):
+    """Any number of state buffers (rules with more than three)."""
+    fb, null = _from_buffer, _null
+    return fn(fb(ctype, p), fb(ctype, g), *[null if a is None else fb(ctype, a) for a in state], p.size,
+              _new(struct, scalars))
+
+
+class _Callers(dict):
+    def __missing__(self, nstate):
+        return _call_any
+
+
+_CALLERS = _Callers({1: _call1, 2: _call2, 3: _call3})
 
 
 def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
@@ -159,3 +184,31 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     rc = _CALLERS[len(state)](fn, ctype, struct, param, grad, state, scalars)
     if rc:
         raise RuntimeError(f"fastopt_{kernel}: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
+
+
+def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+    """Apply one update in place to many tensors in one native call.
+
+    ``params``, ``grads``: lists of C-contiguous arrays (any shape) of one dtype,
+    already validated by :func:`fastopt.buffers.check_lists`; ``states``: a tuple
+    in the rule's state order, each a list of arrays (one per tensor) or None
+    when the call does not use that buffer. The C library splits the total
+    element count over its threads (``fastopt_<kernel>_list_*``); the result is
+    bitwise that of one ``run`` per tensor. The cost here is one
+    ``ffi.from_buffer`` per array (measured the cheapest way to build the
+    pointer tables from NumPy arrays).
+    """
+    if not params:
+        return
+    try:
+        fn, ctype, tabletype, struct = _list_table[kernel, params[0].itemsize]
+    except KeyError:  # not loaded yet (or not loadable)
+        if _load():
+            raise RuntimeError(f"backend 'c' is unavailable: {_reason}") from None
+        fn, ctype, tabletype, struct = _list_table[kernel, params[0].itemsize]
+    fb, new, null = _from_buffer, _new, _null
+    tables = [new(tabletype, [fb(ctype, a) for a in params]), new(tabletype, [fb(ctype, a) for a in grads])]
+    tables += [null if st is None else new(tabletype, [fb(ctype, a) for a in st]) for st in states]
+    rc = fn(*tables, new("int64_t[]", [a.size for a in params]), len(params), new(struct, scalars))
+    if rc:
+        raise RuntimeError(f"fastopt_{kernel}_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")

@@ -45,6 +45,7 @@ from numba.core import config
 
 from ..buffers import device_interface
 from ..kernels import cuda_kernels
+from . import run_each
 
 name = "cuda"
 device = "cuda"
@@ -260,6 +261,11 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     # simulator runs the element function in Python, so it needs the cast.
     args = (*views, _cast(scalars, dtype) if SIMULATOR else scalars)
     _launch(entry, n, _resolve_stream(stream, producers), args)
+
+
+def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+    """The update over lists of device tensors, one launch per tensor (in order, on one stream)."""
+    run_each(run, kernel, params, grads, states, scalars, stream)
 
 
 def all_finite(array, stream=None) -> bool:

@@ -25,6 +25,7 @@ import threading
 import numba
 
 from .. import threads
+from . import run_each
 from ..kernels.numba_loops import LOOPS, N_FLOATS
 
 name = "numba"
@@ -75,6 +76,9 @@ set_num_threads(threads.get_num_threads())
 def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     """Apply one update in place (buffers already validated by the caller)."""
     global _pool_started
+    if param.ndim != 1:  # the loops are compiled for 1-D arrays: view any C-contiguous shape flat
+        param, grad = param.reshape(-1), grad.reshape(-1)
+        state = tuple(None if s is None else s.reshape(-1) for s in state)
     n = N_FLOATS[kernel]
     floats, flags = scalars[:n], scalars[n:]  # plain tuples (slices of the NamedTuple)
     serial, parallel = LOOPS[kernel]
@@ -95,3 +99,8 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
         parallel(param, grad, *state, floats, flags)
     finally:
         _pool.release()
+
+
+def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+    """The update over lists of tensors, one compiled call per tensor."""
+    run_each(run, kernel, params, grads, states, scalars)

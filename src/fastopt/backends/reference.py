@@ -1,6 +1,6 @@
 """The NumPy reference backend: the executable specification.
 
-Plain NumPy, written to be read next to DESIGN.md and ``torch.optim``'s
+Plain NumPy, written to be read next to docs/design.md and ``torch.optim``'s
 single-tensor code, not to be fast (it makes several passes and allocates
 temporaries). Every fast backend is tested against this file, so it shares no
 code with them: only the precomputed scalars from ``fastopt.rules``.
@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import rules
+from . import run_each
 
 name = "numpy"
 device = "cpu"
@@ -101,6 +102,18 @@ def nadam(param, grad, exp_avg, exp_avg_sq, s: rules.NAdamScalars):
     param -= s.exp_avg_coef * (exp_avg / denom)
 
 
+def radam(param, grad, exp_avg, exp_avg_sq, s: rules.RAdamScalars):
+    if s.param_decay != 1:
+        param *= s.param_decay
+    g = _grad(param, grad, s)
+    exp_avg += s.one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    if s.rectified:  # rho_t > 5: the adaptive, rectified step
+        param -= s.step_size * (exp_avg * (s.bias_correction2_sqrt / (np.sqrt(exp_avg_sq) + s.eps)))
+    else:  # too few steps for a tractable variance: momentum SGD with bias correction
+        param -= s.step_size * exp_avg
+
+
 def lion(param, grad, exp_avg, s: rules.LionScalars):
     g = grad * s.grad_sign
     # np.sign: sign(+-0) = +0 like torch.sign, but sign(NaN) = NaN (torch.sign
@@ -120,3 +133,8 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     cast = type(scalars)(*(dtype(x) if isinstance(x, float) else x for x in scalars))
     with np.errstate(all="ignore"):  # NaN/Inf propagate silently, as in torch
         _KERNELS[kernel](param, grad, *state, cast)
+
+
+def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+    """The update over lists of tensors: the same update of each, in order."""
+    run_each(run, kernel, params, grads, states, scalars)

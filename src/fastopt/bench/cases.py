@@ -1,28 +1,54 @@
 """What the benchmark runs: rule configurations, sizes, buffers, and the fastopt call.
 
 A :class:`Case` is one rule with fixed options (``adam`` and ``adam-amsgrad``
-are two cases of one rule). Its buffers are the ones the options need, and its
-memory traffic follows from them: every update reads ``param``, ``grad`` and
-each state buffer once and writes ``param`` and each state buffer once, so
+are two cases of one rule). The cases are derived from the rule table
+(:data:`fastopt.rules.RULES`), none is written by hand:
 
-    bytes per element = itemsize * (3 + 2 * number of state buffers)
+* one case per rule, named as the rule, with its defaults; a hyperparameter
+  without a default (SGD's ``lr``) gets :data:`REQUIRED_VALUE`;
+* one case per optional state buffer (a :class:`fastopt.rule.State` with a
+  ``when``), named ``<rule>-<option>``, with the single option that switches
+  the buffer on: a flag set to the other value (``amsgrad=True``,
+  ``centered=True``) or a number set to :data:`SWITCH_ON_VALUE`
+  (``momentum=0.9``). The option is found by trying the rule's
+  hyperparameters one at a time (those named in ``when`` first) and asking the
+  rule which buffers the call then needs.
 
-which is DESIGN.md's roofline table (fp32: SGD 12, SGD momentum 20, AdamW 28,
-AMSGrad 36). The CLI and the ``bench/`` pytest suite both take their cases,
-sizes and calls from here.
+A case's buffers are the ones its options need, and its memory traffic
+follows from them: every update reads ``param``, ``grad`` and each state buffer
+once and writes ``param`` and each state buffer once, so
+
+    bytes per element = itemsize * (2 * (1 + number of state buffers) + 1)
+
+which is docs/design.md's roofline table (fp32: SGD 12, SGD momentum 20, AdamW
+28, AMSGrad 36). The CLI and the ``benchmarks/`` pytest suite both take their
+cases, sizes and calls from here. A carried value (NAdam's ``mu_product``,
+``rule.carry``) is passed back in on every call, as a training loop does.
 """
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..checks import flag
+from ..rule import Rule, State
 from ..rules import RULES
 
-__all__ = ["Case", "CASES", "Buffers", "DEFAULT_SIZES", "HUGE_SIZE", "select_cases", "parse_size",
-           "parse_sizes", "env_selection", "format_size", "make_buffers", "fastopt_call"]
+__all__ = ["Case", "CASES", "Buffers", "DEFAULT_SIZES", "HUGE_SIZE", "REQUIRED_VALUE", "SWITCH_ON_VALUE",
+           "derive_cases", "select_cases", "parse_size", "parse_sizes", "env_selection", "format_size",
+           "make_buffers", "fastopt_call"]
+
+#: The value of a hyperparameter the rule has no default for (SGD's ``lr``):
+#: a usual training learning rate.
+REQUIRED_VALUE = 1e-3
+
+#: The value that switches on a state buffer guarded by a numeric
+#: hyperparameter (``momentum != 0``, ``momentum > 0``): the usual momentum.
+SWITCH_ON_VALUE = 0.9
 
 
 @dataclass(frozen=True)
@@ -35,41 +61,85 @@ class Case:
 
     @property
     def hyper(self) -> dict[str, Any]:
-        """Every hyperparameter, defaults filled in (``mu_product`` is per call, not here)."""
-        return {k: v for k, v in {**RULES[self.rule].defaults, **self.options}.items() if k != "mu_product"}
+        """Every hyperparameter, defaults filled in, less the carried one (passed per call)."""
+        rule = RULES[self.rule]
+        return {k: v for k, v in {**rule.defaults, **self.options}.items() if k != rule.carry_name}
 
     @property
     def state(self) -> tuple[str, ...]:
         """The state buffers these options use, in the rule's signature order."""
         rule = RULES[self.rule]
-        needed = rule.needs({**rule.defaults, **self.options})
-        return tuple(name for name in rule.state if name in needed)
+        return tuple(name for name in rule.state if name in _needs(rule, self.options))
 
     def bytes_per_elem(self, itemsize: int = 4) -> int:
-        """Bytes read plus bytes written per element by one fused update."""
-        return itemsize * (3 + 2 * len(self.state))
+        """Bytes read plus bytes written per element by one fused update: param and
+        each state buffer read and written, grad read."""
+        return itemsize * (2 * (1 + len(self.state)) + 1)
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
         return f"{self.rule}_({opts})"
 
 
-#: Every benchmarked configuration, in table order. Options are the usual
-#: training values; a rule name on the command line selects all its cases.
-CASES: dict[str, Case] = {c.name: c for c in (
-    Case("sgd", "sgd", dict(lr=1e-3)),
-    Case("sgd-momentum", "sgd", dict(lr=1e-3, momentum=0.9)),
-    Case("adagrad", "adagrad"),
-    Case("rmsprop", "rmsprop"),
-    Case("rmsprop-centered", "rmsprop", dict(centered=True)),
-    Case("adadelta", "adadelta"),
-    Case("adam", "adam"),
-    Case("adam-amsgrad", "adam", dict(amsgrad=True)),
-    Case("adamw", "adamw"),
-    Case("adamax", "adamax"),
-    Case("nadam", "nadam"),
-    Case("lion", "lion"),
-)}
+def _needs(rule: Rule, options: Mapping[str, Any]) -> dict[str, str]:
+    """The state buffers a call with ``options`` needs (validated; raises ValueError if invalid)."""
+    hyper = {**rule.defaults, **options}
+    if rule.carry:
+        hyper[rule.carry[0]] = rule.carry[1]
+    return rule.checked(hyper)[1]
+
+
+def _required(rule: Rule) -> dict[str, Any]:
+    """Values for the hyperparameters without a default, the carried one excluded."""
+    return {h.name: REQUIRED_VALUE for h in rule.hyper if h.default is None and h.name != rule.carry_name}
+
+
+def _switch_on(rule: Rule, base: Mapping[str, Any], buf: State) -> tuple[str, Any]:
+    """(hyperparameter, value): the single option that makes a call use ``buf``.
+
+    Tries the hyperparameters named in ``buf.when`` first (``amsgrad``,
+    ``centered``, ``momentum``), then the others in signature order (RMSprop's
+    ``use_momentum`` is ``momentum > 0``): a flag is set to the other value, a
+    number to :data:`SWITCH_ON_VALUE`.
+    """
+    named = {n.id for n in ast.walk(ast.parse(buf.when, mode="eval")) if isinstance(n, ast.Name)}
+    hypers = sorted((h for h in rule.hyper if h.default is not None and h.name != rule.carry_name),
+                    key=lambda h: h.name not in named)
+    for h in hypers:
+        if h.check is flag:
+            value = not h.default
+        elif isinstance(h.default, (int, float)) and h.default != SWITCH_ON_VALUE:
+            value = SWITCH_ON_VALUE
+        else:
+            continue  # pairs (betas) never guard a buffer
+        try:
+            if buf.name in _needs(rule, {**base, h.name: value}):
+                return h.name, value
+        except ValueError:  # not a valid value of this hyperparameter
+            continue
+    raise ValueError(f"no single option of {rule.name} switches on {buf.name} (used when {buf.when})")
+
+
+def derive_cases(rules: Mapping[str, Rule] = RULES) -> dict[str, Case]:
+    """The cases of ``rules`` (see the module docstring), in table order."""
+    out: dict[str, Case] = {}
+    for rule in rules.values():
+        base = _required(rule)
+        found = [Case(rule.name, rule.name, base)]
+        for buf in rule.buffers:
+            if buf.when is None or buf.name in _needs(rule, base):
+                continue  # always used, or on by default
+            option, value = _switch_on(rule, base, buf)
+            case = Case(f"{rule.name}-{option}", rule.name, {**base, option: value})
+            if all(c.options != case.options for c in found):  # one option may switch on several buffers
+                found.append(case)
+        out.update((c.name, c) for c in found)
+    return out
+
+
+#: Every benchmarked configuration, in table order; a rule name on the command
+#: line selects all its cases.
+CASES: dict[str, Case] = derive_cases()
 
 
 def select_cases(spec: str | None) -> list[Case]:
@@ -124,7 +194,7 @@ def parse_sizes(spec: str | None) -> tuple[int, ...]:
 
 
 def env_selection(environ=None) -> tuple[list[Case], list[int], list[str] | None]:
-    """(cases, sizes, backends) for the ``bench/`` pytest suite, from environment variables.
+    """(cases, sizes, backends) for the ``benchmarks/`` pytest suite, from environment variables.
 
     ``FASTOPT_BENCH_RULES`` (default all), ``FASTOPT_BENCH_SIZES`` (default
     :data:`DEFAULT_SIZES`), ``FASTOPT_BENCH_HUGE=1`` (adds :data:`HUGE_SIZE`),
@@ -198,20 +268,30 @@ def fastopt_call(case: Case, bufs: Buffers, backend: str) -> Callable[[], None]:
 
     The whole call is timed (validation, dispatch, kernel), as a user pays it.
     ``step`` counts up from 1 across calls (so the warmup takes SGD's first-step
-    path and the timed calls the steady one); NAdam's ``mu_product`` is carried.
+    path and the timed calls the steady one) when the rule takes one; a carried
+    value (``rule.carry``: NAdam's ``mu_product``) starts at its first-step value
+    and is passed back in. ``bufs`` holds arrays or, for the list form, lists of
+    arrays (:mod:`.lists`): the call is the same.
     """
     import fastopt
 
     rule = RULES[case.rule]
-    fn = getattr(fastopt, case.rule + "_")
+    fn = getattr(fastopt, rule.name + "_")
     args = [bufs.param, bufs.grad, *(bufs.state.get(name) for name in rule.state)]
     kwargs = dict(case.options, backend=backend)
-    counter = {"step": 0, "mu_product": 1.0}
+    counter = {"step": 0}
 
-    if case.rule == "nadam":
+    if rule.carry:
+        carried, value = rule.carry
+        counter[carried] = value
+        takes_step = rule.takes_step
+
         def call():
-            counter["step"] += 1
-            counter["mu_product"] = fn(*args, step=counter["step"], mu_product=counter["mu_product"], **kwargs)
+            if takes_step:
+                counter["step"] += 1
+                kwargs["step"] = counter["step"]
+            kwargs[carried] = counter[carried]
+            counter[carried] = fn(*args, **kwargs)
     elif rule.takes_step:
         def call():
             counter["step"] += 1

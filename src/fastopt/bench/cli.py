@@ -7,6 +7,8 @@ Examples::
     python -m fastopt bench --rules adam-amsgrad,sgd --threads 1 --json out.json
     python -m fastopt bench --device cuda --sizes 2^24,2^26   # copy roofline, torch CUDA
     python -m fastopt bench --quick --markdown                # few repeats, paste-able tables
+    python -m fastopt bench --lists                           # adamw_: list of tensors vs one flat buffer
+    python -m fastopt bench --lists --rules adamw,lion --layouts gpt,1000x1024 --sizes 2^20,2^24
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backends", default=None, metavar="LIST",
                     help="fastopt backends to time (numpy, numba, c, cuda); default every one available on "
                          "the device. The NumPy reference always runs on the CPU: it is the x-numpy baseline")
-    ap.add_argument("--competitors", default="torch,numpy-seed", metavar="LIST",
-                    help="torch, numpy-seed, or none (default: %(default)s)")
+    ap.add_argument("--competitors", default="torch", metavar="LIST",
+                    help="torch or none (default: %(default)s); the NumPy reference always runs as the numpy row")
     ap.add_argument("--threads", type=int, default=None, metavar="N",
                     help="threads for the CPU backends, the roofline and torch (default: fastopt's, from "
                          "FASTOPT_NUM_THREADS / OMP_NUM_THREADS or the usable cores)")
@@ -54,6 +56,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every measurement as JSON")
     ap.add_argument("--quick", action="store_true", help="few, short repeats (a smoke run, noisier numbers)")
     ap.add_argument("--repeats", type=int, default=None, metavar="N", help="measurements per row (default 7)")
+    ap.add_argument("--lists", action="store_true",
+                    help="time one call over a list of tensors against one call on a flat buffer of the same total "
+                         "(default rule adamw; the gpt layout's total is --sizes, default 2^24), on each CPU backend")
+    ap.add_argument("--layouts", default=None, metavar="LIST",
+                    help="with --lists: gpt (a small GPT's 76 tensors, scaled to each of --sizes) and NxM "
+                         "(N tensors of M elements), comma separated; default gpt,1000x1024")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -85,10 +93,17 @@ class _Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
     try:
-        cases = select_cases(args.rules)
-        sizes = list(parse_sizes(args.sizes))
+        if args.lists:
+            from .lists import DEFAULT_TOTAL
+            cases = select_cases(args.rules) if args.rules else [CASES["adamw"]]
+            sizes = list(parse_sizes(args.sizes)) if args.sizes else [DEFAULT_TOTAL]
+        else:
+            cases = select_cases(args.rules)
+            sizes = list(parse_sizes(args.sizes))
     except ValueError as exc:
         parser().error(str(exc))
+    if args.layouts and not args.lists:
+        parser().error("--layouts needs --lists")
     if (args.huge or os.environ.get("FASTOPT_BENCH_HUGE") == "1") and HUGE_SIZE not in sizes:
         sizes.append(HUGE_SIZE)
     timer = QUICK if args.quick else DEFAULT
@@ -109,6 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import report, runner
 
     progress = None if args.quiet else _Progress()
+    if args.lists:
+        return _main_lists(args, cases, sizes, timer, progress)
     config = runner.Config(cases=cases, sizes=sizes, dtype=args.dtype, device=args.device,
                            backends=_comma_list(args.backends) if args.backends else None,
                            competitors=competitors, threads=args.threads, timer=timer, progress=progress)
@@ -121,6 +138,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress.close()
     print(report.header(meta, args.markdown))
     print(report.tables(results, meta, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(report.to_json(results, meta) + "\n")
+        if not args.quiet:
+            print(f"wrote {args.json}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
+
+
+def _main_lists(args, cases, sizes, timer, progress) -> int:
+    """``--lists``: the list-of-tensors case (:mod:`.lists`)."""
+    from . import lists, report
+
+    if args.device != "cpu":
+        parser().error("--lists runs on the CPU backends; drop --device cuda")
+    try:
+        layouts = lists.parse_layouts(args.layouts, sizes)
+        config = lists.ListConfig(cases=cases, layouts=layouts, dtype=args.dtype,
+                                  backends=_comma_list(args.backends) if args.backends else None,
+                                  threads=args.threads, timer=timer, progress=progress)
+        results, meta = lists.run(config)
+    except ValueError as exc:
+        parser().error(str(exc))
+    finally:
+        if progress:
+            progress.close()
+    print(report.header(meta, args.markdown))
+    print(report.list_tables(results, meta, args.markdown), end="")
     if args.json:
         with open(args.json, "w") as f:
             f.write(report.to_json(results, meta) + "\n")

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Optional, Sequence
 from .cases import format_size
 from .runner import Result
 
-__all__ = ["tables", "header", "to_json", "COLUMNS"]
+__all__ = ["tables", "list_tables", "header", "to_json", "COLUMNS", "LIST_COLUMNS"]
 
 COLUMNS = ("size", "impl", "ns/elem", "GB/s", "% roofline", "x numpy", "x torch")
 _RIGHT = (False, False, True, True, True, True, True)
@@ -51,12 +51,13 @@ def _cells(r: Result) -> list[str]:
             _speedup(r.x_numpy), _speedup(r.x_torch)]
 
 
-def _render(rows: list[list[str]], markdown: bool) -> list[str]:
-    # The speedup columns are left out of a table where no row has one
-    # (no torch for this rule, no NumPy baseline on a GPU).
-    keep = [i for i in range(len(COLUMNS)) if i < 5 or any(row and row[i] for row in rows)]
-    names = [COLUMNS[i] for i in keep]
-    right = [_RIGHT[i] for i in keep]
+def _render(rows: list[list[str]], markdown: bool, columns: Sequence[str] = COLUMNS,
+            right_aligned: Sequence[bool] = _RIGHT, always: int = 5) -> list[str]:
+    # Columns past the first ``always`` are left out of a table where no row has
+    # one (the speedups: no torch for this rule, no NumPy baseline on a GPU).
+    keep = [i for i in range(len(columns)) if i < always or any(row and row[i] for row in rows)]
+    names = [columns[i] for i in keep]
+    right = [right_aligned[i] for i in keep]
     rows = [[row[i] for i in keep] if row else row for row in rows]
     if markdown:
         out = ["| " + " | ".join(names) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
@@ -103,6 +104,60 @@ def tables(results: Sequence[Result], meta: dict[str, Any], markdown: bool = Fal
     return "\n".join(out)
 
 
+LIST_COLUMNS = ("layout", "tensors", "elements", "backend", "list", "flat", "list/flat", "extra/tensor")
+_LIST_RIGHT = (False, True, True, False, True, True, True, True)
+
+
+def _time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if abs(seconds) >= scale:
+            break
+    else:
+        unit, scale = "ns", 1e-9
+    x = seconds / scale
+    return f"{x:.3g} {unit}" if abs(x) < 100 else f"{x:.0f} {unit}"
+
+
+def list_tables(results: Sequence[Any], meta: dict[str, Any], markdown: bool = False) -> str:
+    """The list-of-tensors case (:mod:`.lists`): one table per case, a row per layout x
+    backend with the list call's and the flat call's median time, their ratio, and
+    the extra time per tensor."""
+    out: list[str] = []
+    cases: dict[str, list[Any]] = {}
+    for r in results:
+        cases.setdefault(r.case.name, []).append(r)
+    threads = meta.get("threads", {}).get("fastopt", "?")
+    for name, rs in cases.items():
+        case = rs[0].case
+        title = (f"{name} lists: fastopt.{case.describe()} on a list of tensors vs one flat buffer of the same "
+                 f"total, {meta['dtype']}, {threads} thread{'s' * (threads != 1)}")
+        out += [f"### {title}" if markdown else title, ""]
+        rows: list[list[str]] = []
+        last = None
+        for r in rs:
+            if r.layout != last and last is not None and not markdown:
+                rows.append([])
+            first = r.layout != last
+            lay = [r.layout.name, str(r.layout.count), format_size(r.layout.total)] if first else ["", "", ""]
+            if r.error:
+                rows.append([*lay, r.backend, "error", "", "", ""])
+            else:
+                noisy = any(m.median > NOISY * m.best for m in (r.list, r.flat))
+                rows.append([*lay, r.backend, _time(r.list.median) + ("*" if noisy else ""), _time(r.flat.median),
+                             f"{r.ratio:.2f}x", _time(r.per_tensor)])
+            last = r.layout
+        out += _render(rows, markdown, LIST_COLUMNS, _LIST_RIGHT, always=len(LIST_COLUMNS))
+        if markdown and any(r.error for r in rs):
+            out.append("")
+        out += [f"error: {r.backend} on {r.layout.name}: {r.error}" for r in rs if r.error]
+        if any(not r.error and any(m.median > NOISY * m.best for m in (r.list, r.flat)) for r in rs):
+            out.append(f"* noisy: a median measurement is over {NOISY}x the fastest; the JSON has both")
+        out.append("")
+    return "\n".join(out)
+
+
 def header(meta: dict[str, Any], markdown: bool = False) -> str:
     """What the numbers depend on, in a few lines."""
     v = meta["versions"]
@@ -110,10 +165,12 @@ def header(meta: dict[str, Any], markdown: bool = False) -> str:
              f"{meta['dtype']}",
              "threads: " + ", ".join(f"{k} {n}" for k, n in meta["threads"].items())
              + "; versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if k != "fastopt"),
-             ("roofline: a device-to-device copy (2 x itemsize bytes per element)" if meta["device"] == "cuda"
-              else "roofline: the same bytes read+written per element with trivial math")
-             + ", timed in this run; % roofline = GB/s / roofline GB/s; "
-             "x numpy, x torch = time ratios (higher is faster)"]
+             ("list: one call over the layout's tensors; flat: one call on one buffer per role of the same "
+              "total; measured in turn, medians; extra/tensor = (list - flat) / tensors" if "lists" in meta else
+              ("roofline: a device-to-device copy (2 x itemsize bytes per element)" if meta["device"] == "cuda"
+               else "roofline: the same bytes read+written per element with trivial math")
+              + ", timed in this run; % roofline = GB/s / roofline GB/s; "
+              "x numpy, x torch = time ratios (higher is faster)")]
     for name, text in meta.get("backends", {}).items():
         lines.append(f"backend {name}: {text}")
     if meta.get("env"):

@@ -11,7 +11,7 @@ next size. Implementations:
   that the roofline is at the machine's bandwidth.
 * every fastopt backend available on the device (``--backends`` picks); on the
   CPU the NumPy reference ``numpy`` always runs: it is the ``x numpy`` baseline.
-* competitors: ``torch`` (the ``x torch`` baseline) and ``numpy-seed``.
+* competitors (:mod:`.competitors`): ``torch`` (the ``x torch`` baseline).
 
 ``% roofline`` is GB/s over the roofline's GB/s, so rows moving different
 bytes (a copy) still compare; ``x numpy`` and ``x torch`` are time ratios,
@@ -97,7 +97,7 @@ class Config:
     dtype: Any = np.float32
     device: str = "cpu"  # "cpu" or "cuda"
     backends: Optional[Sequence[str]] = None  # fastopt backends; None: every one available on the device
-    competitors: Sequence[str] = ("torch", "numpy-seed")
+    competitors: Sequence[str] = ("torch",)
     threads: Optional[int] = None  # None: fastopt.get_num_threads()
     timer: TimerSettings = DEFAULT
     progress: Optional[Callable[[str], None]] = None
@@ -159,12 +159,13 @@ def plan(config: Config) -> tuple[list[Impl], dict[str, str]]:
                 skipped["torch"] = reason
             else:
                 impls.append(_torch_impl(config.device))
+        elif name == "numpy":
+            pass  # the NumPy reference is the numpy backend row, always timed on the CPU
         elif name == "numpy-seed":
-            if config.device == "cpu":
-                impls.append(Impl("numpy-seed", "competitor",
-                                  lambda c, b: [("numpy-seed", competitors.numpy_seed_call(c, b))]))
+            raise ValueError("the numpy-seed competitor is gone: the NumPy competitor is the reference "
+                             "backend, the numpy row (always timed on the CPU)")
         else:
-            raise ValueError(f"unknown competitor {name!r}; expected 'torch', 'numpy-seed' or 'none'")
+            raise ValueError(f"unknown competitor {name!r}; expected 'torch' or 'none'")
     return impls, skipped
 
 

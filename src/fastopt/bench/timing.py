@@ -17,9 +17,9 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
-__all__ = ["TimerSettings", "DEFAULT", "QUICK", "Measurement", "measure"]
+__all__ = ["TimerSettings", "DEFAULT", "QUICK", "Measurement", "measure", "measure_interleaved"]
 
 
 @dataclass(frozen=True)
@@ -56,28 +56,51 @@ def _run(fn: Callable[[], None], number: int, sync: Optional[Callable[[], None]]
     return time.perf_counter() - start
 
 
-def measure(fn: Callable[[], None], settings: TimerSettings = DEFAULT,
-            sync: Optional[Callable[[], None]] = None) -> Measurement:
-    """Time ``fn()`` (see the module docstring); ``sync`` waits for queued device work."""
+def _calibrate(fn: Callable[[], None], settings: TimerSettings, sync) -> tuple[int, float]:
+    """Warm ``fn`` up, then (calls per measurement, seconds of one such measurement)."""
     for _ in range(max(1, settings.warmup)):
         fn()
     if sync is not None:
         sync()
+    number = 1
+    while True:
+        elapsed = _run(fn, number, sync)
+        if elapsed >= settings.min_time or number >= 1 << 24:
+            return number, elapsed
+        # Aim 20% past min_time, at least doubling.
+        grow = settings.min_time * 1.2 / elapsed if elapsed > 0 else 10.0
+        number = max(number * 2, math.ceil(number * grow))
+
+
+def _repeats(settings: TimerSettings, elapsed: float) -> int:
+    repeats = int(settings.max_time // elapsed) if elapsed > 0 else settings.repeats
+    return max(settings.min_repeats, min(settings.repeats, repeats))
+
+
+def measure(fn: Callable[[], None], settings: TimerSettings = DEFAULT,
+            sync: Optional[Callable[[], None]] = None) -> Measurement:
+    """Time ``fn()`` (see the module docstring); ``sync`` waits for queued device work."""
+    return measure_interleaved([fn], settings, sync)[0]
+
+
+def measure_interleaved(fns: Sequence[Callable[[], None]], settings: TimerSettings = DEFAULT,
+                        sync: Optional[Callable[[], None]] = None) -> list[Measurement]:
+    """Time several callables with their measurements taken in turn (a, b, a, b, ...).
+
+    Each gets its own call count (as :func:`measure`) and the same number of
+    repeats, set by the slowest, so a change in the machine's load during the
+    run falls on all of them alike and their ratio stays fair.
+    """
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        number = 1
-        while True:
-            elapsed = _run(fn, number, sync)
-            if elapsed >= settings.min_time or number >= 1 << 24:
-                break
-            # Aim 20% past min_time, at least doubling.
-            grow = settings.min_time * 1.2 / elapsed if elapsed > 0 else 10.0
-            number = max(number * 2, math.ceil(number * grow))
-        repeats = int(settings.max_time // elapsed) if elapsed > 0 else settings.repeats
-        repeats = max(settings.min_repeats, min(settings.repeats, repeats))
-        per_call = [_run(fn, number, sync) / number for _ in range(repeats)]
+        calibrated = [_calibrate(fn, settings, sync) for fn in fns]
+        repeats = _repeats(settings, max(elapsed for _, elapsed in calibrated))
+        per_call: list[list[float]] = [[] for _ in fns]
+        for _ in range(repeats):
+            for fn, (number, _), times in zip(fns, calibrated, per_call):
+                times.append(_run(fn, number, sync) / number)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return Measurement(statistics.median(per_call), min(per_call), number, repeats)
+    return [Measurement(statistics.median(t), min(t), number, repeats) for t, (number, _) in zip(per_call, calibrated)]

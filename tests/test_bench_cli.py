@@ -1,9 +1,12 @@
 """The benchmark harness (fastopt.bench): fast checks that it measures what it says.
 
-Bytes per element (DESIGN.md's roofline table), size parsing, the roofline
-kernels' arithmetic, that the competitors compute the same update as the
-reference on the benchmark's own buffers, the timer, and the CLI end to end on
-tiny sizes (table and JSON). Timings themselves are not asserted.
+The cases derived from the rule table (every rule has one; every optional
+state buffer has one that uses it; bytes per element follow from the buffers
+used), size parsing, the roofline kernels' arithmetic, that torch.optim runs
+on the benchmark's own buffers and computes the reference's update, the timer,
+the list-of-tensors case (the list call bitwise equal to the flat call), and
+the CLI end to end on tiny sizes (table and JSON). Timings themselves are not
+asserted.
 """
 import json
 import os
@@ -14,38 +17,94 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.bench import cases, cli, competitors, roofline, timing
+from fastopt.bench import cases, cli, competitors, lists, roofline, timing
 from fastopt.bench.cases import CASES, Case
+from fastopt.rules import RULES
 
 SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
-
-# DESIGN.md, "Why it can be fast: the memory roofline" (fp32), with one
-# correction: DESIGN lists Adamax at 20 B, but Adamax keeps two state buffers
-# (exp_avg and exp_inf, as torch.optim.Adamax), so it reads p, g, m, u and
-# writes p, m, u: 28 B, like Adam.
-DESIGN_BYTES = {
-    "sgd": 12,
-    "sgd-momentum": 20, "adagrad": 20, "rmsprop": 20, "lion": 20,
-    "adam": 28, "adamw": 28, "nadam": 28, "adadelta": 28, "rmsprop-centered": 28, "adamax": 28,
-    "adam-amsgrad": 36,
-}
 
 
 def torch_importable():
     return competitors.torch_available() == ""
 
 
+def _torch_has(rule):
+    return torch_importable() and competitors.torch_class(rule) is not None
+
+
 # ---- what is measured ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bytes_per_element_match_design(name):
-    assert CASES[name].bytes_per_elem(4) == DESIGN_BYTES[name]
-    assert CASES[name].bytes_per_elem(8) == 2 * DESIGN_BYTES[name]
+def test_bytes_per_element_follow_the_buffers_used(name):
+    # param and each used state buffer read and written, grad read
+    case = CASES[name]
+    k = len(case.state)
+    assert case.bytes_per_elem(4) == 4 * (2 * (1 + k) + 1)
+    assert case.bytes_per_elem(8) == 8 * (2 * (1 + k) + 1)
 
 
-def test_every_rule_has_a_case():
-    assert {c.rule for c in CASES.values()} == set(fastopt.rules.RULES)
-    assert set(DESIGN_BYTES) == set(CASES)
+def test_known_cases_keep_their_names_and_bytes():
+    # docs/design.md's roofline table (fp32); these names are in the docs
+    want = {"sgd": 12, "sgd-momentum": 20, "adagrad": 20, "rmsprop": 20, "lion": 20, "rmsprop-centered": 28,
+            "adam": 28, "adamw": 28, "nadam": 28, "adadelta": 28, "adamax": 28, "adam-amsgrad": 36}
+    assert {n: CASES[n].bytes_per_elem(4) for n in want} == want
+    assert CASES["sgd-momentum"].options == {"lr": cases.REQUIRED_VALUE, "momentum": 0.9}
+    assert CASES["rmsprop-centered"].options == {"centered": True}
+    assert CASES["adam-amsgrad"].options == {"amsgrad": True}
+    assert CASES["sgd"].options == {"lr": 1e-3} and CASES["adamw"].options == {}
+
+
+def test_every_rule_has_a_case_with_its_defaults():
+    assert {c.rule for c in CASES.values()} == set(RULES)
+    for name, rule in RULES.items():
+        base = CASES[name]
+        assert base.rule == name
+        required = {h.name for h in rule.hyper if h.default is None and h.name != rule.carry_name}
+        assert set(base.options) == required  # nothing but the values the rule has no default for
+        assert base.state == tuple(s.name for s in rule.buffers if s.when is None)  # only what is always used
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_optional_buffer_has_a_case_that_uses_it(rule):
+    r = RULES[rule]
+    for buf in r.buffers:
+        if buf.when is None:
+            continue
+        using = [c for c in CASES.values() if c.rule == rule and buf.name in c.state]
+        assert using, f"no case of {rule} uses {buf.name}"
+        # its own case: the base options plus the one option that switches it on
+        own = [c for c in using if len(c.options) == len(CASES[rule].options) + 1]
+        assert own and own[0].name == f"{rule}-{next(k for k in own[0].options if k not in CASES[rule].options)}"
+
+
+def test_cases_are_derived_not_listed():
+    # a rule added to the table gets its cases, options found from its ``when``s
+    from dataclasses import replace
+    from fastopt.rule import State
+
+    rms = RULES["rmsprop"]
+    toy = replace(rms, name="toy", buffers=(rms.buffers[0], State("momentum_buffer", when="use_momentum"),
+                                            State("grad_avg", when="centered")), _validated={}, _when={})
+    derived = cases.derive_cases({"toy": toy})
+    assert {n: dict(c.options) for n, c in derived.items()} == {
+        "toy": {}, "toy-momentum": {"momentum": cases.SWITCH_ON_VALUE}, "toy-centered": {"centered": True}}
+
+
+def test_carried_value_is_passed_back():
+    # NAdam's mu_product (rule.carry): fastopt_call starts it at the rule's
+    # first-step value and feeds each call the previous call's result.
+    name = next(n for n, r in RULES.items() if r.carry)
+    case, rule = CASES[name], RULES[name]
+    bufs = cases.make_buffers(case, 64, np.float64, seed=1)
+    want = cases.make_buffers(case, 64, np.float64, seed=1)
+    call = cases.fastopt_call(case, bufs, "numpy")
+    carried = rule.carry[1]
+    fn = getattr(fastopt, name + "_")
+    for t in (1, 2, 3):
+        call()
+        carried = fn(want.param, want.grad, *(want.state.get(s) for s in rule.state), step=t,
+                     backend="numpy", **{rule.carry[0]: carried}, **case.options)
+    np.testing.assert_array_equal(bufs.param, want.param)
 
 
 @pytest.mark.parametrize("rule,options,expected", [
@@ -88,7 +147,7 @@ def test_parse_sizes_and_defaults():
 
 
 def test_select_cases():
-    assert [c.name for c in cases.select_cases("adamw,sgd")] == ["adamw", "sgd", "sgd-momentum"]
+    assert [c.name for c in cases.select_cases("adamw,sgd")] == ["adamw", "adamw-amsgrad", "sgd", "sgd-momentum"]
     assert [c.name for c in cases.select_cases("adam-amsgrad")] == ["adam-amsgrad"]
     assert [c.name for c in cases.select_cases("rmsprop-centered,lion")] == ["rmsprop-centered", "lion"]
     assert [c.name for c in cases.select_cases("adam, adam")] == ["adam", "adam-amsgrad"]
@@ -145,16 +204,16 @@ def _reference_step(case, bufs, step):
     """fastopt's NumPy reference, one update at ``step``, on copies of ``bufs``."""
     copy = cases.Buffers(bufs.param.copy(), bufs.grad.copy(), {k: v.copy() for k, v in bufs.state.items()})
     kwargs = dict(case.options, backend="numpy")
-    rule = fastopt.rules.RULES[case.rule]
+    rule = RULES[case.rule]
     args = [copy.param, copy.grad, *(copy.state.get(n) for n in rule.state)]
-    if case.rule == "nadam":
-        b1, md = case.hyper["betas"][0], case.hyper["momentum_decay"]
-        mu_product = np.prod([b1 * (1 - 0.5 * 0.96 ** (t * md)) for t in range(1, step)])
-        fastopt.nadam_(*args, step=step, mu_product=float(mu_product), **kwargs)
-    elif rule.takes_step:
-        getattr(fastopt, case.rule + "_")(*args, step=step, **kwargs)
-    else:
-        getattr(fastopt, case.rule + "_")(*args, **kwargs)
+    if rule.carry:  # the value carried into update ``step``, from the rule's own formulas
+        name, carried = rule.carry
+        for t in range(1, step):
+            _, carried = rule.prepare({**case.hyper, name: carried}, t)
+        kwargs[name] = carried
+    if rule.takes_step:
+        kwargs["step"] = step
+    getattr(fastopt, case.rule + "_")(*args, **kwargs)
     return copy
 
 
@@ -164,36 +223,125 @@ def _assert_same_buffers(got, want, rtol, what):
         np.testing.assert_allclose(got.state[name], want.state[name], rtol=rtol, atol=rtol, err_msg=f"{what} {name}")
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_numpy_seed_matches_reference(name):
-    # float64: the seed writes the formulas in another order (m_hat, v_hat), so
-    # it agrees with the reference to round-off, not bitwise.
-    case = CASES[name]
-    bufs = cases.make_buffers(case, 257, np.float64, seed=3)
-    want = _reference_step(case, bufs, step=1)
-    competitors.numpy_seed_call(case, bufs)()
-    _assert_same_buffers(bufs, want, 1e-12, name)
-
-
 @pytest.mark.skipif(not torch_importable(), reason="torch not installed")
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.rule in competitors.TORCH_CLASS])
+@pytest.mark.parametrize("name", list(CASES))
 def test_torch_runs_on_the_benchmark_buffers(name):
     # torch_call steps once to build torch's state, then points that state at
     # our buffers; the next step must update our memory exactly as step 2 of the
     # reference does from the same values.
     case = CASES[name]
+    if not _torch_has(case.rule):
+        pytest.skip(f"torch.optim has no {RULES[case.rule].title}")
     bufs = cases.make_buffers(case, 257, np.float32, seed=5)
     variant, step = competitors.torch_call(case, bufs)
-    assert variant == ("fused" if case.rule in ("sgd", "adagrad", "adam", "adamw") else "foreach")
+    assert variant in ("fused", "foreach")
     want = _reference_step(case, bufs, step=2)
     step()
     _assert_same_buffers(bufs, want, 2e-5, name)
 
 
-def test_torch_has_no_lion():
+@pytest.mark.skipif(not torch_importable(), reason="torch not installed")
+def test_torch_variant_is_detected_and_cached():
+    import torch
+
+    # torch 2.x has a fused CPU AdamW; the answer is remembered per class and device
+    assert competitors.torch_variant(torch.optim.AdamW, CASES["adamw"].hyper) == "fused"
+    assert (torch.optim.AdamW, "cpu") in competitors._VARIANT
+
+    class NoFused(torch.optim.SGD):
+        def __init__(self, params, fused=None, **kw):
+            if fused:
+                raise RuntimeError("no fused kernel")
+            super().__init__(params, **kw)
+    assert competitors.torch_variant(NoFused, CASES["sgd"].hyper) == "foreach"
+
+
+def test_rules_torch_lacks_have_no_torch_row():
     if not torch_importable():
         pytest.skip("torch not installed")
-    assert competitors.torch_call(CASES["lion"], cases.make_buffers(CASES["lion"], 8)) is None
+    import torch
+
+    missing = [n for n, c in CASES.items() if not hasattr(torch.optim, RULES[c.rule].title)]
+    for name in missing:  # Lion, as of torch 2.13
+        assert competitors.torch_call(CASES[name], cases.make_buffers(CASES[name], 8)) is None
+
+
+# ---- the list-of-tensors case -----------------------------------------------
+
+def test_gpt_layout():
+    big = lists.gpt_layout(1 << 24)
+    # wte, wpe, 6 blocks of 12 (2 LayerNorms, 4 Linears, weights and biases), ln_f weight and bias
+    assert big.count == 2 + 6 * 12 + 2 == 76
+    assert abs(big.total - (1 << 24)) / (1 << 24) < 0.02 and big.name == "gpt d=480"
+    assert big.shapes[0] == (512, 480) and big.shapes[4] == (3 * 480, 480)
+    small = lists.gpt_layout(1 << 12)
+    assert small.count == 76 and small.total < 1 << 13
+    assert [lay.name for lay in lists.parse_layouts("gpt,1000x1024", [1 << 12, 1 << 14])] == \
+        [small.name, lists.gpt_layout(1 << 14).name, "1000x1024"]
+    assert lists.parse_layouts("3x5")[0].shapes == ((5,),) * 3
+    with pytest.raises(ValueError, match="layout must be"):
+        lists.parse_layouts("gpt2")
+
+
+def test_env_selection_of_lists():
+    chosen, layouts, backends = lists.env_selection({})
+    assert [c.name for c in chosen] == ["adamw"] and backends is None
+    assert [lay.name for lay in layouts] == ["gpt d=480", "1000x1024"]
+    chosen, layouts, _ = lists.env_selection({"FASTOPT_BENCH_LIST_RULES": "lion", "FASTOPT_BENCH_LAYOUTS": "gpt",
+                                              "FASTOPT_BENCH_LIST_SIZES": "2^12"})
+    assert [c.name for c in chosen] == ["lion"] and [lay.total for lay in layouts] == [lists.gpt_layout(4096).total]
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("name", ["adamw", "adam-amsgrad", "nadam", "sgd-momentum", "lion"])
+@pytest.mark.parametrize("layout", [lists.gpt_layout(1 << 12), lists.uniform_layout(7, 33)], ids=["gpt", "7x33"])
+def test_list_call_is_bitwise_the_flat_call(backend, name, layout):
+    if not fastopt.backends()[backend].available:
+        pytest.skip(f"{backend}: {fastopt.backends()[backend].reason}")
+    case = CASES[name]
+    tensors, flat = lists.list_buffers(case, layout, np.float32, seed=2)
+    assert len(tensors.param) == layout.count and [a.shape for a in tensors.param] == list(layout.shapes)
+    assert all(a.flags.owndata for a in tensors.arrays()[0])  # one allocation per tensor, as a model's
+    np.testing.assert_array_equal(lists.concat(tensors.param), flat.param)
+    list_call, flat_call = cases.fastopt_call(case, tensors, backend), cases.fastopt_call(case, flat, backend)
+    for _ in range(3):  # steps 1..3 (SGD's first step, NAdam's carried mu_product)
+        list_call()
+        flat_call()
+    assert np.array_equal(lists.concat(tensors.param), flat.param)
+    assert not np.array_equal(flat.param, lists.list_buffers(case, layout, np.float32, seed=2)[1].param)  # it moved
+    for role in flat.state:
+        assert np.array_equal(lists.concat(tensors.state[role]), flat.state[role]), role
+
+
+def test_cli_lists_mode(tmp_path, capsys):
+    out = tmp_path / "lists.json"
+    rc = cli.main(["--lists", "--quick", "--sizes", "2^12", "--layouts", "gpt,10x64", "--backends", "numpy,numba",
+                   "--rules", "adamw,lion", "--json", str(out)])
+    assert rc == 0
+    text, err = capsys.readouterr()
+    assert "[1/" in err
+    assert "adamw lists: fastopt.adamw_() on a list of tensors vs one flat buffer" in text
+    assert "lion lists: fastopt.lion_()" in text and "adamw-amsgrad lists" in text
+    for col in ("layout", "tensors", "elements", "backend", "list", "flat", "list/flat", "extra/tensor"):
+        assert col in text
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert len(rows) == 3 * 2 * 2  # cases x layouts x backends
+    assert {r["layout"] for r in rows} == {lists.gpt_layout(4096).name, "10x64"}
+    for r in rows:
+        assert "error" not in r and r["list_median_s"] > 0 and r["flat_median_s"] > 0
+        assert r["list_over_flat"] == pytest.approx(r["list_median_s"] / r["flat_median_s"])
+    assert {r["tensors"] for r in rows} == {76, 10}
+    assert doc["meta"]["lists"]["10x64"] == {"tensors": 10, "elements": 640, "shapes": [[64]] * 10}
+
+
+def test_cli_lists_rejects(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--layouts", "gpt"])  # without --lists
+    with pytest.raises(SystemExit):
+        cli.main(["--lists", "--layouts", "nope"])
+    err = capsys.readouterr().err
+    assert "--layouts needs --lists" in err and "layout must be" in err
 
 
 # ---- the timer ----------------------------------------------------------------
@@ -237,7 +385,7 @@ def test_cli_end_to_end(tmp_path, capsys):
         assert key in meta
     assert meta["cases"]["adamw"]["bytes_per_elem"] == 28 and meta["sizes"] == [1024]
     rows = doc["results"]
-    assert {r["case"] for r in rows} == {"adamw", "sgd", "sgd-momentum"}
+    assert {r["case"] for r in rows} == {"adamw", "adamw-amsgrad", "sgd", "sgd-momentum"}
     for r in rows:
         assert {"case", "rule", "size", "impl", "kind", "variant", "bytes_per_elem", "ns_per_elem", "gbps",
                 "pct_roofline", "speedup_vs_numpy", "speedup_vs_torch", "median_s", "min_s", "number",
@@ -272,6 +420,9 @@ def test_cli_rejects_bad_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--sizes", "2^x"])
     assert "unknown rule or case" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["--competitors", "numpy-seed", "--sizes", "64", "--rules", "sgd"])
+    assert "the NumPy competitor is the reference backend" in capsys.readouterr().err
 
 
 def _run_module(*args, env=None):

@@ -2,8 +2,8 @@
 
 Implementations are the CLI's (``fastopt.bench.runner.plan``): the roofline
 kernel (threaded and serial variants), every fastopt CPU backend (skipped with
-the reason when it does not load here), ``torch.optim`` (fused or foreach) and
-the NumPy seed-style code. Each test records bytes per element, ns/elem and
+the reason when it does not load here; ``numpy`` is the NumPy reference) and
+``torch.optim`` (fused or foreach). Each test records bytes per element, ns/elem and
 GB/s in ``extra_info`` (``--benchmark-json`` keeps them). For the ratios and
 the % roofline table use ``python -m fastopt bench``.
 """
