@@ -94,3 +94,18 @@ def test_bitwise_identical_across_thread_counts(backend, rule, options):
     assert p1.tobytes() == p2.tobytes() == p3.tobytes()
     for name in s1:
         assert s1[name].tobytes() == s2[name].tobytes() == s3[name].tobytes()
+
+
+def test_backend_modules_import_and_the_report_stays_callable():
+    """``fastopt.backends`` is the backends package and is callable (the report):
+    ``import fastopt.backends.c`` works, in a fresh process, before or after the
+    report, and a lazy backend import does not replace the report."""
+    import subprocess
+    import sys
+    code = ("import fastopt.backends.c as c, fastopt.backends.numba_cpu as nb, fastopt; "
+            "assert c.name == 'c' and nb.name == 'numba'; r = fastopt.backends(); "
+            "assert set(r) == {'numpy', 'numba', 'c', 'cuda'}, r; "
+            "fastopt.adam_(*[__import__('numpy').ones(4, 'float32') for _ in range(4)], step=1, backend='numpy'); "
+            "assert callable(fastopt.backends) and fastopt.backends()['numpy'].available")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

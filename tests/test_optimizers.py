@@ -372,3 +372,13 @@ def test_loaded_carried_value_is_range_checked_at_load():
     saved["state"][0]["mu_product"] = 1.5
     with pytest.raises(ValueError, match=r"mu_product.*\[0, 1\]"):
         opt.load_state_dict(saved)
+
+
+def test_bad_hyperparameter_in_a_state_dict_names_the_group_and_key():
+    flat = FlatParams(arrays())
+    opt = fastopt.Adam(flat, groups=[{"params": flat.span(0, 2)}, {"params": flat.span(2, 5)}])
+    saved = opt.state_dict()
+    saved["param_groups"][1]["lr"] = -1.0
+    with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[1\]: lr must be >= 0"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[1]["lr"] == 1e-3

@@ -32,3 +32,56 @@ def test_reference_matches_torch(rule, options, dtype):
     assert state.keys() == state_ref.keys()
     for name in state:
         np.testing.assert_allclose(state[name], state_ref[name], **TOL[dtype], err_msg=f"{name} of {rule} {options}")
+
+
+def _from_end_cases():
+    """(rule, options, state buffer) for every running average that follows torch's lerp:
+    options that put its weight at >= 0.5 (a decay of 0.3), found from the table."""
+    from fastopt.checks import closed_unit
+    from fastopt.rules import RULES
+    from oracle import FULL, hyper  # noqa: F811
+
+    out = []
+    for name, rule in RULES.items():
+        for h in rule.hyper:
+            if getattr(h.check, "arity", 1) == 2:
+                value = (0.3, h.default[1])
+            elif h.check is closed_unit and h.name != rule.carry_name:
+                value = 0.3
+            else:
+                continue
+            options = {**{k: v for k, v in FULL[name].items() if k in ("lr", "centered")}, h.name: value}
+            scalars, _ = rule.prepare(hyper(name, options), 1)
+            for field, on in scalars._asdict().items():
+                if field.endswith("_from_end") and on and field[:-len("_from_end")] in rule.state:
+                    out.append((name, options, field[:-len("_from_end")]))
+    return out
+
+
+FROM_END = _from_end_cases()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "c"])
+@pytest.mark.parametrize("rule,options,buffer", FROM_END, ids=[f"{r}-{b}" for r, _, b in FROM_END])
+def test_running_averages_keep_torchs_infinities(rule, options, buffer, backend):
+    """torch's lerp(a, b, w) is b - (b - a)*(1 - w) for w >= 0.5: when b - a
+    overflows (huge gradients of opposite signs), that is -inf where
+    a + w*(b - a) gives +inf (or NaN where the other gives an infinity)."""
+    import torch
+
+    if getattr(torch.optim, RULES_TITLE[rule], None) is None:
+        pytest.skip(f"torch.optim has no {RULES_TITLE[rule]}")
+    p0, grads = inputs(64, 2, np.float32, seed=3)
+    grads[0][::5], grads[1][::5] = 3e38, -3e38  # g - a overflows at the second step
+    grads[0][2::5], grads[1][2::5] = -3e38, 3e38
+    with np.errstate(all="ignore"):
+        _, state = run_fastopt(rule, options, p0, grads, backend=backend)
+        _, state_ref = run_torch(rule, options, p0, grads)
+    ours, theirs = state[buffer], state_ref[buffer]
+    assert np.isinf(theirs).any(), "the case does not reach an infinite average"
+    np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs), err_msg=f"{buffer}: NaN where torch has none")
+    np.testing.assert_array_equal(np.isposinf(ours), np.isposinf(theirs))
+    np.testing.assert_array_equal(np.isneginf(ours), np.isneginf(theirs))
+
+
+RULES_TITLE = {name: rule.title for name, rule in __import__("fastopt.rules", fromlist=["RULES"]).RULES.items()}

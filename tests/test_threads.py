@@ -13,7 +13,9 @@ import pytest
 import fastopt
 from fastopt import dispatch, environment, threads
 
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+# The directory of the fastopt this test imported (the installed package in CI,
+# src/ when run from a checkout): children must load the same one, C extension included.
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))
 THREAD_VARS = ("FASTOPT_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 

@@ -100,8 +100,10 @@ typedef struct {
     double weight_decay;
     double momentum;
     double grad_sign;
+    double grad_avg_weight; /* torch's lerp(grad_avg, g, 1-alpha), see _lerp */
     int centered; /* 0 or 1 */
     int use_momentum; /* momentum > 0; 0 or 1 */
+    int grad_avg_from_end; /* 1-alpha >= 0.5; 0 or 1 */
 } fastopt_rmsprop_scalars;
 
 /* Checks: lr, eps, weight_decay, momentum finite and >= 0; alpha in [0, 1]; step >= 1. */
@@ -171,7 +173,7 @@ FASTOPT_API int fastopt_adadelta_list_f64(double *const *param, const double *co
 typedef struct {
     double beta1;
     double beta2;
-    double one_minus_beta1;
+    double exp_avg_weight; /* torch's lerp(exp_avg, g, 1-beta1), see _lerp */
     double one_minus_beta2;
     double step_size; /* lr / (1 - beta1**step) */
     double bias_correction2_sqrt; /* sqrt(1 - beta2**step) */
@@ -180,6 +182,7 @@ typedef struct {
     double param_decay; /* decoupled 1 - lr*wd (AdamW), else 1 */
     double grad_sign;
     int amsgrad; /* 0 or 1 */
+    int exp_avg_from_end; /* 1-beta1 >= 0.5: torch's lerp starts from g; 0 or 1 */
 } fastopt_adam_scalars;
 
 /* Checks: lr, eps, weight_decay finite and >= 0; beta1, beta2 in [0, 1); step >= 1. */
@@ -242,11 +245,12 @@ FASTOPT_API int fastopt_adamw_list_f64(double *const *param, const double *const
 typedef struct {
     double beta1;
     double beta2;
-    double one_minus_beta1;
+    double exp_avg_weight;
     double clr; /* lr / (1 - beta1**step) */
     double eps;
     double weight_decay;
     double grad_sign;
+    int exp_avg_from_end; /* 0 or 1 */
 } fastopt_adamax_scalars;
 
 /* Checks: lr, eps, weight_decay finite and >= 0; beta1, beta2 in [0, 1); step >= 1. */
@@ -277,7 +281,7 @@ FASTOPT_API int fastopt_adamax_list_f64(double *const *param, const double *cons
 typedef struct {
     double beta1;
     double beta2;
-    double one_minus_beta1;
+    double exp_avg_weight;
     double one_minus_beta2;
     double bias_correction2; /* 1 - beta2**step */
     double eps;
@@ -286,6 +290,7 @@ typedef struct {
     double weight_decay;
     double param_decay;
     double grad_sign;
+    int exp_avg_from_end; /* 0 or 1 */
 } fastopt_nadam_scalars;
 
 /* Checks: lr, eps, weight_decay, momentum_decay finite and >= 0; beta1, beta2 in [0, 1); step >=
@@ -320,7 +325,7 @@ FASTOPT_API int fastopt_nadam_list_f64(double *const *param, const double *const
 typedef struct {
     double beta1;
     double beta2;
-    double one_minus_beta1;
+    double exp_avg_weight;
     double one_minus_beta2;
     double step_size; /* lr*rect/(1 - beta1**step) when rectified, else lr/(1 - beta1**step) */
     double bias_correction2_sqrt; /* sqrt(1 - beta2**step) */
@@ -329,6 +334,7 @@ typedef struct {
     double param_decay;
     double grad_sign;
     int rectified; /* rho_t > 5: the variance is tractable, use the adaptive step; 0 or 1 */
+    int exp_avg_from_end; /* 0 or 1 */
 } fastopt_radam_scalars;
 
 /* Checks: lr, eps, weight_decay finite and >= 0; beta1, beta2 in [0, 1); step >= 1. */

@@ -219,6 +219,8 @@ static const char *check_fields(int rule, const scalars *s, const hyper *hp, int
     for (size_t k = 0; k < sizeof hn / sizeof hn[0]; k++)
         hn[k] = hp->h[k] + 0.0;
     const double *h = hn, sign = hp->maximize ? -1.0 : 1.0, t = (double)step;
+/* torch's lerp(m, g, 1-beta1) switches form at 1-beta1 = 0.5 (rules.py). */
+#define EXP_AVG_WEIGHT(b1) ((b1) > 0.5 ? 1.0 - (b1) : -(b1))
 #define F(cond, name) \
     if (!(cond)) return name
     switch (rule) {
@@ -248,8 +250,8 @@ static const char *check_fields(int rule, const scalars *s, const hyper *hp, int
     case R_ADAMW: {
         const int dec = rule == R_ADAMW;
         F(same_d(s->adam.beta1, h[1]) && same_d(s->adam.beta2, h[2]) && same_d(s->adam.eps, h[3]), "adam copies");
-        F(same_d(s->adam.one_minus_beta1, 1.0 - h[1]) && same_d(s->adam.one_minus_beta2, 1.0 - h[2]),
-          "adam one_minus_beta");
+        F(same_d(s->adam.exp_avg_weight, EXP_AVG_WEIGHT(h[1])) && same_d(s->adam.one_minus_beta2, 1.0 - h[2]) &&
+              s->adam.exp_avg_from_end == (h[1] <= 0.5), "adam exp_avg lerp");
         F(same_d(s->adam.step_size, h[0] / (1.0 - pow(h[1], t))), "adam step_size");
         F(same_d(s->adam.bias_correction2_sqrt, sqrt(1.0 - pow(h[2], t))), "adam bias_correction2_sqrt");
         F(same_d(s->adam.weight_decay, dec ? 0.0 : h[4]), "adam weight_decay");
@@ -260,14 +262,15 @@ static const char *check_fields(int rule, const scalars *s, const hyper *hp, int
     case R_ADAMAX:
         F(same_d(s->adamax.beta1, h[1]) && same_d(s->adamax.beta2, h[2]) && same_d(s->adamax.eps, h[3]) &&
               same_d(s->adamax.weight_decay, h[4]), "adamax copies");
-        F(same_d(s->adamax.one_minus_beta1, 1.0 - h[1]), "adamax one_minus_beta1");
+        F(same_d(s->adamax.exp_avg_weight, EXP_AVG_WEIGHT(h[1])) && s->adamax.exp_avg_from_end == (h[1] <= 0.5),
+          "adamax exp_avg lerp");
         F(same_d(s->adamax.clr, h[0] / (1.0 - pow(h[1], t))) && s->adamax.grad_sign == sign, "adamax clr");
         break;
     case R_NADAM: {
         const int dec = hp->flag;
         F(same_d(s->nadam.beta1, h[1]) && same_d(s->nadam.beta2, h[2]) && same_d(s->nadam.eps, h[3]), "nadam copies");
-        F(same_d(s->nadam.one_minus_beta1, 1.0 - h[1]) && same_d(s->nadam.one_minus_beta2, 1.0 - h[2]),
-          "nadam one_minus_beta");
+        F(same_d(s->nadam.exp_avg_weight, EXP_AVG_WEIGHT(h[1])) && same_d(s->nadam.one_minus_beta2, 1.0 - h[2]) &&
+              s->nadam.exp_avg_from_end == (h[1] <= 0.5), "nadam exp_avg lerp");
         F(same_d(s->nadam.bias_correction2, 1.0 - pow(h[2], t)), "nadam bias_correction2");
         F(same_d(s->nadam.weight_decay, dec ? 0.0 : h[4]), "nadam weight_decay");
         F(same_d(s->nadam.param_decay, dec ? 1.0 - h[0] * h[4] : 1.0), "nadam param_decay");
@@ -283,6 +286,7 @@ static const char *check_fields(int rule, const scalars *s, const hyper *hp, int
         break;
     }
 #undef F
+#undef EXP_AVG_WEIGHT
     return NULL;
 }
 
@@ -311,7 +315,7 @@ static void raw_scalars(uint64_t *r, int rule, scalars *s)
         break;
     }
     case R_RMSPROP: {
-        fastopt_rmsprop_scalars x = {RV, RV, RV, RV, chance(r, 40) ? 0.0 : RV, RV, SIGN, BIT, BIT};
+        fastopt_rmsprop_scalars x = {RV, RV, RV, RV, chance(r, 40) ? 0.0 : RV, RV, SIGN, RV, BIT, BIT, BIT};
         s->rmsprop = x;
         break;
     }
@@ -323,18 +327,18 @@ static void raw_scalars(uint64_t *r, int rule, scalars *s)
     case R_ADAM:
     case R_ADAMW: {
         fastopt_adam_scalars x = {RV, RV, RV, RV, RV, RV, RV, chance(r, 40) ? 0.0 : RV, chance(r, 40) ? 1.0 : RV,
-                                  SIGN, BIT};
+                                  SIGN, BIT, BIT};
         s->adam = x;
         break;
     }
     case R_ADAMAX: {
-        fastopt_adamax_scalars x = {RV, RV, RV, RV, RV, chance(r, 40) ? 0.0 : RV, SIGN};
+        fastopt_adamax_scalars x = {RV, RV, RV, RV, RV, chance(r, 40) ? 0.0 : RV, SIGN, BIT};
         s->adamax = x;
         break;
     }
     case R_NADAM: {
         fastopt_nadam_scalars x = {RV, RV, RV, RV, RV, RV, RV, RV, chance(r, 40) ? 0.0 : RV,
-                                   chance(r, 40) ? 1.0 : RV, SIGN};
+                                   chance(r, 40) ? 1.0 : RV, SIGN, BIT};
         s->nadam = x;
         break;
     }

@@ -13,12 +13,8 @@ PyTorch users: ``fastopt.torch.AdamW(model.parameters(), lr=1e-3)`` (imports tor
 
 See docs/design.md for the design and the update rules, README.md for the results.
 """
-# Import the backends package before binding the name ``backends`` to the
-# function below: the first import of a submodule binds the package as the
-# attribute ``fastopt.backends``, and a lazy backend load would otherwise
-# replace the function with the package on first use.
-from . import backends as _backend_modules  # noqa: F401  (must precede the next line)
-from .dispatch import BackendInfo, backends
+from . import backends  # the package, callable: fastopt.backends() reports which backends load here
+from .dispatch import BackendInfo
 from .finite import all_finite
 from .flat import FlatParams
 from . import functional, optim

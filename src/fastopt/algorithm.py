@@ -61,9 +61,14 @@ class Algorithm:
             missing = [k for k in self.hyper_defaults() if k not in hyper]
             if missing:
                 raise ValueError(f"{where} is missing hyperparameter {missing[0]!r}")
-        self.needs(hyper)
-        for h in self.rule.optimizer_hyper:
-            h.check(h.name, hyper[h.name])
+        try:
+            self.needs(hyper)
+            for h in self.rule.optimizer_hyper:
+                h.check(h.name, hyper[h.name])
+        except (TypeError, ValueError) as exc:
+            if not where:
+                raise
+            raise type(exc)(f"{where}: {exc}") from None  # which group (of a state dict, say) it was
 
     def check_step(self, hyper: Mapping[str, Any], state: Mapping[str, Any], where: str) -> None:
         """Check a group and its state before a step writes anything: the

@@ -33,6 +33,6 @@ def all_finite(array: Any, *, backend: str | None = None) -> bool:
         flat = array.reshape(-1)
         return all(np.isfinite(flat[i:i + _SLICE]).all() for i in range(0, flat.size, _SLICE))
     if is_device_array(array):
-        module = dispatch.select(backend, on_device=True)
+        module = dispatch.select(backend, on_device=True)  # a device backend: all_finite is in its contract
         return bool(module.all_finite(array))
     raise TypeError(f"array must be a numpy.ndarray or a __cuda_array_interface__ array, got {type(array).__name__}")

@@ -23,6 +23,12 @@ Conventions used by every rule:
 * ``param_decay`` is the decoupled multiplier ``1 - lr*wd`` (AdamW, Lion,
   decoupled NAdam and RAdam), exactly 1.0 when unused.
 * Scalars NamedTuples list their float fields first, then the bool flags.
+* Running averages follow torch's ``lerp(a, b, w)``, which switches formula at
+  ``w = 0.5`` (the two agree in exact arithmetic, not at infinities):
+  ``a + w*(b - a)`` for ``w < 0.5``, else ``b - (b - a)*(1 - w)``. Both are
+  ``base + weight*(b - a)`` with ``base = a, weight = w`` or ``base = b,
+  weight = w - 1``: the scalars carry the weight and a ``*_from_end`` flag
+  (``exp_avg_weight``/``exp_avg_from_end`` for ``lerp(exp_avg, g, 1-beta1)``).
 """
 from __future__ import annotations
 
@@ -110,14 +116,17 @@ class RMSpropScalars(NamedTuple):
     weight_decay: float
     momentum: float
     grad_sign: float
+    grad_avg_weight: float  # torch's lerp(grad_avg, g, 1-alpha), see _lerp
     centered: bool
     use_momentum: bool  # momentum > 0
+    grad_avg_from_end: bool  # 1-alpha >= 0.5
 
 
 def _rmsprop(lr, alpha, eps, weight_decay, momentum, centered, maximize, step):
     return RMSpropScalars(lr=lr, alpha=alpha, one_minus_alpha=1.0 - alpha, eps=eps, weight_decay=weight_decay,
-                          momentum=momentum, grad_sign=-1.0 if maximize else 1.0, centered=centered,
-                          use_momentum=momentum > 0.0)
+                          momentum=momentum, grad_sign=-1.0 if maximize else 1.0,
+                          grad_avg_weight=1.0 - alpha if alpha > 0.5 else -alpha, centered=centered,
+                          use_momentum=momentum > 0.0, grad_avg_from_end=alpha <= 0.5)
 
 
 RMSPROP = Rule(
@@ -162,7 +171,7 @@ ADADELTA = Rule(
 class AdamScalars(NamedTuple):
     beta1: float
     beta2: float
-    one_minus_beta1: float
+    exp_avg_weight: float  # torch's lerp(exp_avg, g, 1-beta1), see _lerp
     one_minus_beta2: float
     step_size: float  # lr / (1 - beta1**step)
     bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
@@ -171,14 +180,16 @@ class AdamScalars(NamedTuple):
     param_decay: float  # decoupled 1 - lr*wd (AdamW), else 1
     grad_sign: float
     amsgrad: bool
+    exp_avg_from_end: bool  # 1-beta1 >= 0.5: torch's lerp starts from g
 
 
 def _adam(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, step, decoupled):
-    return AdamScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+    return AdamScalars(beta1=beta1, beta2=beta2, exp_avg_weight=1.0 - beta1 if beta1 > 0.5 else -beta1,
+                       one_minus_beta2=1.0 - beta2,
                        step_size=lr / (1.0 - beta1 ** step), bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step),
                        eps=eps, weight_decay=0.0 if decoupled else weight_decay,
                        param_decay=1.0 - lr * weight_decay if decoupled else 1.0,
-                       grad_sign=-1.0 if maximize else 1.0, amsgrad=amsgrad)
+                       grad_sign=-1.0 if maximize else 1.0, amsgrad=amsgrad, exp_avg_from_end=beta1 <= 0.5)
 
 
 _ADAM_HYPER = (_LR, _BETAS, _EPS, _WD, Hyper("amsgrad", False, flag), _MAXIMIZE)
@@ -204,16 +215,18 @@ ADAMW = Rule(
 class AdamaxScalars(NamedTuple):
     beta1: float
     beta2: float
-    one_minus_beta1: float
+    exp_avg_weight: float
     clr: float  # lr / (1 - beta1**step)
     eps: float
     weight_decay: float
     grad_sign: float
+    exp_avg_from_end: bool
 
 
 def _adamax(lr, beta1, beta2, eps, weight_decay, maximize, step):
-    return AdamaxScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, clr=lr / (1.0 - beta1 ** step),
-                         eps=eps, weight_decay=weight_decay, grad_sign=-1.0 if maximize else 1.0)
+    return AdamaxScalars(beta1=beta1, beta2=beta2, exp_avg_weight=1.0 - beta1 if beta1 > 0.5 else -beta1,
+                         clr=lr / (1.0 - beta1 ** step), eps=eps, weight_decay=weight_decay,
+                         grad_sign=-1.0 if maximize else 1.0, exp_avg_from_end=beta1 <= 0.5)
 
 
 ADAMAX = Rule(
@@ -229,7 +242,7 @@ ADAMAX = Rule(
 class NAdamScalars(NamedTuple):
     beta1: float
     beta2: float
-    one_minus_beta1: float
+    exp_avg_weight: float
     one_minus_beta2: float
     bias_correction2: float  # 1 - beta2**step
     eps: float
@@ -238,6 +251,7 @@ class NAdamScalars(NamedTuple):
     weight_decay: float
     param_decay: float
     grad_sign: float
+    exp_avg_from_end: bool
 
 
 def _nadam(mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize,
@@ -245,13 +259,14 @@ def _nadam(mu_product, lr, beta1, beta2, eps, weight_decay, momentum_decay, deco
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     product = mu_product * mu
-    return NAdamScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+    return NAdamScalars(beta1=beta1, beta2=beta2, exp_avg_weight=1.0 - beta1 if beta1 > 0.5 else -beta1,
+                        one_minus_beta2=1.0 - beta2,
                         bias_correction2=1.0 - beta2 ** step, eps=eps,
                         grad_coef=lr * (1.0 - mu) / (1.0 - product),
                         exp_avg_coef=lr * mu_next / (1.0 - product * mu_next),
                         weight_decay=0.0 if decoupled_weight_decay else weight_decay,
                         param_decay=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
-                        grad_sign=-1.0 if maximize else 1.0), product
+                        grad_sign=-1.0 if maximize else 1.0, exp_avg_from_end=beta1 <= 0.5), product
 
 
 NADAM = Rule(
@@ -271,7 +286,7 @@ NADAM = Rule(
 class RAdamScalars(NamedTuple):
     beta1: float
     beta2: float
-    one_minus_beta1: float
+    exp_avg_weight: float
     one_minus_beta2: float
     step_size: float  # lr*rect/(1 - beta1**step) when rectified, else lr/(1 - beta1**step)
     bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
@@ -280,6 +295,7 @@ class RAdamScalars(NamedTuple):
     param_decay: float
     grad_sign: float
     rectified: bool  # rho_t > 5: the variance is tractable, use the adaptive step
+    exp_avg_from_end: bool
 
 
 def _radam(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize, step):
@@ -290,11 +306,12 @@ def _radam(lr, beta1, beta2, eps, weight_decay, decoupled_weight_decay, maximize
     rectified = rho_t > 5.0
     rect = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)) \
         if rectified else 1.0
-    return RAdamScalars(beta1=beta1, beta2=beta2, one_minus_beta1=1.0 - beta1, one_minus_beta2=1.0 - beta2,
+    return RAdamScalars(beta1=beta1, beta2=beta2, exp_avg_weight=1.0 - beta1 if beta1 > 0.5 else -beta1,
+                        one_minus_beta2=1.0 - beta2,
                         step_size=lr * rect / bias_correction1, bias_correction2_sqrt=math.sqrt(bias_correction2),
                         eps=eps, weight_decay=0.0 if decoupled_weight_decay else weight_decay,
                         param_decay=1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
-                        grad_sign=-1.0 if maximize else 1.0, rectified=rectified)
+                        grad_sign=-1.0 if maximize else 1.0, rectified=rectified, exp_avg_from_end=beta1 <= 0.5)
 
 
 RADAM = Rule(

@@ -14,11 +14,15 @@ Each backend module defines ``name``, ``device`` (``"cpu"`` or ``"cuda"``) and
 
 Buffers arrive already validated (:mod:`fastopt.buffers`): C-contiguous, of
 any shape, one dtype. A backend may define ``unavailable_reason() -> str``
-(empty when usable) and ``set_num_threads(n)``. They are imported lazily by
+(empty when usable) and ``set_num_threads(n)``; a device backend defines
+``all_finite(array, stream=None) -> bool`` (for :func:`fastopt.all_finite`,
+which checks host arrays itself). They are imported lazily by
 :mod:`fastopt.dispatch`.
 """
 from __future__ import annotations
 
+import sys
+import types
 from typing import Any, Callable, Sequence
 
 
@@ -28,3 +32,19 @@ def run_each(run: Callable, kernel: str, params: Sequence[Any], grads: Sequence[
     tensor costs nothing extra (the NumPy reference, which is not about speed)."""
     for i, (p, g) in enumerate(zip(params, grads)):
         run(kernel, p, g, tuple(None if s is None else s[i] for s in states), scalars, stream)
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable: ``fastopt.backends()`` is the report of
+    :func:`fastopt.dispatch.backends` (every backend, whether it loads here and
+    why not), while ``import fastopt.backends.c`` still imports a backend
+    module. (A function named ``backends`` in ``fastopt`` would hide the
+    package, and the package would replace the function at the first lazy
+    backend import.)"""
+
+    def __call__(self) -> dict:
+        from ..dispatch import backends
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -105,7 +105,7 @@ def compiled(kernel: str, dtype, present: tuple[bool, ...]) -> _Compiled:
     return got
 
 
-def prepare(kernel: str, dtype, state_present: Sequence[bool]) -> None:
+def precompile(kernel: str, dtype, state_present: Sequence[bool]) -> None:
     """Compile one variant ahead of time (benchmarks: keep JIT time out of timings)."""
     compiled(kernel, dtype, tuple(bool(x) for x in state_present))
 

@@ -29,6 +29,12 @@ def _grad(param, grad, s):
     return g
 
 
+def _lerp(a, b, weight, from_end):
+    """torch's lerp(a, b, w): ``a + w*(b - a)`` for w < 0.5, else ``b - (b - a)*(1 - w)``,
+    written ``base + weight*(b - a)`` (rules.py gives weight = w or w - 1)."""
+    return (b if from_end else a) + weight * (b - a)
+
+
 def sgd(param, grad, momentum_buffer, s: rules.SGDScalars):
     g = _grad(param, grad, s)
     if momentum_buffer is not None:
@@ -51,7 +57,7 @@ def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, s: rules.RMSprop
     g = _grad(param, grad, s)
     square_avg[...] = s.alpha * square_avg + s.one_minus_alpha * (g * g)
     if s.centered:
-        grad_avg += s.one_minus_alpha * (g - grad_avg)  # torch's lerp
+        grad_avg[...] = _lerp(grad_avg, g, s.grad_avg_weight, s.grad_avg_from_end)
         avg = np.sqrt(square_avg - grad_avg * grad_avg) + s.eps
     else:
         avg = np.sqrt(square_avg) + s.eps
@@ -74,7 +80,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: rules.AdamScalars)
     if s.param_decay != 1:  # AdamW: decoupled decay, before the gradient is read
         param *= s.param_decay
     g = _grad(param, grad, s)
-    exp_avg += s.one_minus_beta1 * (g - exp_avg)  # torch's lerp(m, g, 1-b1)
+    exp_avg[...] = _lerp(exp_avg, g, s.exp_avg_weight, s.exp_avg_from_end)  # torch's lerp(m, g, 1-b1)
     exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
     v = exp_avg_sq
     if s.amsgrad:
@@ -86,7 +92,7 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: rules.AdamScalars)
 
 def adamax(param, grad, exp_avg, exp_inf, s: rules.AdamaxScalars):
     g = _grad(param, grad, s)
-    exp_avg += s.one_minus_beta1 * (g - exp_avg)
+    exp_avg[...] = _lerp(exp_avg, g, s.exp_avg_weight, s.exp_avg_from_end)
     np.maximum(s.beta2 * exp_inf, np.abs(g) + s.eps, out=exp_inf)
     param -= s.clr * (exp_avg / exp_inf)
 
@@ -95,7 +101,7 @@ def nadam(param, grad, exp_avg, exp_avg_sq, s: rules.NAdamScalars):
     if s.param_decay != 1:
         param *= s.param_decay
     g = _grad(param, grad, s)
-    exp_avg += s.one_minus_beta1 * (g - exp_avg)
+    exp_avg[...] = _lerp(exp_avg, g, s.exp_avg_weight, s.exp_avg_from_end)
     exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
     denom = np.sqrt(exp_avg_sq / s.bias_correction2) + s.eps
     param -= s.grad_coef * (g / denom)
@@ -106,7 +112,7 @@ def radam(param, grad, exp_avg, exp_avg_sq, s: rules.RAdamScalars):
     if s.param_decay != 1:
         param *= s.param_decay
     g = _grad(param, grad, s)
-    exp_avg += s.one_minus_beta1 * (g - exp_avg)
+    exp_avg[...] = _lerp(exp_avg, g, s.exp_avg_weight, s.exp_avg_from_end)
     exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
     if s.rectified:  # rho_t > 5: the adaptive, rectified step
         param -= s.step_size * (exp_avg * (s.bias_correction2_sqrt / (np.sqrt(exp_avg_sq) + s.eps)))

@@ -50,7 +50,7 @@ def rmsprop(p, g, square_avg, momentum_buffer, grad_avg, s):
         g = g + s.weight_decay * p
     square_avg = s.alpha * square_avg + s.one_minus_alpha * (g * g)
     if s.centered:
-        grad_avg = grad_avg + s.one_minus_alpha * (g - grad_avg)  # torch's lerp
+        grad_avg = (g if s.grad_avg_from_end else grad_avg) + s.grad_avg_weight * (g - grad_avg)  # torch's lerp
         avg = math.sqrt(square_avg - grad_avg * grad_avg) + s.eps
     else:
         avg = math.sqrt(square_avg) + s.eps
@@ -78,8 +78,9 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, s):
     g = g * s.grad_sign
     if s.weight_decay != 0:
         g = g + s.weight_decay * p
-    # m + (1-b1)*(g-m) is torch's lerp(m, g, 1-b1): one multiply-add fewer than b1*m + (1-b1)*g.
-    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    # torch's lerp(m, g, 1-b1) (rules.py: the weight and base switch at 1-b1 = 0.5): one
+    # multiply-add fewer than b1*m + (1-b1)*g.
+    exp_avg = (g if s.exp_avg_from_end else exp_avg) + s.exp_avg_weight * (g - exp_avg)
     exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
     v = exp_avg_sq
     if s.amsgrad:
@@ -94,7 +95,7 @@ def adamax(p, g, exp_avg, exp_inf, s):
     g = g * s.grad_sign
     if s.weight_decay != 0:
         g = g + s.weight_decay * p
-    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    exp_avg = (g if s.exp_avg_from_end else exp_avg) + s.exp_avg_weight * (g - exp_avg)
     a = s.beta2 * exp_inf
     b = abs(g) + s.eps
     exp_inf = a if (a > b or a != a) else b
@@ -106,7 +107,7 @@ def nadam(p, g, exp_avg, exp_avg_sq, s):
     g = g * s.grad_sign
     if s.weight_decay != 0:
         g = g + s.weight_decay * p
-    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    exp_avg = (g if s.exp_avg_from_end else exp_avg) + s.exp_avg_weight * (g - exp_avg)
     exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
     denom = math.sqrt(exp_avg_sq / s.bias_correction2) + s.eps
     p = p - s.grad_coef * (g / denom)
@@ -118,7 +119,7 @@ def radam(p, g, exp_avg, exp_avg_sq, s):
     g = g * s.grad_sign
     if s.weight_decay != 0:
         g = g + s.weight_decay * p
-    exp_avg = exp_avg + s.one_minus_beta1 * (g - exp_avg)
+    exp_avg = (g if s.exp_avg_from_end else exp_avg) + s.exp_avg_weight * (g - exp_avg)
     exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
     if s.rectified:
         p = p - s.step_size * (exp_avg * (s.bias_correction2_sqrt / (math.sqrt(exp_avg_sq) + s.eps)))
