@@ -22,7 +22,8 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from oracle import FULL, MATRIX, fastopt_step, gpt_shapes, inputs, list_inputs, needed_state, run_lists  # noqa: E402
+from oracle import (FULL, MATRIX, fastopt_step, gpt_shapes, inputs, list_inputs, needed_state, run_flush_case,  # noqa: E402
+                    run_lists)
 
 N, STEPS = 37, 3
 DTYPES = {"f32": np.float32, "f64": np.float64}
@@ -127,6 +128,17 @@ def main(out):
         for k, v in state.items():
             for i, a in enumerate(v):
                 results[f"list-{rule}-{k}-{i}"] = a
+
+    # Flushing subnormal results (fastopt.set_flush_denormal): every rule, subnormal state.
+    fastopt.set_flush_denormal(True)
+    try:
+        for rule, options in FULL.items():
+            p, state = run_flush_case(rule, options, to_device=cuda.to_device, to_host=lambda a: a.copy_to_host())
+            results[f"flush-{rule}-param"] = p
+            for k, v in state.items():
+                results[f"flush-{rule}-{k}"] = v
+    finally:
+        fastopt.set_flush_denormal(False)
 
     # Zero-copy views of other interface objects, requires_grad included, on any shape.
     shaped = cai_inputs()

@@ -224,3 +224,25 @@ def run_lists(rule: str, options: dict, p0, grads, backend=None, per_tensor=Fals
         else:
             fastopt_step(rule, options, params, gs, state, t, extra, backend)
     return [to_host(p) for p in params], {k: [to_host(a) for a in v] for k, v in state.items()}
+
+
+def run_flush_case(rule: str, options: dict, backend=None, to_device=None, to_host=None, dtype=np.float32):
+    """Three updates from subnormal state with tiny gradients (where flushing
+    subnormal results matters); returns host (param, {state: buffer}). Without
+    weight decay, which would couple the parameter into the gradient."""
+    options = {k: v for k, v in options.items() if k != "weight_decay"}
+    to_device = to_device or (lambda a: a.copy())
+    to_host = to_host or (lambda a: a)
+    rng = np.random.default_rng(8)
+    tiny = np.finfo(dtype).tiny
+    n = 41
+    p = to_device((rng.standard_normal(n) * tiny * 0.5).astype(dtype))  # subnormal parameters
+    signed = {s.name: s.signed for s in RULES[rule].buffers}
+    state = {name: to_device((np.abs(rng.standard_normal(n)) * (-1) ** (signed[name] * rng.integers(0, 2, n))
+                              * tiny * 0.3).astype(dtype)) for name in needed_state(rule, options)}
+    extra: dict = {}
+    for t in range(1, 4):
+        g = (rng.standard_normal(n) * tiny * 0.1).astype(dtype)
+        g[::5] = 0.0
+        fastopt_step(rule, options, p, to_device(g), state, t, extra, backend)
+    return to_host(p), {k: to_host(v) for k, v in state.items()}

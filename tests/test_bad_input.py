@@ -319,3 +319,29 @@ def test_any_c_contiguous_shape_on_every_backend(backend, shape):
     fastopt.adam_(*shaped.values(), step=2, backend=backend)
     for k in flat:
         assert shaped[k].shape == shape and shaped[k].tobytes() == flat[k].tobytes(), k
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_hyperparameters_changed_in_place_take_effect(backend):
+    """A tensor lr (or betas) can change in place between calls, as torch's LR
+    schedulers do with tensor learning rates: its validated value must not be
+    cached by identity. And lr=-0.0 is lr=0.0, cached or not."""
+    torch = pytest.importorskip("torch")
+    p, g = np.ones(4, np.float32), np.ones(4, np.float32)
+    lr = torch.tensor(0.1)
+    fastopt.sgd_(p, g, step=1, lr=lr, backend=backend)
+    lr.fill_(0.0)
+    fastopt.sgd_(p, g, step=2, lr=lr, backend=backend)
+    assert p[0] == np.float32(0.9)
+    betas = (torch.tensor(0.9), 0.999)
+    m, v = np.zeros(4, np.float32), np.zeros(4, np.float32)
+    fastopt.adam_(p, g, m, v, step=1, betas=betas, backend=backend)
+    betas[0].fill_(0.5)
+    fastopt.adam_(p, g, m, v, step=2, betas=betas, backend=backend)
+    assert m[0] == np.float32(0.5) * np.float32(0.1) + np.float32(0.5)  # beta1 = 0.5 was used
+    results = []
+    for lr in (0.0, -0.0, 0.0, -0.0):  # cached after the first call or not: -0.0 acts as 0.0
+        q = np.array([-0.0, 0.0, 1.0, -1.0], np.float32)
+        fastopt.sgd_(q, g, step=1, lr=lr, backend=backend)
+        results.append(q.tobytes())
+    assert len(set(results)) == 1

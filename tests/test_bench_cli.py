@@ -499,3 +499,21 @@ def test_cli_device_cuda_without_gpu_is_a_clear_error():
                           "--rules", "adamw"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "--device cuda needs the cuda backend" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_denormal_mode_runs_and_reports_three_configurations(capsys):
+    from fastopt.bench import cli, denormal
+
+    rc = cli.main(["--denormal", "--quick", "--sizes", "2^12", "--backends", "numpy,numba", "--competitors", "none",
+                   "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["adamw"]]
+    assert [r[2] for r in rows] == ["numpy", "numba"]
+    assert all(len(r) == 8 and r[5].endswith("x") and r[7].endswith("x") for r in rows)
+    assert fastopt.get_flush_denormal() is False  # the flushed configuration restores the setting
+    # the subnormal configuration really starts subnormal, and the decay is slow enough to stay there
+    case = denormal._slow_decay(cases.CASES["adamw"])
+    bufs = denormal._subnormal_buffers(case, 64)
+    assert all(((a > 0) & (a < np.finfo(np.float32).tiny)).all() for a in bufs.state.values())
+    assert case.options["betas"] == (0.999, 0.9999)

@@ -216,3 +216,58 @@ def test_missing_library_is_reported_not_raised(monkeypatch, tmp_path):
     assert "compiled C library is missing" in reason and str(tmp_path) in reason
     with pytest.raises(RuntimeError, match="unavailable"):
         c.run("lion", *(np.zeros(4, np.float32),) * 2, (np.zeros(4, np.float32),), None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_flush_denormal_stores_signed_zeros(ext, dtype):
+    """fastopt_set_flush_denormal(1): AdamW with subnormal state and zero gradients
+    stores zeros of the stored values' signs; everything else (normal values, NaN)
+    is the flush-off result unchanged. Off again: the subnormals are stored."""
+    from fastopt.backends import c
+    lib = ext.lib
+    tiny = np.finfo(dtype).tiny
+    sub = dtype(1e-39) if dtype == np.float32 else dtype(1e-309)
+    r = RULES["adamw"]
+    scalars, _ = r.prepare(hyper("adamw", {}), 1)
+    n = 4099  # odd: the vector loop and its tail
+    sign = np.where(np.arange(n) % 2 == 0, 1, -1).astype(dtype)
+    param = sign * sub
+    param[::7] = sign[::7] * dtype(1.5)  # normal values are untouched
+    param[::11] = np.nan
+    grad = np.zeros(n, dtype)
+    exp_avg = -sign * sub
+    exp_avg[::3] = 0  # where exp_avg is 0 the parameter stays subnormal (then flushed)
+    exp_avg_sq = np.full(n, sub, dtype)
+
+    def update():
+        state = (exp_avg.copy(), exp_avg_sq.copy(), None)
+        p = param.copy()
+        c.run(r.kernel, p, grad, state, scalars)
+        return p, state[0], state[1]
+
+    assert lib.fastopt_get_flush_denormal() == 0
+    off = update()
+    try:
+        assert lib.fastopt_set_flush_denormal(1) == lib.FASTOPT_OK
+        assert lib.fastopt_get_flush_denormal() == 1
+        on = update()
+    finally:
+        lib.fastopt_set_flush_denormal(0)
+    assert lib.fastopt_get_flush_denormal() == 0
+    # flush off: the subnormals are stored
+    assert (np.abs(off[1][exp_avg != 0]) < tiny).all() and (off[1][exp_avg != 0] != 0).all()
+    assert (np.abs(off[2]) < tiny).all() and (off[2] > 0).all()
+    # flush on: zeros of the right sign in the state...
+    assert (on[1] == 0).all() and (np.signbit(on[1]) == np.signbit(off[1])).all()
+    assert (on[1][exp_avg != 0] == 0).all() and (np.signbit(on[1][exp_avg != 0]) == (sign[exp_avg != 0] > 0)).all()
+    assert (on[2] == 0).all() and not np.signbit(on[2]).any()
+    # ... and in param, where it stayed subnormal; exactly the flush rule applied to the flush-off result
+    stays = (exp_avg == 0) & (np.arange(n) % 7 != 0) & (np.arange(n) % 11 != 0)
+    assert stays.any() and (np.abs(off[0][stays]) < tiny).all()
+    assert (on[0][stays] == 0).all() and (np.signbit(on[0][stays]) == (sign[stays] < 0)).all()
+    for a, b in zip(off, on):
+        with np.errstate(invalid="ignore"):
+            want = np.where(np.isnan(a) | (np.abs(a) >= tiny), a, a * 0)
+        same = (want.view(np.uint8).reshape(n, -1) == b.view(np.uint8).reshape(n, -1)).all(axis=1)
+        assert (same | (np.isnan(want) & np.isnan(b))).all()
+    assert np.isnan(on[0][::11]).all() and (on[0][::7][~np.isnan(on[0][::7])] != 0).all()

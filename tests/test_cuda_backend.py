@@ -35,7 +35,7 @@ import fastopt
 from fastopt.kernels import cuda_kernels, elements
 from fastopt.rules import RULES
 from cuda_sim_worker import CAI_CASES, cai_inputs, case_inputs, list_case_inputs
-from oracle import FULL, MATRIX, MATRIX_IDS, fastopt_step, inputs, needed_state, run_fastopt, run_lists
+from oracle import FULL, MATRIX, MATRIX_IDS, fastopt_step, inputs, needed_state, run_fastopt, run_flush_case, run_lists
 
 DTYPES = {"f32": np.float32, "f64": np.float64}
 HERE = os.path.dirname(__file__)
@@ -91,6 +91,20 @@ def test_simulator_list_call_equals_per_tensor_reference(sim, rule):
     for k, v in s_ref.items():
         for i, a in enumerate(v):
             assert_bitwise(arrays[f"list-{rule}-{k}-{i}"], a, f"{k}[{i}]")
+
+
+@pytest.mark.parametrize("rule", FULL)
+def test_simulator_flush_denormal_matches_reference(sim, rule):
+    _, arrays = sim
+    fastopt.set_flush_denormal(True)
+    try:
+        with np.errstate(all="ignore"):
+            p_ref, s_ref = run_flush_case(rule, FULL[rule], backend="numpy")
+    finally:
+        fastopt.set_flush_denormal(False)
+    assert_bitwise(arrays[f"flush-{rule}-param"], p_ref, "param")
+    for k, v in s_ref.items():
+        assert_bitwise(arrays[f"flush-{rule}-{k}"], v, k)
 
 
 @pytest.mark.parametrize("wrap", ["fake_tensor", "requires_grad", "named_stream"])
@@ -210,6 +224,27 @@ def test_ptx_compiles_and_assembles(kernel, present, dname, tmp_path):
         assert regs <= 64, report
 
 
+FLUSH_VARIANTS = sorted({(k, p) for k, p in VARIANTS if all(p)})
+
+
+@pytest.mark.parametrize("dname", DTYPES)
+@pytest.mark.parametrize("kernel,present", FLUSH_VARIANTS, ids=[k for k, _ in FLUSH_VARIANTS])
+def test_ptx_flush_variant_compiles_and_assembles(kernel, present, dname, tmp_path):
+    """The flush-denormal store (fastopt.set_flush_denormal) compiles to PTX with no
+    float64 in a float32 kernel and no flush-to-zero arithmetic (the flush is a select)."""
+    from numba import cuda
+
+    fn = cuda_kernels.make_kernel(kernel, present, flush=True)
+    sig = cuda_kernels.signature(kernel, DTYPES[dname], present)
+    for cc in CCS:
+        ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
+        ops = instructions(ptx)
+        if dname == "f32":
+            assert not [op for op in ops if ".f64" in op], set(ops)
+        assert not [op for op in ops if ".ftz" in op or ".approx" in op], set(ops)
+        assemble(ptx, cc, tmp_path)
+
+
 @pytest.mark.parametrize("dname", DTYPES)
 def test_ptx_nonfinite_kernel(dname, tmp_path):
     from numba import cuda
@@ -226,7 +261,7 @@ def test_absent_state_is_not_an_argument():
     for kernel, present in VARIANTS:
         params = list(inspect.signature(cuda_kernels.make_kernel(kernel, present)).parameters)
         state = [n for n, here in zip(cuda_kernels.STATE[kernel], present) if here]
-        assert params == ["param", "grad", *state, "s"]
+        assert params == ["param", "grad", *state, "s", "tiny"]
         assert len(cuda_kernels.signature(kernel, np.float32, present)) == len(params)
 
 

@@ -18,7 +18,7 @@ import pytest
 import fastopt
 from fastopt.backends import numba_cpu
 from fastopt.kernels import numba_loops
-from fastopt.kernels import elements
+from fastopt.kernels import elements, stores
 from fastopt.rules import RULES
 from oracle import FULL, MATRIX, MATRIX_IDS, hyper, inputs, needed_state, run_fastopt
 
@@ -47,7 +47,7 @@ def test_serial_and_parallel_paths_bitwise_equal(rule, options, monkeypatch):
 
 def _fresh_asm(kernel, args):
     """Assembly of the serial loop compiled anew (cached code cannot be inspected)."""
-    fn = numba.njit(error_model="numpy")(numba_loops.LOOPS[kernel][0].py_func)
+    fn = numba.njit(error_model="numpy")(numba_loops.LOOPS[kernel, stores.keep][0].py_func)
     fn(*args)
     return next(iter(fn.inspect_asm().values()))
 
@@ -67,7 +67,7 @@ def test_float32_loop_is_vectorised_without_float64_promotion(kernel):
     need = needed_state(rule, opts)
     state = [x.copy() if name in need else None for name in RULES[rule].state]
     assert type(scalars) is KERNEL_SCALARS[kernel]
-    asm = _fresh_asm(kernel, (x.copy(), x.copy(), *state, scalars[:n], scalars[n:]))
+    asm = _fresh_asm(kernel, (x.copy(), x.copy(), *state, scalars[:n], scalars[n:], np.float32(1e-38)))
     # (float64 -> float32 conversions are expected: the scalars are cast once.)
     assert not re.search(r"cvtss2sd|cvtps2pd", asm), "float32 values widened to float64"
     assert re.search(r"\b(v?)(mul|add|sub)ps\b", asm), "float32 loop not vectorised"
@@ -101,7 +101,8 @@ def test_second_process_loads_compiled_loops_from_cache(tmp_path):
         from fastopt.kernels.numba_loops import LOOPS
         x = [np.ones(100, np.float32) for _ in range(4)]
         fastopt.adamw_(*x, step=1, backend="numba")
-        s = LOOPS["adam"][0].stats
+        from fastopt.kernels import stores
+        s = LOOPS["adam", stores.keep][0].stats
         print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))
     """
     assert _run_child(code, env).split() == ["0", "1"]  # compiled and saved

@@ -412,3 +412,15 @@ def test_sgd_state_dict_has_torch_layout():
     train(model, heavy, 2)
     assert set(heavy.state_dict()["state"][0]) == {"momentum_buffer"}
     assert math.isclose(heavy.param_groups[0]["momentum"], 0.9)
+
+
+def test_a_scheduler_that_sets_lr_to_zero_stops_the_updates():
+    model = mlp()
+    opt = ft.SGD(model.parameters(), lr=torch.tensor(0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.0)
+    train(model, opt, 1)
+    sched.step()  # lr is now 0 (a tensor lr is filled in place)
+    before = params(model)
+    train(model, opt, 3, start=1)
+    for a, b in zip(before, params(model)):
+        assert torch.equal(a, b)

@@ -106,14 +106,31 @@ FASTOPT_API const char *fastopt_strerror(int code);
 
 /* Use n OpenMP threads in later updates; n == 0 restores the OpenMP default
  * (OMP_NUM_THREADS or the number of cores). Returns FASTOPT_ERR_THREADS for
- * n < 0. This is the library's only global state: set it between updates,
- * not while another thread is running one. Without OpenMP it has no effect. */
+ * n < 0. This and the flush setting below are the library's only global
+ * state: set them between updates, not while another thread is running one.
+ * Without OpenMP it has no effect. */
 FASTOPT_API int fastopt_set_num_threads(int n);
 
 /* The number of threads a large update uses (>= 1). It is 1 in a process
  * forked after the library was loaded: GNU OpenMP's thread pool does not
  * survive fork, so such a child runs updates on its calling thread. */
 FASTOPT_API int fastopt_get_num_threads(void);
+
+/* Flush denormals in later updates: on != 0 turns it on, 0 (the default) off.
+ * When on, every value an update stores (param and each state buffer it
+ * writes; grad is never written) whose magnitude is below the dtype's
+ * smallest normal (FLT_MIN, DBL_MIN) and that is not NaN is stored as a zero
+ * of its sign: stored = (fabs(x) >= MIN || x != x) ? x : x * 0. Only stored
+ * values are flushed, never intermediates, and the CPU's FTZ/DAZ modes are not
+ * touched, so results stay bitwise identical across CPU paths and thread
+ * counts: exactly the flush-off results with that rule applied to each stored
+ * value. When off, the kernels are exactly those without the option. Read
+ * once per update call (flat and list alike); set it between updates, as the
+ * thread count. Returns FASTOPT_OK. */
+FASTOPT_API int fastopt_set_flush_denormal(int on);
+
+/* 1 if updates flush denormals (fastopt_set_flush_denormal), else 0. */
+FASTOPT_API int fastopt_get_flush_denormal(void);
 
 /* The CPU path the kernels use: "avx512", "avx2" or "baseline". Decided at
  * the first update (or call of this function) from the CPU's features and the

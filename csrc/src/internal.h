@@ -16,8 +16,11 @@ enum { FO_F32, FO_F64, FO_NDTYPES };
 /* Every kernel, whatever its rule, has this shape internally: FO_MAX_STATE
  * state buffer pointers (unused ones are NULL, never touched), n elements,
  * the rule's public scalars struct. One shape lets one driver (api.c) chunk
- * every rule over the threads. The loops run on the calling thread. */
-typedef void (*fo_loop)(void *param, const void *grad, void *const *state, int64_t n, const void *scalars);
+ * every rule over the threads. The loops run on the calling thread. flush:
+ * nonzero to store values below the smallest normal as signed zeros
+ * (fastopt_set_flush_denormal, read once per update call). */
+typedef void (*fo_loop)(void *param, const void *grad, void *const *state, int64_t n, const void *scalars,
+                        int flush);
 
 typedef struct {
     const char *name;  /* "avx512", "avx2", "baseline" */

@@ -7,7 +7,11 @@
  *   - argument errors and prepare's range checks;
  *   - every rule of the generated table (rules_table.inc, RAdam included),
  *     every flag combination: list calls equal flat calls bitwise, f32 and
- *     f64, on 1 and 2 threads. */
+ *     f64, on 1 and 2 threads;
+ *   - flush denormals (fastopt_set_flush_denormal): every rule and flag
+ *     combination, f32 and f64, 1 and 2 threads, flat and list calls, equals
+ *     the flush-off result with each stored value flushed, bitwise; the other
+ *     tests run with it off (after it was on), so off is today's kernels. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -341,6 +345,124 @@ static void test_errors(void)
 FO_T_LIST_TEST(float, _f32)
 FO_T_LIST_TEST(double, _f64)
 
+/* The flush rule, written independently of the library's: a non-NaN value
+ * below the smallest normal in magnitude becomes a zero of its sign. */
+#define FO_T_FLUSHED(x, TINY) ((x) != (x) || fabs((double)(x)) >= (TINY) ? (x) : copysign(0.0, (double)(x)))
+
+/* Every rule, every flag combination, 1 and 2 threads: with flush on, flat
+ * calls per tensor and one list call equal the flush-off flat calls with each
+ * stored value (param, the written state buffers, inside the tensors) flushed,
+ * bitwise. The inputs mix ordinary values, subnormals (+-, with zero
+ * gradients, so results stay subnormal), values near the smallest normal and
+ * the SPECIALS; the test checks that flushes of both signs happened. Flags
+ * run one bit past the rule's flags: the hyperparameters whose default is 0
+ * (momentum, weight decay, ...) at 0.5, so every written buffer is used.
+ * Bitwise as everywhere in these tests: any NaN equals any NaN (its sign and
+ * payload depend on the compiler's operand order, which differs per loop). */
+#define FO_T_FLUSH_TEST(T, SFX, TINY)                                                                       \
+    static int FO_T_CAT(same_bits, SFX)(const T *a, const T *b, int64_t n)                                  \
+    {                                                                                                       \
+        for (int64_t i = 0; i < n; i++)                                                                     \
+            if (memcmp(&a[i], &b[i], sizeof(T)) && !(isnan(a[i]) && isnan(b[i])))                           \
+                return 0;                                                                                   \
+        return 1;                                                                                           \
+    }                                                                                                       \
+    static void FO_T_CAT(test_flush, SFX)(void)                                                             \
+    {                                                                                                       \
+        enum { NT = 6, NB = 2 + FO_T_MAX_STATE };                                                           \
+        static const int64_t len[NT] = {1, 17, 0, 1000, 40001, 65};                                         \
+        int64_t total = 0, flushed_pos = 0, flushed_neg = 0;                                                \
+        for (int i = 0; i < NT; i++) total += len[i] + 3;                                                   \
+        T *buf[3][NB]; /* 0: flush off, flat; 1: on, flat; 2: on, list */                                   \
+        for (int c = 0; c < 3; c++)                                                                         \
+            for (int b = 0; b < NB; b++) buf[c][b] = malloc(total * sizeof(T));                             \
+        for (int rule = 0; rule < FO_T_NRULES; rule++)                                                      \
+            for (unsigned flags = 0; flags < (2u << FO_T_RULES[rule].nflags); flags++)                      \
+                for (int threads = 1; threads <= 2; threads++) {                                            \
+                    fo_t_scalars s; /* flags bit nflags: momentum, weight decay, ... nonzero */             \
+                    double carry = 1.0;                                                                     \
+                    if (fo_t_prepare(rule, &s, &carry, flags, 3))                                           \
+                        continue;                                                                           \
+                    const unsigned need = fo_t_need(rule, &s);                                              \
+                    uint64_t rng = 11 + rule + 31 * flags;                                                  \
+                    for (int64_t i = 0; i < total; i++) {                                                   \
+                        const int kind = (int)((uniform(&rng) + 1.0) * 4.0); /* 0..7 */                     \
+                        for (int b = 0; b < NB; b++) {                                                      \
+                            double u = uniform(&rng), x;                                                    \
+                            if (kind < 3)                                                                   \
+                                x = u;                                                                      \
+                            else if (kind < 6) /* subnormal, zero gradient */                               \
+                                x = b == 1 ? 0.0 : u * (TINY);                                              \
+                            else if (kind == 6) /* around the smallest normal */                            \
+                                x = b == 1 ? u * (TINY) : u * 2.0 * (TINY);                                 \
+                            else                                                                            \
+                                x = SPECIALS[(int64_t)((u + 1.0) * 0.5 * NSPECIALS) % NSPECIALS];           \
+                            if (b >= 2 && kind < 3)                                                         \
+                                x = fabs(x);                                                                \
+                            buf[0][b][i] = buf[1][b][i] = buf[2][b][i] = (T)x;                              \
+                        }                                                                                   \
+                    }                                                                                       \
+                    fastopt_set_num_threads(threads);                                                       \
+                    T *p[NT], *g[NT], *st[FO_T_MAX_STATE][NT];                                              \
+                    T *const *stab[FO_T_MAX_STATE];                                                         \
+                    int rc = 0;                                                                             \
+                    for (int c = 0; c < 2 && !rc; c++) {                                                    \
+                        CHECK(fastopt_set_flush_denormal(c) == FASTOPT_OK, "set_flush_denormal");           \
+                        CHECK(fastopt_get_flush_denormal() == c, "get_flush_denormal");                     \
+                        int64_t off = 0;                                                                    \
+                        for (int i = 0; i < NT && !rc; i++) {                                               \
+                            const int64_t at = off + i % 3;                                                 \
+                            T *fs[FO_T_MAX_STATE];                                                          \
+                            for (int k = 0; k < FO_T_MAX_STATE; k++)                                        \
+                                fs[k] = (need >> k & 1u) ? buf[c][2 + k] + at : NULL;                       \
+                            rc = FO_T_CAT(fo_t_run, SFX)(rule, buf[c][0] + at, buf[c][1] + at, fs, len[i], &s); \
+                            off += len[i] + 3;                                                              \
+                        }                                                                                   \
+                    }                                                                                       \
+                    int64_t off = 0;                                                                        \
+                    for (int i = 0; i < NT; i++) {                                                          \
+                        const int64_t at = off + i % 3;                                                     \
+                        p[i] = buf[2][0] + at, g[i] = buf[2][1] + at;                                       \
+                        for (int k = 0; k < FO_T_MAX_STATE; k++) st[k][i] = buf[2][2 + k] + at;             \
+                        off += len[i] + 3;                                                                  \
+                    }                                                                                       \
+                    for (int k = 0; k < FO_T_MAX_STATE; k++) stab[k] = (need >> k & 1u) ? st[k] : NULL;     \
+                    if (!rc) /* flush still on */                                                           \
+                        rc = FO_T_CAT(fo_t_list, SFX)(rule, p, (const T *const *)g, stab, len, NT, &s);     \
+                    fastopt_set_flush_denormal(0);                                                          \
+                    CHECK(rc == FASTOPT_OK, "%s flush: return code %d", FO_T_RULES[rule].name, rc);         \
+                    /* the flush-off result, each stored value flushed */                                   \
+                    off = 0;                                                                                \
+                    for (int i = 0; i < NT; i++) {                                                          \
+                        const int64_t at = off + i % 3;                                                     \
+                        for (int b = 0; b < NB; b++) {                                                      \
+                            if (b == 1 || (b >= 2 && !(need >> (b - 2) & 1u)))                              \
+                                continue; /* not written */                                                 \
+                            for (int64_t j = at; j < at + len[i]; j++) {                                    \
+                                const T x = buf[0][b][j], y = (T)FO_T_FLUSHED(x, TINY);                     \
+                                if (memcmp(&x, &y, sizeof(T)))                                              \
+                                    *(signbit(x) ? &flushed_neg : &flushed_pos) += 1;                       \
+                                buf[0][b][j] = y;                                                           \
+                            }                                                                               \
+                        }                                                                                   \
+                        off += len[i] + 3;                                                                  \
+                    }                                                                                       \
+                    for (int c = 1; c < 3 && !rc; c++)                                                      \
+                        for (int b = 0; b < NB; b++)                                                        \
+                            CHECK(FO_T_CAT(same_bits, SFX)(buf[0][b], buf[c][b], total),                    \
+                                  "%s %s flags %u threads %d: flush-on %s differs from the flushed "        \
+                                  "flush-off result (buffer %d)", FO_T_RULES[rule].name, FO_T_STR(SFX),     \
+                                  flags, threads, c == 1 ? "flat" : "list", b);                             \
+                }                                                                                           \
+        CHECK(flushed_pos > 0 && flushed_neg > 0, "%s: no flush happened (+%lld, -%lld)", FO_T_STR(SFX),    \
+              (long long)flushed_pos, (long long)flushed_neg);                                              \
+        for (int c = 0; c < 3; c++)                                                                         \
+            for (int b = 0; b < NB; b++) free(buf[c][b]);                                                   \
+        fastopt_set_num_threads(0);                                                                         \
+    }
+FO_T_FLUSH_TEST(float, _f32, FLT_MIN)
+FO_T_FLUSH_TEST(double, _f64, DBL_MIN)
+
 int main(void)
 {
     const char *want = getenv("FASTOPT_ISA");
@@ -348,6 +470,12 @@ int main(void)
            want ? want : "", fastopt_get_num_threads());
     if (want && strcmp(want, fastopt_isa()))
         printf("note: FASTOPT_ISA=%s is not supported here; testing %s\n", want, fastopt_isa());
+    CHECK(fastopt_get_flush_denormal() == 0, "flush denormals is off by default");
+    CHECK(fastopt_set_flush_denormal(7) == FASTOPT_OK && fastopt_get_flush_denormal() == 1, "nonzero is on");
+    CHECK(fastopt_set_flush_denormal(0) == FASTOPT_OK && fastopt_get_flush_denormal() == 0, "0 is off");
+    test_flush_f32();
+    test_flush_f64();
+    /* everything below runs with flush off (after it was on): today's kernels */
     test_errors();
     test_known_values();
     test_matrix();

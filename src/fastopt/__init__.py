@@ -14,6 +14,7 @@ PyTorch users: ``fastopt.torch.AdamW(model.parameters(), lr=1e-3)`` (imports tor
 See docs/design.md for the design and the update rules, README.md for the results.
 """
 from . import backends  # the package, callable: fastopt.backends() reports which backends load here
+from .denormals import get_flush_denormal, set_flush_denormal
 from .dispatch import BackendInfo
 from .finite import all_finite
 from .flat import FlatParams
@@ -25,4 +26,5 @@ from .threads import get_num_threads, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = [*functional.__all__, *optim.__all__,
-           "FlatParams", "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads", "__version__"]
+           "FlatParams", "all_finite", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
+           "get_flush_denormal", "set_flush_denormal", "__version__"]

@@ -35,7 +35,7 @@ import os
 import sys
 from pathlib import Path
 
-from .. import environment, threads
+from .. import denormals, environment, threads
 
 name = "c"
 device = "cpu"
@@ -106,6 +106,7 @@ def _load() -> str:
                     list_table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_list_{suffix}"), ctype + "[]",
                                                     ffi.typeof(ctype + " *[]"), struct)
             lib.fastopt_set_num_threads(threads.get_num_threads())
+            lib.fastopt_set_flush_denormal(int(denormals.get_flush_denormal()))
             global _from_buffer, _new, _null
             _from_buffer, _new, _null = ffi.from_buffer, ffi.new, ffi.NULL
             _list_table.update(list_table)
@@ -125,6 +126,12 @@ def set_num_threads(n: int) -> None:
     """OpenMP threads for the next updates (fastopt.set_num_threads calls this)."""
     if _ext is not None:
         _ext.lib.fastopt_set_num_threads(n)
+
+
+def set_flush_denormal(on: bool) -> None:
+    """Store subnormal results as zeros from the next update on (fastopt.set_flush_denormal)."""
+    if _ext is not None:
+        _ext.lib.fastopt_set_flush_denormal(int(on))
 
 
 def cpu_path() -> str:

@@ -43,6 +43,7 @@ import numpy as np
 from numba import cuda
 from numba.core import config
 
+from .. import denormals
 from ..buffers import device_interface
 from ..kernels import cuda_kernels
 from . import run_each
@@ -95,12 +96,12 @@ def _compile(key: tuple, pyfunc, argtypes: tuple) -> _Compiled:
     return got
 
 
-def compiled(kernel: str, dtype, present: tuple[bool, ...]) -> _Compiled:
+def compiled(kernel: str, dtype, present: tuple[bool, ...], flush: bool = False) -> _Compiled:
     """The compiled variant (compiling it on first use)."""
-    key = (kernel, np.dtype(dtype), present)
+    key = (kernel, np.dtype(dtype), present) + (("flush",) if flush else ())
     got = _compiled.get(key)
     if got is None:
-        got = _compile(key, cuda_kernels.make_kernel(kernel, present),
+        got = _compile(key, cuda_kernels.make_kernel(kernel, present, flush),
                        cuda_kernels.signature(kernel, dtype, present))
     return got
 
@@ -255,12 +256,22 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     if n == 0:
         return
     dtype = views[0].dtype
-    entry = compiled(kernel, dtype, tuple(s is not None for s in state))
+    entry = compiled(kernel, dtype, tuple(s is not None for s in state), _flush)
     # On a GPU the launch marshals each float field as the signature's
     # float32/float64 (ctypes.c_float rounds exactly like np.float32). The
     # simulator runs the element function in Python, so it needs the cast.
-    args = (*views, _cast(scalars, dtype) if SIMULATOR else scalars)
+    tiny = dtype.type(np.finfo(dtype).tiny)
+    args = (*views, _cast(scalars, dtype) if SIMULATOR else scalars, tiny)
     _launch(entry, n, _resolve_stream(stream, producers), args)
+
+
+_flush = denormals.get_flush_denormal()  # set_flush_denormal keeps it current
+
+
+def set_flush_denormal(on: bool) -> None:
+    """Store subnormal results as zeros from the next launch on (fastopt.set_flush_denormal)."""
+    global _flush
+    _flush = bool(on)
 
 
 def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:

@@ -24,8 +24,11 @@ import threading
 
 import numba
 
-from .. import threads
+import numpy as np
+
+from .. import denormals, threads
 from . import run_each
+from ..kernels import stores
 from ..kernels.numba_loops import LOOPS, N_FLOATS
 
 name = "numba"
@@ -72,6 +75,19 @@ def set_num_threads(n: int) -> None:
 
 set_num_threads(threads.get_num_threads())
 
+_store = stores.keep
+#: The smallest normal value per dtype, as a scalar of that dtype (the store functions' ``tiny``).
+_TINY = {np.dtype(t): t(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+
+
+def set_flush_denormal(on: bool) -> None:
+    """Store subnormal results as zeros from the next update on (fastopt.set_flush_denormal)."""
+    global _store
+    _store = stores.flush_subnormal if on else stores.keep
+
+
+set_flush_denormal(denormals.get_flush_denormal())
+
 
 def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     """Apply one update in place (buffers already validated by the caller)."""
@@ -81,7 +97,8 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
         state = tuple(None if s is None else s.reshape(-1) for s in state)
     n = N_FLOATS[kernel]
     floats, flags = scalars[:n], scalars[n:]  # plain tuples (slices of the NamedTuple)
-    serial, parallel = LOOPS[kernel]
+    serial, parallel = LOOPS[kernel, _store]
+    tiny = _TINY[param.dtype]
     # p and every state buffer are read and written, g is read.
     rw = 2
     for buf in state:
@@ -89,14 +106,14 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
             rw += 2
     moved = param.nbytes * (rw + 1)
     if moved < PARALLEL_MIN_BYTES or _threads == 1 or not _pool_usable or not _pool.acquire(blocking=False):
-        serial(param, grad, *state, floats, flags)
+        serial(param, grad, *state, floats, flags, tiny)
         return
     try:
         if getattr(_numba_threads, "n", 0) != _threads:
             numba.set_num_threads(_threads)
             _numba_threads.n = _threads
         _pool_started = True
-        parallel(param, grad, *state, floats, flags)
+        parallel(param, grad, *state, floats, flags, tiny)
     finally:
         _pool.release()
 

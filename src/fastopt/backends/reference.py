@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import rules
+from .. import denormals, rules
 from . import run_each
 
 name = "numpy"
@@ -139,6 +139,18 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
     cast = type(scalars)(*(dtype(x) if isinstance(x, float) else x for x in scalars))
     with np.errstate(all="ignore"):  # NaN/Inf propagate silently, as in torch
         _KERNELS[kernel](param, grad, *state, cast)
+        if denormals.get_flush_denormal():
+            for buf in (param, *state):
+                if buf is not None:
+                    _flush_subnormal(buf)
+
+
+def _flush_subnormal(buf) -> None:
+    """Store subnormal values as zeros of their sign (fastopt.set_flush_denormal):
+    ``x * tiny`` is such a zero for a subnormal ``x``."""
+    tiny = np.finfo(buf.dtype).tiny
+    small = ~(np.abs(buf) >= tiny)  # NaN too: NaN * tiny is NaN
+    buf[small] *= tiny
 
 
 def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:

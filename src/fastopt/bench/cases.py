@@ -220,10 +220,9 @@ def format_size(n: int) -> str:
 # Buffers and the call
 # --------------------------------------------------------------------------
 
-#: State buffers holding squares or maxima start positive (as after a few
-#: steps); the others start as small signed values. Nothing starts at zero,
-#: nothing is denormal, and centered RMSProp's ``sq - ga*ga`` stays positive.
-_POSITIVE_STATE = {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "state_sum", "acc_delta", "exp_inf"}
+# Buffers that hold squares or maxima (State.signed False) start positive (as
+# after a few steps); the others start as small signed values. Nothing starts
+# at zero, nothing is denormal, and centered RMSProp's sq - ga*ga stays positive.
 
 
 @dataclass
@@ -250,8 +249,9 @@ def make_buffers(case: Case, n: int, dtype=np.float32, seed: int = 0) -> Buffers
 
     param, grad = normal(1.0), normal(1.0)
     state = {}
+    signed = {b.name: b.signed for b in RULES[case.rule].buffers}
     for name in case.state:
-        if name in _POSITIVE_STATE:
+        if not signed[name]:  # sums and averages of squares: positive, and not denormal
             a = rng.random(n, dtype=dtype)
             a += 0.5
             a *= 0.01

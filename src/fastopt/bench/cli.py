@@ -9,6 +9,7 @@ Examples::
     python -m fastopt bench --quick --markdown                # few repeats, paste-able tables
     python -m fastopt bench --lists                           # adamw_: list of tensors vs one flat buffer
     python -m fastopt bench --lists --rules adamw,lion --layouts gpt,1000x1024 --sizes 2^20,2^24
+    python -m fastopt bench --denormal                        # subnormal state, flush off and on
 """
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--layouts", default=None, metavar="LIST",
                     help="with --lists: gpt (a small GPT's 76 tensors, scaled to each of --sizes) and NxM "
                          "(N tensors of M elements), comma separated; default gpt,1000x1024")
+    ap.add_argument("--denormal", action="store_true",
+                    help="time normal state against subnormal state (1e-39, zero gradients) without and with "
+                         "fastopt.set_flush_denormal(True) (torch: torch.set_flush_denormal), in one run "
+                         "(default rule adamw, size 2^20)")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -126,6 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     progress = None if args.quiet else _Progress()
     if args.lists:
         return _main_lists(args, cases, sizes, timer, progress)
+    if args.denormal:
+        return _main_denormal(args, timer, progress, competitors)
     config = runner.Config(cases=cases, sizes=sizes, dtype=args.dtype, device=args.device,
                            backends=_comma_list(args.backends) if args.backends else None,
                            competitors=competitors, threads=args.threads, timer=timer, progress=progress)
@@ -144,6 +151,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.quiet:
             print(f"wrote {args.json}", file=sys.stderr)
     return 1 if any(r.error for r in results) else 0
+
+
+def _main_denormal(args, timer, progress, competitors) -> int:
+    """``--denormal``: subnormal state with and without flushing (:mod:`.denormal`)."""
+    import json
+
+    import fastopt
+    from . import denormal
+
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error("--denormal runs float32 on the CPU backends")
+    cases = select_cases(args.rules) if args.rules else [CASES["adamw"]]
+    size = parse_sizes(args.sizes)[0] if args.sizes else 1 << 20
+    available = [n for n, i in fastopt.backends().items() if i.available and i.device == "cpu"]
+    backends = _comma_list(args.backends) if args.backends else [b for b in ("c", "numba") if b in available]
+    if args.threads is not None:
+        fastopt.set_num_threads(args.threads)
+    try:
+        rows = denormal.run(cases, size, backends, timer, progress, torch="torch" in competitors)
+    finally:
+        if progress:
+            progress.close()
+    print(f"threads: {fastopt.get_num_threads()}; subnormal state = {denormal.SUBNORMAL:g}, zero gradients")
+    print(denormal.table(rows, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
 
 
 def _main_lists(args, cases, sizes, timer, progress) -> int:

@@ -42,6 +42,7 @@ CFFI_BEGIN = "/* ---- cffi: the declarations below are parsed by the Python bind
 CFFI_END = "/* ---- cffi: end ---- */"
 
 MAX_SPEC = 6  # FO_SPEC1..FO_SPEC6 in csrc/src/isa_unit.inc
+FLUSH = "f_flush"  # the loops' last flag: fastopt_set_flush_denormal (api.c reads it once per call)
 WIDTH = 110
 
 
@@ -224,9 +225,12 @@ class KernelInfo:
                     whens.append(tr.when_as_invariant(st.when, f"rule {rinfo.name}, when of {st.name}"))
         self.elem = tr.translate_element(fn, f"rule {first.name}, element function elements.{self.name}",
                                          self.field_types, len(self.states), whens)
-        if len(self.elem.flags) > MAX_SPEC:
-            raise tr.TranslationError(f"element {self.name}: {len(self.elem.flags)} loop flags, more than the "
-                                      f"{MAX_SPEC} FO_SPECn of csrc/src/isa_unit.inc ({2 ** MAX_SPEC} loop copies)")
+        if len(self.elem.flags) + 1 > MAX_SPEC:  # + 1: the flush flag every loop has
+            raise tr.TranslationError(f"element {self.name}: {len(self.elem.flags)} loop flags and {FLUSH}, more "
+                                      f"than the {MAX_SPEC} FO_SPECn of csrc/src/isa_unit.inc "
+                                      f"({2 ** MAX_SPEC} loop copies)")
+        if any(n == FLUSH for n, _ in self.elem.flags):
+            raise tr.TranslationError(f"element {self.name}: the flag name {FLUSH!r} is the loops' flush flag")
         when_keys = {ast.dump(w) for w in whens}
         self.flag_in_double = {name: ast.dump(cond) in when_keys for name, cond in self.elem.flags}
         self.state_flag = {}
@@ -351,10 +355,12 @@ def _internal(kinfos: list[KernelInfo]) -> str:
 
 def _kernels(kinfos: list[KernelInfo]) -> str:
     out = [_banner(
-        "Per kernel, included by kernels.inc once per dtype (T, SFX, SQRT, FABS, COPYSIGN):\n"
+        "Per kernel, included by kernels.inc once per dtype (T, SFX, SQRT, FABS, COPYSIGN, TINY):\n"
         "  <kernel>_c_     the scalars in the buffer dtype (converted once per call);\n"
         "  <kernel>_elem_  the element function of elements.py, operation for operation;\n"
-        "  <kernel>_loop_  a loop over restrict pointers, the flags as trailing const int;\n"
+        "  <kernel>_loop_  a loop over restrict pointers, the flags as trailing const int,\n"
+        "                  the last one f_flush: each written buffer is stored through\n"
+        "                  N(store_flush_) when it is on (flush denormals, kernels.inc);\n"
         "  <kernel>_run_   converts the scalars and calls the loop with each flag a literal\n"
         "                  0/1 (FO_SPECn): every flag combination is a branch-free loop,\n"
         "                  and a buffer whose flag is off is never read or written.")]
@@ -390,7 +396,7 @@ def _kernels(kinfos: list[KernelInfo]) -> str:
         out.append("}")
         out.append("")
         loop_args = ["T *restrict param", "const T *restrict grad"] + [f"T *restrict {n}" for n in k.states] + \
-            ["int64_t n", f"const N({k.name}_c_) *s"] + fparams
+            ["int64_t n", f"const N({k.name}_c_) *s"] + fparams + [f"const int {FLUSH}"]
         out.append(_proto(f"static FO_INLINE void N({k.name}_loop_)", loop_args, ""))
         out.append("{")
         out.append("    for (int64_t i = 0; i < n; i++) {")
@@ -401,16 +407,16 @@ def _kernels(kinfos: list[KernelInfo]) -> str:
         out.append("        T " + ", ".join(loads) + ";")
         call = ["&p", "grad[i]"] + [f"&x{j}" for j in range(len(k.states))] + ["s"] + flags
         out.append(_proto(f"N({k.name}_elem_)", call, ";", "        "))
-        out.append("        param[i] = p;")
+        out.append("        " + _store("param", "p"))
         for j, n in enumerate(k.states):
             f = k.state_flag.get(n)
-            out.append(f"        if ({f}) {n}[i] = x{j};" if f else f"        {n}[i] = x{j};")
+            out.append(f"        if ({f}) {_store(n, f'x{j}')}" if f else "        " + _store(n, f"x{j}"))
         out.append("    }")
         out.append("}")
         out.append("")
         struct = f"fastopt_{k.name}_scalars"
-        out.append(f"static void N({k.name}_run_)(void *param, const void *grad, void *const *state, int64_t n, "
-                   "const void *scalars)")
+        out.append(_proto(f"static void N({k.name}_run_)", ["void *param", "const void *grad", "void *const *state",
+                                                          "int64_t n", "const void *scalars", "int flush"], ""))
         out.append("{")
         out.append(f"    const {struct} *sd = (const {struct} *)scalars;")
         out.append(f"    N({k.name}_c_) c;")
@@ -425,15 +431,19 @@ def _kernels(kinfos: list[KernelInfo]) -> str:
                 conds.append(tr.translate_invariant(cond, "c.", k.field_types, f"element {k.name}"))
         args = ["(T *)param", "(const T *)grad"] + [f"(T *)state[{j}]" for j in range(len(k.states))] + \
             ["n", "&c"]
-        if e.flags:
-            text = "flags: " + ", ".join(f"{n} = {c}" for n, c in zip(flags, conds))
-            out.append("    /* " + "\n     * ".join(textwrap.wrap(text, 96)) + " */")
-            out.append(_proto(f"FO_SPEC{len(flags)}", [f"N({k.name}_loop_)"] + conds + args, ";", "    "))
-        else:
-            out.append(_proto(f"N({k.name}_loop_)", args, ";", "    "))
+        text = "flags: " + ", ".join(f"{n} = {c}" for n, c in zip(flags + [FLUSH], conds + ["flush"]))
+        out.append("    /* " + "\n     * ".join(textwrap.wrap(text, 96)) + " */")
+        out.append(_proto(f"FO_SPEC{len(flags) + 1}", [f"N({k.name}_loop_)"] + conds + ["flush"] + args, ";", "    "))
         out.append("}")
     out.append("")
     return "\n".join(out)
+
+
+def _store(buf: str, value: str) -> str:
+    """The loop's store of ``value`` into written buffer ``buf``: every value an update
+    writes goes through here, so this is the storage-format seam (one store variant per
+    buffer; today the only variant is the flush-denormal store under the f_flush flag)."""
+    return f"{buf}[i] = {FLUSH} ? N(store_flush_)({value}) : {value};"
 
 
 # ---- rules_api.inc -------------------------------------------------------------------
@@ -511,7 +521,8 @@ def _tests(rinfos: list[RuleInfo]) -> str:
         "For the C unit tests (test_fastopt.c): every rule through one signature.\n"
         "  fo_t_prepare(rule, out, flags, step): prepare with the rule's default hyperparameters\n"
         "      (required ones: lr 1e-2, mu_product 1.0; carried values advance in *carry); the\n"
-        "      flag hyperparameters take the bits of `flags` in order;\n"
+        "      flag hyperparameters take the bits of `flags` in order; bit nflags (the next one)\n"
+        "      sets the hyperparameters whose default is 0 (momentum, weight decay, ...) to 0.5;\n"
         "  fo_t_run_f32/_f64(rule, param, grad, state, n, s) and fo_t_list_f32/_f64(...): the kernels;\n"
         "  fo_t_need(rule, s): the state buffers the call requires (bit k: state k)."),
         f"#define FO_T_MAX_STATE {nmax}", f"#define FO_T_NRULES {len(rinfos)}", "",
@@ -538,7 +549,9 @@ def _tests(rinfos: list[RuleInfo]) -> str:
     out.append("")
     out.append("static int fo_t_prepare(int rule, fo_t_scalars *out, double *carry, unsigned flags, int64_t step)")
     out.append("{")
-    out.append("    (void)flags, (void)step, (void)carry;")
+    out.append("    const double nz = rule >= 0 && rule < FO_T_NRULES && (flags >> FO_T_RULES[rule].nflags & 1u) ? 0.5 "
+               ": 0.0;")
+    out.append("    (void)step, (void)carry, (void)nz;")
     out.append("    switch (rule) {")
     for k, ri in enumerate(rinfos):
         args = [f"&out->{ri.kernel}"]
@@ -553,7 +566,7 @@ def _tests(rinfos: list[RuleInfo]) -> str:
                 default = h.default if h.default is not None else 1e-2
                 if isinstance(default, tuple):
                     default = default[h.names.index(name)]
-                args.append(repr(float(default)))
+                args.append("nz" if float(default) == 0.0 else repr(float(default)))
         if ri.rule.takes_step:
             args.append("step")
         out.append(f"    case {k}: return " + _proto(f"fastopt_{ri.name}_prepare", args, ";", "").lstrip())

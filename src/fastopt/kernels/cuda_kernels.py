@@ -30,7 +30,7 @@ import numpy as np
 from numba import cuda, types, uint64
 
 from ..rules import KERNEL_SCALARS, RULES
-from . import elements
+from . import elements, stores
 
 __all__ = ["STATE", "make_kernel", "signature", "nonfinite_kernel", "NONFINITE_SIGNATURES"]
 
@@ -40,11 +40,12 @@ STATE: dict[str, tuple[str, ...]] = {r.kernel: r.state for r in RULES.values()}
 # Indices are unsigned: with signed ones Numba wraps negative indices, which
 # costs a compare and a select on every load and store.
 _TEMPLATE = """\
-def {name}(param, grad, {arrays}s):
+def {name}(param, grad, {arrays}s, tiny):
     for i in range(uint64(cuda.grid(1)), uint64(param.size), uint64(cuda.gridsize(1))):
         p = param[i]
-        param[i], {targets} = element(p, grad[i], {values}, s)
-"""
+        p_new, {outs} = element(p, grad[i], {values}, s)
+        param[i] = store(p_new, tiny)
+{stores}"""
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,40 +53,50 @@ def _element(kernel: str):
     return cuda.jit(device=True, inline="always")(getattr(elements, kernel))
 
 
-def _variant_name(kernel: str, present: tuple[bool, ...]) -> str:
+@functools.lru_cache(maxsize=None)
+def _store(flush: bool):
+    return cuda.jit(device=True, inline="always")(stores.flush_subnormal if flush else stores.keep)
+
+
+def _variant_name(kernel: str, present: tuple[bool, ...], flush: bool = False) -> str:
     absent = [n for n, here in zip(STATE[kernel], present) if not here]
-    return f"fastopt_{kernel}" + "".join(f"__no_{n}" for n in absent)
+    return f"fastopt_{kernel}" + "".join(f"__no_{n}" for n in absent) + ("__flush" if flush else "")
 
 
 @functools.lru_cache(maxsize=None)
-def make_kernel(kernel: str, present: tuple[bool, ...]) -> Callable:
+def make_kernel(kernel: str, present: tuple[bool, ...], flush: bool = False) -> Callable:
     """The Python source of the kernel for ``kernel`` with the state buffers
-    flagged in ``present`` (one bool per name in ``STATE[kernel]``).
+    flagged in ``present`` (one bool per name in ``STATE[kernel]``), storing
+    through :func:`fastopt.kernels.stores.flush_subnormal` when ``flush`` else
+    :func:`~fastopt.kernels.stores.keep`.
 
-    Its arguments are ``(param, grad, *present state buffers, scalars)``.
+    Its arguments are ``(param, grad, *present state buffers, scalars, tiny)``
+    (``tiny``: the dtype's smallest normal value, for the store function).
     Returns the plain function; compile it with ``cuda.jit(signature(...))``
     or ``cuda.compile_ptx``.
     """
     names = STATE[kernel]
     if len(present) != len(names):
         raise ValueError(f"{kernel} has state {names}, got presence flags {present}")
-    name = _variant_name(kernel, present)
+    name = _variant_name(kernel, present, flush)
     source = _TEMPLATE.format(
         name=name,
         arrays="".join(f"{n}, " for n, here in zip(names, present) if here),
-        targets=", ".join(f"{n}[i]" if here else "_" for n, here in zip(names, present)),
+        outs=", ".join(f"{n}_new" if here else "_" for n, here in zip(names, present)),
         values=", ".join(f"{n}[i]" if here else "p" for n, here in zip(names, present)),
+        stores="".join(f"        {n}[i] = store({n}_new, tiny)\n" for n, here in zip(names, present) if here),
     )
     filename = f"<fastopt cuda kernel {name}>"
     # Registered so tracebacks (and the simulator) can show the generated source.
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    namespace = {"__name__": __name__, "cuda": cuda, "uint64": uint64, "element": _element(kernel)}
+    namespace = {"__name__": __name__, "cuda": cuda, "uint64": uint64, "element": _element(kernel),
+                 "store": _store(flush)}
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]
 
 
 def signature(kernel: str, dtype, present: tuple[bool, ...]) -> tuple:
-    """Numba argument types of ``make_kernel(kernel, present)`` for buffers of ``dtype``.
+    """Numba argument types of ``make_kernel(kernel, present, flush)`` for buffers of ``dtype``.
 
     Every float field of the scalars tuple has the buffer dtype (no float64
     promotion in a float32 kernel); flags are booleans.
@@ -96,7 +107,7 @@ def signature(kernel: str, dtype, present: tuple[bool, ...]) -> tuple:
     cls = KERNEL_SCALARS[kernel]
     fields = [f if hint is float else types.boolean for hint in get_type_hints(cls).values()]
     array = f[::1]
-    return (array, array, *[array] * sum(present), types.NamedTuple(fields, cls))
+    return (array, array, *[array] * sum(present), types.NamedTuple(fields, cls), f)
 
 
 def nonfinite_kernel(x, found):

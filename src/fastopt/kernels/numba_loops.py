@@ -4,11 +4,12 @@ For each element kernel (:mod:`fastopt.kernels.elements`) this module builds
 two compiled loops over whole buffers, one serial and one ``prange``-parallel,
 that only index, call the element function and store. Both take
 
-    loop(param, grad, *state, floats, flags)
+    loop(param, grad, *state, floats, flags, tiny)
 
 where ``state`` are the rule's state buffers (``None`` for an unused optional
 one), ``floats``/``flags`` the float and bool fields of the rule's scalars
-tuple as two plain tuples. The parallel loop uses the calling thread's Numba
+tuple as two plain tuples, and ``tiny`` the dtype's smallest normal value for
+the store function (:mod:`fastopt.kernels.stores`: one pair of loops per store). The parallel loop uses the calling thread's Numba
 thread count (``numba.set_num_threads``; not set in here because a jitted
 ``set_num_threads`` cannot be cached).
 
@@ -66,7 +67,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import elements
+from . import elements, stores
 from .. import rules
 from ..rules import KERNEL_SCALARS
 
@@ -113,7 +114,7 @@ def _source_key() -> int:
     compiled loop from the cache. Each loop holds the key in its closure.
     """
     digest = hashlib.sha256()
-    for module in (elements, rules):
+    for module in (elements, stores, rules):
         with open(module.__file__, "rb") as f:
             digest.update(f.read())
     return int.from_bytes(digest.digest()[:7], "little")
@@ -124,48 +125,51 @@ SOURCE_KEY = _source_key()
 # The three loop shapes (1, 2 or 3 state buffers). ``rng`` is ``prange`` or
 # ``range``. ``z = p[i]`` stands in for a state value that is not used.
 
-def _loop1(element, cls, rng, source_key):
-    def loop(p, g, a, floats, flags):
+def _loop1(element, store, cls, rng, source_key):
+    def loop(p, g, a, floats, flags, tiny):
         source_key  # noqa: B018  (only to be in the closure, hence in the cache key)
         for i in rng(p.size):
             s = cls(*(cast_floats(floats, p) + flags))
             z = p[i]
-            p[i], a_i = element(p[i], g[i], a[i] if a is not None else z, s)
+            p_i, a_i = element(p[i], g[i], a[i] if a is not None else z, s)
+            p[i] = store(p_i, tiny)
             if a is not None:
-                a[i] = a_i
+                a[i] = store(a_i, tiny)
     return loop
 
 
-def _loop2(element, cls, rng, source_key):
-    def loop(p, g, a, b, floats, flags):
+def _loop2(element, store, cls, rng, source_key):
+    def loop(p, g, a, b, floats, flags, tiny):
         source_key  # noqa: B018
         for i in rng(p.size):
             s = cls(*(cast_floats(floats, p) + flags))
             z = p[i]
-            p[i], a_i, b_i = element(p[i], g[i], a[i] if a is not None else z,
-                                     b[i] if b is not None else z, s)
+            p_i, a_i, b_i = element(p[i], g[i], a[i] if a is not None else z,
+                                    b[i] if b is not None else z, s)
+            p[i] = store(p_i, tiny)
             if a is not None:
-                a[i] = a_i
+                a[i] = store(a_i, tiny)
             if b is not None:
-                b[i] = b_i
+                b[i] = store(b_i, tiny)
     return loop
 
 
-def _loop3(element, cls, rng, source_key):
-    def loop(p, g, a, b, c, floats, flags):
+def _loop3(element, store, cls, rng, source_key):
+    def loop(p, g, a, b, c, floats, flags, tiny):
         source_key  # noqa: B018
         for i in rng(p.size):
             s = cls(*(cast_floats(floats, p) + flags))
             z = p[i]
-            p[i], a_i, b_i, c_i = element(p[i], g[i], a[i] if a is not None else z,
-                                          b[i] if b is not None else z,
-                                          c[i] if c is not None else z, s)
+            p_i, a_i, b_i, c_i = element(p[i], g[i], a[i] if a is not None else z,
+                                         b[i] if b is not None else z,
+                                         c[i] if c is not None else z, s)
+            p[i] = store(p_i, tiny)
             if a is not None:
-                a[i] = a_i
+                a[i] = store(a_i, tiny)
             if b is not None:
-                b[i] = b_i
+                b[i] = store(b_i, tiny)
             if c is not None:
-                c[i] = c_i
+                c[i] = store(c_i, tiny)
     return loop
 
 
@@ -186,15 +190,19 @@ def _callable_in_jit(fn):
     return fn
 
 
-def _build(kernel: str, parallel: bool):
+def _build(kernel: str, parallel: bool, store):
     element = _callable_in_jit(getattr(elements, kernel))
     n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
     rng = numba.prange if parallel else range
-    py_loop = _SHAPES[n_state](element, KERNEL_SCALARS[kernel], rng, SOURCE_KEY)
-    py_loop.__qualname__ = py_loop.__name__ = f"{kernel}_{'parallel' if parallel else 'serial'}"
+    py_loop = _SHAPES[n_state](element, store, KERNEL_SCALARS[kernel], rng, SOURCE_KEY)
+    py_loop.__qualname__ = py_loop.__name__ = (f"{kernel}_{'parallel' if parallel else 'serial'}"
+                                               f"{'' if store is stores.keep else '_' + store.__name__}")
     return numba.njit(parallel=parallel, **_JIT)(py_loop)
 
 
-#: kernel name -> (serial loop, parallel loop); compiled lazily per dtype and
-#: per pattern of None state buffers, then loaded from Numba's on-disk cache.
-LOOPS = {k: (_build(k, False), _build(k, True)) for k in KERNEL_SCALARS}
+_STORES = tuple(_callable_in_jit(fn) for fn in (stores.keep, stores.flush_subnormal))
+
+#: (kernel name, store function) -> (serial loop, parallel loop); compiled lazily
+#: per dtype and per pattern of None state buffers, then loaded from Numba's
+#: on-disk cache. Every loop takes ``(p, g, *state, floats, flags, tiny)``.
+LOOPS = {(k, store): (_build(k, False, store), _build(k, True, store)) for k in KERNEL_SCALARS for store in _STORES}

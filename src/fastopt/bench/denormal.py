@@ -1,0 +1,140 @@
+"""``python -m fastopt bench --denormal``: what subnormal state costs, and what flushing saves.
+
+State that decays towards zero (embedding rows that stopped getting
+gradients) reaches subnormal numbers, which x86 CPUs compute with many times
+slower. For each case and CPU backend (and torch, when installed), three
+configurations are timed in one run, interleaved: normal state; subnormal
+state (every state value 1e-39 in float32, zero gradients) as computed; and
+the same with flushing on (``fastopt.set_flush_denormal(True)``; for torch,
+``torch.set_flush_denormal(True)``, the CPU's flush-to-zero modes). The
+report gives ns/element and each configuration's slowdown against normal
+state.
+
+Decay rates are set close to 1 (betas 0.999/0.9999 where the rule has them)
+so the subnormal state stays subnormal across every timed call without
+flushing (a state at 1e-39 decaying by 0.9 per step underflows to zero in
+~130 steps, and would then be fast again).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from ..rules import RULES
+from .cases import Case, format_size, fastopt_call, make_buffers
+from .timing import DEFAULT, TimerSettings, measure_interleaved
+
+__all__ = ["DenormalRow", "run", "table"]
+
+SUBNORMAL = 1e-39  # float32: below FLT_MIN = 1.18e-38
+
+
+@dataclass
+class DenormalRow:
+    case: str
+    size: int
+    impl: str
+    normal: float  # seconds per call
+    subnormal: float
+    flushed: float
+
+    def to_dict(self) -> dict:
+        return dict(case=self.case, size=self.size, impl=self.impl, normal_s=self.normal,
+                    subnormal_s=self.subnormal, flushed_s=self.flushed,
+                    subnormal_slowdown=self.subnormal / self.normal, flushed_slowdown=self.flushed / self.normal)
+
+
+def _slow_decay(case: Case) -> Case:
+    """The case with its decay rates near 1, so subnormal state stays subnormal while timed."""
+    rule = RULES[case.rule]
+    options = dict(case.options)
+    if "betas" in rule.defaults:
+        options["betas"] = (0.999, 0.9999)
+    for name in ("alpha", "rho"):
+        if name in rule.defaults:
+            options[name] = 0.9999
+    return Case(case.name, case.rule, options)
+
+
+def _subnormal_buffers(case: Case, n: int):
+    bufs = make_buffers(case, n)
+    bufs.grad[...] = 0.0
+    for a in bufs.state.values():
+        a[...] = SUBNORMAL
+    return bufs
+
+
+def _fastopt_configs(case: Case, n: int, backend: str) -> list[Callable[[], None]]:
+    import fastopt
+
+    normal = fastopt_call(case, make_buffers(case, n), backend)
+    subnormal = fastopt_call(case, _subnormal_buffers(case, n), backend)
+    flushed_call = fastopt_call(case, _subnormal_buffers(case, n), backend)
+
+    def flushed():
+        fastopt.set_flush_denormal(True)
+        try:
+            flushed_call()
+        finally:
+            fastopt.set_flush_denormal(False)
+    return [normal, subnormal, flushed]
+
+
+def _torch_configs(case: Case, n: int) -> Optional[list[Callable[[], None]]]:
+    from .competitors import torch_call
+
+    import torch
+
+    calls = []
+    for bufs in (make_buffers(case, n), _subnormal_buffers(case, n), _subnormal_buffers(case, n)):
+        got = torch_call(case, bufs)
+        if got is None:
+            return None
+        calls.append(got[1])
+
+    def flushed():
+        torch.set_flush_denormal(True)
+        try:
+            calls[2]()
+        finally:
+            torch.set_flush_denormal(False)
+    return [calls[0], calls[1], flushed]
+
+
+def run(cases: Sequence[Case], size: int, backends: Sequence[str], timer: TimerSettings = DEFAULT,
+        progress: Optional[Callable[[str], None]] = None, torch: bool = True) -> list[DenormalRow]:
+    """Time normal, subnormal and flushed-subnormal state for each case and implementation."""
+    rows = []
+    for case in map(_slow_decay, cases):
+        impls: list[tuple[str, Any]] = [(b, lambda b=b: _fastopt_configs(case, size, b)) for b in backends]
+        if torch:
+            impls.append(("torch", lambda: _torch_configs(case, size)))
+        for name, make in impls:
+            if progress:
+                progress(f"denormal {case.name} {format_size(size)} {name}")
+            try:
+                configs = make()
+            except ImportError:
+                continue
+            if configs is None:
+                continue
+            normal, subnormal, flushed = measure_interleaved(configs, timer)
+            rows.append(DenormalRow(case.name, size, name, normal.median, subnormal.median, flushed.median))
+    return rows
+
+
+def table(rows: Sequence[DenormalRow], markdown: bool = False) -> str:
+    head = ["case", "elements", "impl", "normal ns/elem", "subnormal ns/elem", "x normal",
+            "flushed ns/elem", "x normal"]
+    body = [[r.case, format_size(r.size), r.impl, f"{r.normal / r.size * 1e9:.3f}",
+             f"{r.subnormal / r.size * 1e9:.3f}", f"{r.subnormal / r.normal:.2f}x",
+             f"{r.flushed / r.size * 1e9:.3f}", f"{r.flushed / r.normal:.2f}x"] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [head, *body]]
+    return "\n".join(lines) + "\n"
