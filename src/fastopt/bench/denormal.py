@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 
 from ..rules import RULES
 from .cases import Case, format_size, fastopt_call, make_buffers

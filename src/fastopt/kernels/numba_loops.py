@@ -202,6 +202,7 @@ def _build(kernel: str, parallel: bool, store):
 
 _STORES = tuple(_callable_in_jit(fn) for fn in (stores.keep, stores.flush_subnormal))
 
+
 #: (kernel name, store function) -> (serial loop, parallel loop); compiled lazily
 #: per dtype and per pattern of None state buffers, then loaded from Numba's
 #: on-disk cache. Every loop takes ``(p, g, *state, floats, flags, tiny)``.
