@@ -38,8 +38,8 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
             step: Any, backend: Optional[str], stream: Any) -> Any:
     """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result."""
     t = step_count(step) if rule.takes_step or step is not None else 1
-    values, needed = rule.checked(hyper)
-    scalars, extra = rule.compute_scalars(values, t)
+    flat, needed = rule.prepared(hyper)
+    scalars, extra = rule.scalars_at(flat, t)
     names, arrays, used = ["param", "grad"], [param, grad], []
     for name, buf in zip(rule.state, state):
         if buf is None:

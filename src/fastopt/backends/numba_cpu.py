@@ -75,15 +75,16 @@ def set_num_threads(n: int) -> None:
 
 set_num_threads(threads.get_num_threads())
 
-_store = stores.keep
-#: The smallest normal value per dtype, as a scalar of that dtype (the store functions' ``tiny``).
-_TINY = {np.dtype(t): t(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+#: The smallest normal value by item size, as a scalar of that dtype (the store functions' ``tiny``).
+_TINY = {np.dtype(t).itemsize: t(np.finfo(t).tiny) for t in (np.float32, np.float64)}
+_active: dict = {}  # kernel -> (serial, parallel) loops of the current store function
 
 
 def set_flush_denormal(on: bool) -> None:
     """Store subnormal results as zeros from the next update on (fastopt.set_flush_denormal)."""
-    global _store
-    _store = stores.flush_subnormal if on else stores.keep
+    store = stores.flush_subnormal if on else stores.keep
+    _active.clear()
+    _active.update({kernel: loops for (kernel, s), loops in LOOPS.items() if s is store})
 
 
 set_flush_denormal(denormals.get_flush_denormal())
@@ -97,8 +98,8 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
         state = tuple(None if s is None else s.reshape(-1) for s in state)
     n = N_FLOATS[kernel]
     floats, flags = scalars[:n], scalars[n:]  # plain tuples (slices of the NamedTuple)
-    serial, parallel = LOOPS[kernel, _store]
-    tiny = _TINY[param.dtype]
+    serial, parallel = _active[kernel]
+    tiny = _TINY[param.itemsize]
     # p and every state buffer are read and written, g is read.
     rw = 2
     for buf in state:
