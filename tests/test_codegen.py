@@ -87,7 +87,7 @@ def f(p, g, m, s):
     body = "\n".join(e.body)
     assert "if (f_wd) {" in body
     assert "m = ((f_flag) ? (m - (g - m)) : (m));" in body
-    assert "big = ((m > g || m != m) ? (m) : (g));" in body  # per element: a C select, not a flag
+    assert "big = ((((m > g) | (m != m))) ? (m) : (g));" in body  # per element: a C select (no short circuit)
     assert e.returns == ["p - s->lr * (big / SQRT(m))", "m"]
     assert e.locals == ["big"]
 

@@ -34,6 +34,7 @@ typedef struct {
     double grad_sign;
     int nesterov; /* 0 or 1 */
     int first_step; /* torch starts the buffer from the first gradient, undamped; 0 or 1 */
+    int use_momentum; /* momentum != 0, decided in double (a tiny momentum that is 0 in float32 still damps); 0 or 1 */
 } fastopt_sgd_scalars;
 
 /* Checks: lr, momentum, weight_decay finite and >= 0; dampening finite; step >= 1; nesterov=True
@@ -42,7 +43,7 @@ FASTOPT_API int fastopt_sgd_prepare(fastopt_sgd_scalars *out, double lr, double 
                                     double weight_decay, int nesterov, int maximize, int64_t step);
 
 /* State buffers: momentum_buffer. momentum_buffer: optional, used (and required) only when
- * s->momentum != 0 (momentum != 0). _list_: count tensors in one call (see fastopt.h). */
+ * s->use_momentum (momentum != 0). _list_: count tensors in one call (see fastopt.h). */
 FASTOPT_API int fastopt_sgd_f32(float *param, const float *grad, float *momentum_buffer, int64_t n,
                                 const fastopt_sgd_scalars *s);
 FASTOPT_API int fastopt_sgd_f64(double *param, const double *grad, double *momentum_buffer, int64_t n,

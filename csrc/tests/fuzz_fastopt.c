@@ -227,7 +227,8 @@ static const char *check_fields(int rule, const scalars *s, const hyper *hp, int
     case R_SGD:
         F(same_d(s->sgd.lr, h[0]) && same_d(s->sgd.momentum, h[1]) && same_d(s->sgd.weight_decay, h[3]), "sgd copies");
         F(same_d(s->sgd.one_minus_dampening, 1.0 - h[2]), "sgd one_minus_dampening");
-        F(s->sgd.grad_sign == sign && s->sgd.nesterov == hp->flag && s->sgd.first_step == (step == 1), "sgd flags");
+        F(s->sgd.grad_sign == sign && s->sgd.nesterov == hp->flag && s->sgd.first_step == (step == 1) &&
+              s->sgd.use_momentum == (h[1] != 0.0), "sgd flags");
         break;
     case R_ADAGRAD:
         F(same_d(s->adagrad.clr, h[0] / (1.0 + (double)(step - 1) * h[1])), "adagrad clr");
@@ -305,7 +306,8 @@ static void raw_scalars(uint64_t *r, int rule, scalars *s)
 #define BIT ((int)(next64(r) & 1))
     switch (rule) {
     case R_SGD: {
-        fastopt_sgd_scalars x = {RV, chance(r, 30) ? 0.0 : RV, RV, chance(r, 40) ? 0.0 : RV, SIGN, BIT, BIT};
+        fastopt_sgd_scalars x = {RV, chance(r, 30) ? 0.0 : RV, RV, chance(r, 40) ? 0.0 : RV, SIGN, BIT, BIT, 0};
+        x.use_momentum = x.momentum != 0; /* the buffer is passed exactly when momentum != 0 */
         s->sgd = x;
         break;
     }

@@ -57,11 +57,13 @@ class SGDScalars(NamedTuple):
     grad_sign: float
     nesterov: bool
     first_step: bool  # torch starts the buffer from the first gradient, undamped
+    use_momentum: bool  # momentum != 0, decided in double (a tiny momentum that is 0 in float32 still damps)
 
 
 def _sgd(lr, momentum, dampening, weight_decay, nesterov, maximize, step):
     return SGDScalars(lr=lr, momentum=momentum, one_minus_dampening=1.0 - dampening, weight_decay=weight_decay,
-                      grad_sign=-1.0 if maximize else 1.0, nesterov=nesterov, first_step=step == 1)
+                      grad_sign=-1.0 if maximize else 1.0, nesterov=nesterov, first_step=step == 1,
+                      use_momentum=momentum != 0.0)
 
 
 def _nesterov_ok(momentum, dampening, nesterov):
@@ -76,7 +78,7 @@ SGD = Rule(
     "p -= lr*g.",
     (Hyper("lr", None, nonneg), Hyper("momentum", 0.0, nonneg), Hyper("dampening", 0.0, real), _WD,
      Hyper("nesterov", False, flag), _MAXIMIZE),
-    (State("momentum_buffer", when="momentum != 0", why="momentum != 0"),),
+    (State("momentum_buffer", when="use_momentum", why="momentum != 0"),),
     SGDScalars, _sgd, saves_step=False,
     relation=(_nesterov_ok, "nesterov=True requires momentum > 0 and dampening == 0, "
                             "got momentum={momentum}, dampening={dampening}"))

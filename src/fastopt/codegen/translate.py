@@ -233,15 +233,13 @@ class _ElementTranslator:
                 left = right
             if len(parts) == 1:
                 return parts[0], _PREC["cmp"]
-            return " && ".join(parts), _PREC[ast.And]
+            return "(" + " & ".join(f"({p})" for p in parts) + ")", _ATOM
         if isinstance(node, ast.BoolOp):
-            prec = _PREC[type(node.op)]
-            joiner = " && " if isinstance(node.op, ast.And) else " || "
-            texts = []
-            for v in node.values:
-                t, pt = self.cond(v)
-                texts.append(_wrap(t, pt, prec + 2 if isinstance(v, ast.BoolOp) else prec + 1))
-            return joiner.join(texts), prec
+            # Per-element conditions combine with & and | (both sides are side-effect
+            # free 0/1 values), never && and ||: a short circuit is control flow,
+            # and GCC then leaves the loop scalar (measured: Lion on AVX2, 5-7x).
+            joiner = " & " if isinstance(node.op, ast.And) else " | "
+            return "(" + joiner.join(f"({self.cond(v)[0]})" for v in node.values) + ")", _ATOM
         return self.expr(node)
 
     def test(self, node: ast.expr) -> str:
