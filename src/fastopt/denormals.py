@@ -37,7 +37,4 @@ def set_flush_denormal(on: Any) -> None:
     value = flag("on", on)
     _flush = value
     from . import dispatch
-    for module in dispatch.loaded_modules():
-        hook = getattr(module, "set_flush_denormal", None)
-        if hook is not None:
-            hook(value)
+    dispatch.push_setting("set_flush_denormal", value)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
-__all__ = ["BackendInfo", "backends", "get_backend", "loaded_modules", "refresh_environment", "select",
+__all__ = ["BackendInfo", "backends", "get_backend", "loaded_modules", "push_setting", "refresh_environment", "select",
            "AUTO_HOST_ORDER"]
 
 #: backend name -> module implementing ``run(kernel, param, grad, state, scalars, stream)``
@@ -63,6 +63,16 @@ def _load(name: str) -> ModuleType | str:
 def loaded_modules() -> list[ModuleType]:
     """The backend modules imported so far (for settings pushed to each, like threads)."""
     return [m for m in _loaded.values() if not isinstance(m, str)]
+
+
+def push_setting(hook: str, value) -> None:
+    """Call ``module.<hook>(value)`` on every loaded backend that defines it: a
+    process-wide setting (threads, denormal flushing) reaching the backends
+    already imported; each reads the current value itself when it loads."""
+    for module in loaded_modules():
+        fn = getattr(module, hook, None)
+        if fn is not None:
+            fn(value)
 
 
 def backends() -> dict[str, BackendInfo]:

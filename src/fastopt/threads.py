@@ -112,9 +112,5 @@ def set_num_threads(n: int) -> None:
     global _num_threads
     count = _count("n", n)  # validate before changing anything
     from . import dispatch
-    modules = dispatch.loaded_modules()
     _num_threads = count
-    for module in modules:
-        hook = getattr(module, "set_num_threads", None)
-        if hook is not None:
-            hook(count)
+    dispatch.push_setting("set_num_threads", count)

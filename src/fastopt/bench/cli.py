@@ -143,8 +143,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if progress:
             progress.close()
+    return _report(args, results, meta, report.tables)
+
+
+def _report(args, results, meta, tables) -> int:
+    """Print the header and ``tables(results, meta, markdown)``, write ``--json``;
+    the exit status says whether any row failed."""
+    from . import report
+
     print(report.header(meta, args.markdown))
-    print(report.tables(results, meta, args.markdown), end="")
+    print(tables(results, meta, args.markdown), end="")
     if args.json:
         with open(args.json, "w") as f:
             f.write(report.to_json(results, meta) + "\n")
@@ -198,11 +206,4 @@ def _main_lists(args, cases, sizes, timer, progress) -> int:
     finally:
         if progress:
             progress.close()
-    print(report.header(meta, args.markdown))
-    print(report.list_tables(results, meta, args.markdown), end="")
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(report.to_json(results, meta) + "\n")
-        if not args.quiet:
-            print(f"wrote {args.json}", file=sys.stderr)
-    return 1 if any(r.error for r in results) else 0
+    return _report(args, results, meta, report.list_tables)
