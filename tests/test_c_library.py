@@ -210,10 +210,11 @@ def test_missing_library_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(c, "_table", {})
     monkeypatch.delattr(fastopt, "_c", raising=False)
     monkeypatch.setitem(sys.modules, "fastopt._c", None)  # the packaged extension: absent
-    monkeypatch.setattr(c, "_checkout_build_dir", lambda: tmp_path / "nothing")
+    from fastopt import native
+    monkeypatch.setattr(native, "_checkout_build_dir", lambda: tmp_path / "nothing")
     monkeypatch.setenv("FASTOPT_C_BUILD_DIR", str(tmp_path))
     reason = c.unavailable_reason()
-    assert "compiled C library is missing" in reason and str(tmp_path) in reason
+    assert "fastopt._c is missing" in reason and str(tmp_path) in reason
     with pytest.raises(RuntimeError, match="unavailable"):
         c.run("lion", *(np.zeros(4, np.float32),) * 2, (np.zeros(4, np.float32),), None)
 

@@ -76,6 +76,24 @@ def test_float32_loop_is_vectorised_without_float64_promotion(kernel):
         assert re.search(r"\bv?sqrtps\b", asm) and re.search(r"\bv?divps\b", asm), "sqrt/div not vectorised"
 
 
+@pytest.mark.skipif(sys.platform != "linux" or os.uname().machine != "x86_64", reason="x86-64 assembly")
+@pytest.mark.parametrize("kernel", ["adam", "lion"])
+def test_float32_list_loop_is_vectorised(kernel):
+    """The list loop runs the flat loop over views made from raw addresses: it
+    must still vectorise (and a None buffer must still be pruned)."""
+    rule = KERNEL_RULE[kernel]
+    scalars, _ = RULES[rule].prepare(hyper(rule, {}), 3)
+    n = numba_loops.N_FLOATS[kernel]
+    arrays = [np.ones(64, np.float32) for _ in range(2 + len(RULES[rule].state))]
+    table = np.array([[a.__array_interface__["data"][0]] for a in arrays] + [[64]], np.int64)
+    rows = tuple(2 + k if name in needed_state(rule, {}) else None for k, name in enumerate(RULES[rule].state))
+    fn = numba.njit(error_model="numpy")(numba_loops.LIST_LOOPS[kernel, stores.keep][0].py_func)
+    fn(table, rows, scalars[:n], scalars[n:], np.float32(1e-38), 1)
+    asm = next(iter(fn.inspect_asm().values()))
+    assert not re.search(r"cvtss2sd|cvtps2pd", asm), "float32 values widened to float64"
+    assert re.search(r"\bv?(mul|add|sub)ps\s+%[xy]mm", asm), "float32 list loop not vectorised"
+
+
 def test_set_num_threads_is_clamped_to_numba_pool():
     before = fastopt.get_num_threads()
     try:
@@ -101,12 +119,15 @@ def test_second_process_loads_compiled_loops_from_cache(tmp_path):
         from fastopt.kernels.numba_loops import LOOPS
         x = [np.ones(100, np.float32) for _ in range(4)]
         fastopt.adamw_(*x, step=1, backend="numba")
+        fastopt.adamw_(*([a] for a in x), step=1, backend="numba")  # a list call: the list loop
         from fastopt.kernels import stores
-        s = LOOPS["adam", stores.keep][0].stats
-        print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))
+        from fastopt.kernels.numba_loops import LIST_LOOPS
+        for loop in (LOOPS["adam", stores.keep][0], LIST_LOOPS["adam", stores.keep][0]):
+            s = loop.stats
+            print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))
     """
-    assert _run_child(code, env).split() == ["0", "1"]  # compiled and saved
-    assert _run_child(code, env).split() == ["1", "0"]  # loaded, not compiled
+    assert _run_child(code, env).split() == ["0", "1"] * 2  # compiled and saved
+    assert _run_child(code, env).split() == ["1", "0"] * 2  # loaded, not compiled
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

@@ -171,9 +171,16 @@ static int fo_run(int kernel, int dtype, void *p, const void *g, void *const *st
  * fastopt_<rule>_list_*: tables of per-tensor pointers. The total element
  * count is split into one contiguous range per thread (the same thread count
  * rule as fo_run, on the total); each thread walks the tensors its range
- * covers. Inside a tensor, a range boundary is moved up to the next 64-byte
- * boundary of that tensor's param (its head, then whole lines), so each
- * tensor runs as fo_run would run it: head first, then aligned chunks. */
+ * covers. Inside a tensor of at least FO_LIST_ALIGN_MIN_BYTES, a range
+ * boundary is moved up to the next 64-byte boundary of that tensor's param
+ * (its head, then whole lines), so it runs as fo_run would run it: head
+ * first, then aligned chunks. A smaller tensor runs unaligned from its first
+ * element: the head, up to 15 elements through the loop's scalar remainder,
+ * measured 5-8% of a list call over 1000 tensors of 1024 floats, while the
+ * aligned stores gain nothing on so few lines. (Either way every element
+ * gets the same bits: the loops are elementwise.) */
+
+#define FO_LIST_ALIGN_MIN_BYTES (64 * 1024)
 
 /* Entry i of a table of float * or double * (read with its own type). */
 static void *fo_at(const void *table, int64_t i, int dtype)
@@ -221,7 +228,7 @@ static void fo_list_range(const fo_list *L, int64_t lo, int64_t hi)
         void *st[FO_MAX_STATE];
         for (int k = 0; k < FO_MAX_STATE; k++)
             st[k] = fo_at(L->state[k], i, L->dtype);
-        const int64_t head = fo_head(p, n, L->esize);
+        const int64_t head = n * L->esize >= FO_LIST_ALIGN_MIN_BYTES ? fo_head(p, n, L->esize) : 0;
         const int64_t a = fo_cut(lo - offset, n, head, L->align), b = fo_cut(hi - offset, n, head, L->align);
         if (a < head && a < b) /* the head on its own, as fo_run runs it */
             fo_loop_range(L->loop, p, g, st, a, (b < head ? b : head) - a, L->esize, L->scalars, L->flush);

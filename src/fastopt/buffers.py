@@ -11,11 +11,13 @@ read-only gradient is fine.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "device_interface", "is_device_array"]
+from . import native
+
+__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "host_tables", "device_interface", "is_device_array"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE_NAMES = "float32 or float64"
@@ -212,14 +214,20 @@ def _extent(a: Any) -> tuple[int, int]:
     return lo, hi
 
 
-def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1) -> bool:
-    """Validate the buffers of one update over lists of tensors; return True on the device.
+def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1) -> tuple[bool, Optional[np.ndarray]]:
+    """Validate the buffers of one update over lists of tensors.
 
     ``lists[r]`` is the list (or tuple) of arrays of role ``names[r]`` (param,
     grad, each state buffer). Every list has the length of the first; position
     i of every list has one shape; every array has one dtype and is on one
     side; no two arrays of the call overlap. Raises TypeError/ValueError
     naming the role and the position (``exp_avg[3]``); writes nothing.
+
+    Returns ``(on_device, table)``. ``table`` is None, or, for host arrays
+    when the compiled checks (:func:`host_tables`) passed, their pointer
+    table: int64 of shape ``(len(lists) + 1, N)``, ``table[r, i]`` the data
+    address of ``lists[r][i]`` and ``table[-1, i]`` its element count, which
+    a backend's ``run_list`` may use instead of the arrays.
     """
     count = None
     for name, arrays in zip(names, lists):
@@ -230,9 +238,12 @@ def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1)
         elif len(arrays) != count:
             raise ValueError(f"{name} has {len(arrays)} arrays, expected {count} (the length of {names[0]})")
     if not count:
-        return False
+        return False, None
+    table = host_tables(lists, grad_index)
+    if table is not None:
+        return False, table
     if _host_lists_ok(lists, grad_index):
-        return False  # plain, distinct host arrays: the common case, checked role by role
+        return False, None  # plain, distinct host arrays (without the compiled checks, or misaligned ones)
     # Position by position: the flat checks over one tensor's buffers give the
     # same messages; the names carry the position.
     on_device = None
@@ -255,13 +266,36 @@ def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1)
     everything = [(a, f"{name}[{i}]") for name, arrays in zip(names, lists) for i, a in enumerate(arrays)]
     if not on_device and all(a.flags.owndata for a, _ in everything) \
             and len({id(a) for a, _ in everything}) == len(everything):
-        return on_device
+        return on_device, None
     spans = sorted((*_extent(a), where) for a, where in everything)
     spans = [s for s in spans if s[0] != s[1]]  # empty arrays overlap nothing
     for (lo, hi, where), (lo2, hi2, where2) in zip(spans, spans[1:]):
         if lo2 < hi:
             raise _overlaps(where2, where)
-    return on_device
+    return on_device, None
+
+
+_tables: Any = None  # fastopt._tables once loaded; False when it is not there
+
+
+def host_tables(lists: Sequence[Sequence[Any]], grad_index: int = 1) -> Optional[np.ndarray]:
+    """The pointer table of a valid host list call (see :func:`check_lists`), from
+    the compiled extension ``fastopt._tables`` (a few ns per array instead of
+    ~1.5 us in Python; csrc/python/tables.c says exactly what it accepts).
+
+    None when the extension is not built, or when the arrays are not the fast
+    case: not plain aligned host arrays, or something is wrong with them (the
+    Python checks then name it).
+    """
+    global _tables
+    if _tables is None:
+        try:
+            _tables = native.load_extension("_tables")
+        except ImportError:
+            _tables = False
+    if not _tables:
+        return None
+    return _tables.host_tables(lists if type(lists) is tuple else tuple(lists), grad_index)
 
 
 def _host_lists_ok(lists: Sequence[Sequence[Any]], grad_index: int) -> bool:
@@ -275,13 +309,13 @@ def _host_lists_ok(lists: Sequence[Sequence[Any]], grad_index: int) -> bool:
     per-position checks then find the problem and name it.
     """
     params = lists[0]
-    if type(params[0]) is not np.ndarray:
+    ndarray = np.ndarray
+    if not all(type(a) is ndarray for a in params):
         return False
     dtype = params[0].dtype
     if dtype not in SUPPORTED_DTYPES:
         return False
     shapes = [a.shape for a in params]
-    ndarray = np.ndarray
     for r, arrays in enumerate(lists):
         if not all(type(a) is ndarray for a in arrays):
             return False

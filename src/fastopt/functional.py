@@ -40,7 +40,7 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
     t = step_count(step) if rule.takes_step or step is not None else 1
     flat, needed = rule.prepared(hyper)
     scalars, extra = rule.scalars_at(flat, t)
-    names, arrays, used = ["param", "grad"], [param, grad], []
+    names, arrays, used, rows = ["param", "grad"], [param, grad], [], [0, 1]
     for name, buf in zip(rule.state, state):
         if buf is None:
             if name in needed:
@@ -51,11 +51,14 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
             names.append(name)
             arrays.append(buf)
         used.append(buf if name in needed else None)
+        rows.append(len(arrays) - 1 if name in needed else 0)  # (an unused buffer's row is not read)
     if isinstance(param, (list, tuple)):
-        on_device = check_lists(names, arrays)
-        dispatch.select(backend, on_device).run_list(rule.kernel, list(param), list(grad),
-                                                     tuple(None if b is None else list(b) for b in used),
-                                                     scalars, stream)
+        on_device, table = check_lists(names, arrays)
+        if table is not None and any(row != k for k, row in enumerate(rows) if k < 2 or used[k - 2] is not None):
+            table = table[rows + [-1]]  # in the kernel's order: param, grad, each state, then the sizes
+        # The lists go on as they are: copying one touches every array (a
+        # reference count each), a cache miss per array after a training step.
+        dispatch.select(backend, on_device).run_list(rule.kernel, param, grad, tuple(used), scalars, stream, table)
     else:
         on_device = check_buffers(names, arrays)
         dispatch.select(backend, on_device).run(rule.kernel, param, grad, tuple(used), scalars, stream)

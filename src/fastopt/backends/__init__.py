@@ -7,10 +7,14 @@ Each backend module defines ``name``, ``device`` (``"cpu"`` or ``"cuda"``) and
   :data:`fastopt.rules.KERNEL_SCALARS`, ``state`` the rule-ordered tuple of
   state buffers (``None`` for unused ones), ``scalars`` the rule's per-step
   scalars;
-* ``run_list(kernel, params, grads, states, scalars, stream=None)``: the same
-  update over lists of tensors (``params[i]``, ``grads[i]``,
+* ``run_list(kernel, params, grads, states, scalars, stream=None, table=None)``:
+  the same update over lists of tensors (``params[i]``, ``grads[i]``,
   ``states[b][i]``; ``states[b]`` is None when buffer ``b`` is unused), in
-  one call.
+  one call. ``table``, when not None, is the call's pointer table from
+  :func:`fastopt.buffers.check_lists` in the kernel's order: int64 rows of
+  data addresses for param, grad and each state buffer (a row whose buffer
+  is None is not to be read), then a row of element counts; a backend may
+  run from it instead of from the arrays.
 
 Buffers arrive already validated (:mod:`fastopt.buffers`): C-contiguous, of
 any shape, one dtype. A backend may define ``unavailable_reason() -> str``
@@ -27,9 +31,10 @@ from typing import Any, Callable, Sequence
 
 
 def run_each(run: Callable, kernel: str, params: Sequence[Any], grads: Sequence[Any],
-             states: Sequence[Any], scalars: Any, stream: Any = None) -> None:
-    """``run_list`` as one ``run`` per tensor: for backends where a call per
-    tensor costs nothing extra (the NumPy reference, which is not about speed)."""
+             states: Sequence[Any], scalars: Any, stream: Any = None, table: Any = None) -> None:
+    """``run_list`` as one ``run`` per tensor (``table`` unused): for backends where a
+    call per tensor costs nothing extra (the NumPy reference, which is not about
+    speed), or as the fallback of one that runs from the pointer table."""
     for i, (p, g) in enumerate(zip(params, grads)):
         run(kernel, p, g, tuple(None if s is None else s[i] for s in states), scalars, stream)
 

@@ -10,18 +10,14 @@ kernel (``csrc/bench/whole_call.py``). The extension is built by CMake from the
 header's declarations (``csrc/python/build_cffi.py``) and links the shared
 library ``libfastopt`` that sits next to it.
 
-Where the extension is looked for, first hit wins:
-1. ``fastopt._c`` inside the installed package (what ``pip install .`` builds);
-2. the directory in the environment variable ``FASTOPT_C_BUILD_DIR``;
-3. ``build/dev`` of the source checkout this file lives in, the output of
-   ``cmake -S . -B build/dev -DPython_EXECUTABLE=$(which python) && cmake --build build/dev``
-   (for working from a checkout with ``PYTHONPATH=src``).
-If none loads, :func:`unavailable_reason` says why and ``fastopt.backends()``
+Where the extension is looked for: :mod:`fastopt.native` (the installed
+package, ``$FASTOPT_C_BUILD_DIR``, the checkout's ``build/dev``). If none loads, :func:`unavailable_reason` says why and ``fastopt.backends()``
 reports it; the rest of the package works.
 
 ``run_list`` updates a list of tensors in one native call (the
 ``fastopt_<rule>_list_*`` entry points: one pointer table per role, the
-threads spread over all the elements).
+threads spread over all the elements), from the tables that
+:func:`fastopt.buffers.check_lists` built when it could.
 
 The per-step scalars go to C as the rule's struct, filled positionally from the
 rule's NamedTuple (the header's structs have the same fields in the same order,
@@ -29,13 +25,7 @@ checked by the tests), so there is one piece of code for every rule.
 """
 from __future__ import annotations
 
-import glob
-import importlib.util
-import os
-import sys
-from pathlib import Path
-
-from .. import denormals, environment, threads
+from .. import denormals, environment, native, threads
 
 name = "c"
 device = "cpu"
@@ -43,7 +33,7 @@ device = "cpu"
 _ext = None  # the loaded extension module
 _reason: str | None = None  # why it could not load ("" once loaded)
 _table: dict = {}  # (kernel, itemsize) -> (C function, pointer type, scalars struct type)
-_list_table: dict = {}  # (kernel, itemsize) -> (C list function, pointer type, table type, scalars struct type)
+_list_table: dict = {}  # (kernel, itemsize) -> (C list function, pointer type, table type, table pointer type, scalars struct type)
 _from_buffer = _new = _null = None  # the extension's ffi.from_buffer, ffi.new, ffi.NULL once loaded
 
 
@@ -53,49 +43,12 @@ def _kernels() -> tuple[str, ...]:
     return tuple(KERNEL_SCALARS)
 
 
-def _checkout_build_dir() -> Path:
-    # src/fastopt/backends/c.py -> the checkout root
-    return Path(__file__).resolve().parents[3] / "build" / "dev"
-
-
-def _import_from(directory: str):
-    """Import ``fastopt._c`` from a build directory; None when there is none."""
-    found = sorted(glob.glob(os.path.join(directory, "_c.*.so")) + glob.glob(os.path.join(directory, "_c.*.pyd")))
-    if not found:
-        return None
-    spec = importlib.util.spec_from_file_location("fastopt._c", found[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    sys.modules["fastopt._c"] = module
-    return module
-
-
-def _locate():
-    """The extension module, or raise ImportError listing where it was looked for."""
-    tried = []
-    try:
-        from .. import _c
-        return _c
-    except ImportError as exc:
-        tried.append(f"fastopt._c ({exc})")
-    for directory in (os.environ.get("FASTOPT_C_BUILD_DIR"), str(_checkout_build_dir())):
-        if not directory:
-            continue
-        module = _import_from(directory)
-        if module is not None:
-            return module
-        tried.append(f"{directory} (no _c extension built there)")
-    raise ImportError("the compiled C library is missing; install the package with pip (it builds csrc/), "
-                      "or build it with cmake into build/dev or $FASTOPT_C_BUILD_DIR. Looked in: "
-                      + "; ".join(tried))
-
-
 def _load() -> str:
     """Load the extension once; return "" or the reason it is unavailable."""
     global _ext, _reason
     if _reason is None:
         try:
-            ext = _locate()
+            ext = native.load_extension("_c")
             environment.warn_ignored_isa()  # FASTOPT_ISA=<unknown> falls back silently in C: say so
             ffi, lib = ext.ffi, ext.lib
             table, list_table = {}, {}
@@ -104,7 +57,7 @@ def _load() -> str:
                 for itemsize, (suffix, ctype) in {4: ("f32", "float"), 8: ("f64", "double")}.items():
                     table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_{suffix}"), ctype + "[]", struct)
                     list_table[kernel, itemsize] = (getattr(lib, f"fastopt_{kernel}_list_{suffix}"), ctype + "[]",
-                                                    ffi.typeof(ctype + " *[]"), struct)
+                                                    ffi.typeof(ctype + " *[]"), ffi.typeof(ctype + " **"), struct)
             lib.fastopt_set_num_threads(threads.get_num_threads())
             lib.fastopt_set_flush_denormal(int(denormals.get_flush_denormal()))
             global _from_buffer, _new, _null
@@ -193,7 +146,7 @@ def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
         raise RuntimeError(f"fastopt_{kernel}: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
 
 
-def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+def run_list(kernel: str, params, grads, states, scalars, stream=None, table=None) -> None:
     """Apply one update in place to many tensors in one native call.
 
     ``params``, ``grads``: lists of C-contiguous arrays (any shape) of one dtype,
@@ -201,21 +154,28 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
     in the rule's state order, each a list of arrays (one per tensor) or None
     when the call does not use that buffer. The C library splits the total
     element count over its threads (``fastopt_<kernel>_list_*``); the result is
-    bitwise that of one ``run`` per tensor. The cost here is one
-    ``ffi.from_buffer`` per array (measured the cheapest way to build the
-    pointer tables from NumPy arrays).
+    bitwise that of one ``run`` per tensor. The pointer tables are the rows of
+    ``table`` (the backend contract, ``fastopt.backends``) when given: a few
+    casts for the whole call; else one ``ffi.from_buffer`` per array.
     """
     if not params:
         return
     try:
-        fn, ctype, tabletype, struct = _list_table[kernel, params[0].itemsize]
+        fn, ctype, tabletype, rowtype, struct = _list_table[kernel, params[0].itemsize]
     except KeyError:  # not loaded yet (or not loadable)
         if _load():
             raise RuntimeError(f"backend 'c' is unavailable: {_reason}") from None
-        fn, ctype, tabletype, struct = _list_table[kernel, params[0].itemsize]
-    fb, new, null = _from_buffer, _new, _null
-    tables = [new(tabletype, [fb(ctype, a) for a in params]), new(tabletype, [fb(ctype, a) for a in grads])]
-    tables += [null if st is None else new(tabletype, [fb(ctype, a) for a in st]) for st in states]
-    rc = fn(*tables, new("int64_t[]", [a.size for a in params]), len(params), new(struct, scalars))
+        fn, ctype, tabletype, rowtype, struct = _list_table[kernel, params[0].itemsize]
+    if table is not None:
+        cast, null = _ext.ffi.cast, _null
+        base, row = table.__array_interface__["data"][0], table.shape[1] * 8
+        rc = fn(cast(rowtype, base), cast(rowtype, base + row),
+                *[null if st is None else cast(rowtype, base + (2 + k) * row) for k, st in enumerate(states)],
+                cast("int64_t *", base + (table.shape[0] - 1) * row), len(params), _new(struct, scalars))
+    else:
+        fb, new, null = _from_buffer, _new, _null
+        tables = [new(tabletype, [fb(ctype, a) for a in params]), new(tabletype, [fb(ctype, a) for a in grads])]
+        tables += [null if st is None else new(tabletype, [fb(ctype, a) for a in st]) for st in states]
+        rc = fn(*tables, new("int64_t[]", [a.size for a in params]), len(params), new(struct, scalars))
     if rc:
         raise RuntimeError(f"fastopt_{kernel}_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")

@@ -274,7 +274,7 @@ def set_flush_denormal(on: bool) -> None:
     _flush = bool(on)
 
 
-def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+def run_list(kernel: str, params, grads, states, scalars, stream=None, table=None) -> None:
     """The update over lists of device tensors, one launch per tensor (in order, on one stream)."""
     run_each(run, kernel, params, grads, states, scalars, stream)
 

@@ -29,7 +29,7 @@ import numpy as np
 from .. import denormals, threads
 from . import run_each
 from ..kernels import stores
-from ..kernels.numba_loops import LOOPS, N_FLOATS
+from ..kernels.numba_loops import LIST_LOOPS, LOOPS, N_FLOATS
 
 name = "numba"
 device = "cpu"
@@ -78,6 +78,7 @@ set_num_threads(threads.get_num_threads())
 #: The smallest normal value by item size, as a scalar of that dtype (the store functions' ``tiny``).
 _TINY = {np.dtype(t).itemsize: t(np.finfo(t).tiny) for t in (np.float32, np.float64)}
 _active: dict = {}  # kernel -> (serial, parallel) loops of the current store function
+_active_lists: dict = {}  # kernel -> (serial, parallel) list loops of the current store function
 
 
 def set_flush_denormal(on: bool) -> None:
@@ -85,40 +86,72 @@ def set_flush_denormal(on: bool) -> None:
     store = stores.flush_subnormal if on else stores.keep
     _active.clear()
     _active.update({kernel: loops for (kernel, s), loops in LOOPS.items() if s is store})
+    _active_lists.clear()
+    _active_lists.update({kernel: loops for (kernel, s), loops in LIST_LOOPS.items() if s is store})
 
 
 set_flush_denormal(denormals.get_flush_denormal())
 
 
-def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
-    """Apply one update in place (buffers already validated by the caller)."""
-    global _pool_started
-    if param.ndim != 1:  # the loops are compiled for 1-D arrays: view any C-contiguous shape flat
-        param, grad = param.reshape(-1), grad.reshape(-1)
-        state = tuple(None if s is None else s.reshape(-1) for s in state)
-    n = N_FLOATS[kernel]
-    floats, flags = scalars[:n], scalars[n:]  # plain tuples (slices of the NamedTuple)
-    serial, parallel = _active[kernel]
-    tiny = _TINY[param.itemsize]
-    # p and every state buffer are read and written, g is read.
-    rw = 2
+def _moved(itemsize: int, elements: int, state) -> int:
+    """Bytes an update moves: p and every used state buffer read and written, g read."""
+    rw = 3
     for buf in state:
         if buf is not None:
             rw += 2
-    moved = param.nbytes * (rw + 1)
+    return itemsize * elements * rw
+
+
+def _on_pool(moved: int) -> bool:
+    """Whether an update moving ``moved`` bytes takes the parallel loop; when
+    True, the pool is held (for this many threads) and the caller releases it."""
+    global _pool_started
     if moved < PARALLEL_MIN_BYTES or _threads == 1 or not _pool_usable or not _pool.acquire(blocking=False):
-        serial(param, grad, *state, floats, flags, tiny)
-        return
+        return False
     try:
         if getattr(_numba_threads, "n", 0) != _threads:
             numba.set_num_threads(_threads)
             _numba_threads.n = _threads
-        _pool_started = True
-        parallel(param, grad, *state, floats, flags, tiny)
+    except BaseException:
+        _pool.release()
+        raise
+    _pool_started = True
+    return True
+
+
+def run(kernel: str, param, grad, state, scalars, stream=None) -> None:
+    """Apply one update in place (buffers already validated by the caller)."""
+    if param.ndim != 1:  # the loops are compiled for 1-D arrays: view any C-contiguous shape flat
+        param, grad = param.reshape(-1), grad.reshape(-1)
+        state = tuple(None if s is None else s.reshape(-1) for s in state)
+    n = N_FLOATS[kernel]
+    serial, parallel = _active[kernel]
+    args = (param, grad, *state, scalars[:n], scalars[n:], _TINY[param.itemsize])  # floats, flags: plain tuples
+    if not _on_pool(_moved(param.itemsize, param.size, state)):
+        serial(*args)
+        return
+    try:
+        parallel(*args)
     finally:
         _pool.release()
 
 
-def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
-    """The update over lists of tensors, one compiled call per tensor."""
-    run_each(run, kernel, params, grads, states, scalars)
+def run_list(kernel: str, params, grads, states, scalars, stream=None, table=None) -> None:
+    """The update over lists of tensors: one compiled call over the pointer
+    ``table`` when there is one (``fastopt.backends``: the threads share the
+    total, as in the C library), else one call per tensor."""
+    if table is None:
+        run_each(run, kernel, params, grads, states, scalars)
+        return
+    n = N_FLOATS[kernel]
+    serial, parallel = _active_lists[kernel]
+    itemsize = params[0].itemsize
+    rows = tuple(None if st is None else 2 + k for k, st in enumerate(states))
+    args = (table, rows, scalars[:n], scalars[n:], _TINY[itemsize])
+    if not _on_pool(_moved(itemsize, int(table[-1].sum()), states)):
+        serial(*args, 1)
+        return
+    try:
+        parallel(*args, _threads)
+    finally:
+        _pool.release()

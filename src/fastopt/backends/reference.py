@@ -153,6 +153,6 @@ def _flush_subnormal(buf) -> None:
     buf[small] *= tiny
 
 
-def run_list(kernel: str, params, grads, states, scalars, stream=None) -> None:
+def run_list(kernel: str, params, grads, states, scalars, stream=None, table=None) -> None:
     """The update over lists of tensors: the same update of each, in order."""
     run_each(run, kernel, params, grads, states, scalars)

@@ -55,6 +55,15 @@ machine, fp32, 2 threads; numbers in the issue #4 report):
 
 Per element the result does not depend on the block boundaries (no
 reductions, no FMA), so any thread count gives bitwise identical buffers.
+
+**List loops** (:data:`LIST_LOOPS`) update many tensors in one call, from the
+call's pointer table (:func:`fastopt.buffers.check_lists`: a row of data
+addresses per role, then a row of element counts). The concatenation of the
+tensors is cut into one contiguous range of elements per thread, as the C
+library does; each thread walks the tensors its range covers and runs the
+serial flat loop, inlined, over each piece, viewed as an array from its
+address (:func:`_view`). A reflected or typed list of arrays would cost
+microseconds per tensor to unbox; the table costs nothing per tensor.
 """
 from __future__ import annotations
 
@@ -71,7 +80,7 @@ from . import elements, stores
 from .. import rules
 from ..rules import KERNEL_SCALARS
 
-__all__ = ["LOOPS", "N_FLOATS", "SOURCE_KEY", "cast_floats"]
+__all__ = ["LOOPS", "LIST_LOOPS", "N_FLOATS", "SOURCE_KEY", "cast_floats"]
 
 _JIT = dict(error_model="numpy", cache=True)
 
@@ -207,3 +216,121 @@ _STORES = tuple(_callable_in_jit(fn) for fn in (stores.keep, stores.flush_subnor
 #: per dtype and per pattern of None state buffers, then loaded from Numba's
 #: on-disk cache. Every loop takes ``(p, g, *state, floats, flags, tiny)``.
 LOOPS = {(k, store): (_build(k, False, store), _build(k, True, store)) for k in KERNEL_SCALARS for store in _STORES}
+
+
+# ---- list loops: many tensors per call, from a pointer table ----
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The int64 ``address`` as a pointer to values of the scalar type of ``like``."""
+    if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
+        return None
+    ptr = types.CPointer(like)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(ptr))
+
+    return ptr(address, like), codegen
+
+
+def _view(table, row, t, lo, n, tiny):
+    """Elements ``[lo, lo + n)`` of tensor ``t`` of role ``row`` of ``table`` as a
+    1-D array of ``tiny``'s dtype, or None when ``row`` is None (an unused
+    buffer: pruned at compile time, as in the flat loops)."""
+
+
+@overload(_view, inline="always")
+def _view_impl(table, row, t, lo, n, tiny):
+    if isinstance(row, types.NoneType):
+        return lambda table, row, t, lo, n, tiny: None
+    itemsize = tiny.bitwidth // 8
+
+    def view(table, row, t, lo, n, tiny):
+        return numba.carray(_pointer(table[row, t] + lo * itemsize, tiny), n)
+    return view
+
+
+def _views(table, rows, t, lo, n, tiny):
+    """``(_view(table, rows[0], ...), _view(table, rows[1], ...), ...)`` for a tuple ``rows``."""
+
+
+@overload(_views, inline="always")
+def _views_impl(table, rows, t, lo, n, tiny):
+    if len(rows) == 0:
+        return lambda table, rows, t, lo, n, tiny: ()
+
+    def views(table, rows, t, lo, n, tiny):
+        return (_view(table, rows[0], t, lo, n, tiny),) + _views(table, rows[1:], t, lo, n, tiny)
+    return views
+
+
+def _list_loop(segment, rng, source_key):
+    # ``rows``: the table row of each state buffer (None: unused); ``blocks``:
+    # the number of ranges, one per thread.
+    def loop(table, rows, floats, flags, tiny, blocks):
+        source_key  # noqa: B018
+        count = table.shape[1]
+        sizes = table[table.shape[0] - 1]
+        total = 0
+        for t in range(count):
+            total += sizes[t]
+        per = (total + blocks - 1) // blocks
+        for b in rng(blocks):
+            lo = b * per
+            hi = min(total, lo + per)
+            offset = 0
+            for t in range(count):
+                n = sizes[t]
+                if offset < hi and offset + n > lo:
+                    first = max(lo - offset, 0)
+                    m = min(hi - offset, n) - first
+                    segment(_view(table, 0, t, first, m, tiny), _view(table, 1, t, first, m, tiny),
+                            *_views(table, rows, t, first, m, tiny), floats, flags, tiny)
+                offset += n
+    return loop
+
+
+def _callable_not_inlined(fn):
+    """Like :func:`_callable_in_jit`, but compiled as a function of its own
+    (LLVM still inlines it). An overload inlined at Numba's IR level is typed
+    without pruning its ``x is not None`` branches on None arguments, which
+    the flat loops rely on."""
+    overload(fn, target="cpu", inline="never", strict=False)(lambda *args: fn)
+    return fn
+
+
+def _segment(kernel: str, store):
+    """The serial flat loop of ``kernel`` and ``store`` as a plain function that
+    list loops call, published as a module attribute of its own name.
+
+    A list loop holds it in its closure, and Numba keys its on-disk cache on
+    the pickled closure: a nested function pickles by value, taking along the
+    globals it calls (``cast_floats``, an intrinsic that pickles with a fresh
+    uuid), so every process would miss the cache and recompile (~6 s). A
+    function found at ``module.qualname`` pickles by reference: the same bytes
+    in every process. (Its code is this file's, which the cache key covers.)
+    """
+    element = _callable_in_jit(getattr(elements, kernel))
+    n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
+    segment = _SHAPES[n_state](element, store, KERNEL_SCALARS[kernel], range, SOURCE_KEY)
+    segment.__name__ = segment.__qualname__ = (f"_segment_{kernel}"
+                                               f"{'' if store is stores.keep else '_' + store.__name__}")
+    globals()[segment.__name__] = segment
+    return _callable_not_inlined(segment)
+
+
+def _build_list(kernel: str, parallel: bool, segment, store):
+    py_loop = _list_loop(segment, numba.prange if parallel else range, SOURCE_KEY)
+    py_loop.__qualname__ = py_loop.__name__ = (f"{kernel}_list_{'parallel' if parallel else 'serial'}"
+                                               f"{'' if store is stores.keep else '_' + store.__name__}")
+    return numba.njit(parallel=parallel, **_JIT)(py_loop)
+
+
+def _list_loops(kernel: str, store):
+    segment = _segment(kernel, store)
+    return _build_list(kernel, False, segment, store), _build_list(kernel, True, segment, store)
+
+
+#: (kernel name, store function) -> (serial, parallel) list loops, each
+#: ``loop(table, rows, floats, flags, tiny, blocks)`` (module docstring).
+LIST_LOOPS = {(k, store): _list_loops(k, store) for k in KERNEL_SCALARS for store in _STORES}
