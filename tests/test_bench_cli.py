@@ -517,3 +517,34 @@ def test_denormal_mode_runs_and_reports_three_configurations(capsys):
     bufs = denormal._subnormal_buffers(case, 64)
     assert all(((a > 0) & (a < np.finfo(np.float32).tiny)).all() for a in bufs.state.values())
     assert case.options["betas"] == (0.999, 0.9999)
+
+
+def test_interleaved_blocks_run_inside_their_context():
+    """``around``: each block of timed calls (warmup and calibration included)
+    runs inside its callable's context, entered per block, not per call."""
+    import contextlib
+
+    from fastopt.bench import timing
+    state = {"on": False, "entered": 0}
+    seen = {"a": set(), "b": set()}
+
+    @contextlib.contextmanager
+    def switched():
+        state["on"] = True
+        state["entered"] += 1
+        try:
+            yield
+        finally:
+            state["on"] = False
+
+    def a():
+        seen["a"].add(state["on"])
+
+    def b():
+        seen["b"].add(state["on"])
+    settings = timing.TimerSettings(repeats=3, min_repeats=3, min_time=1e-4, max_time=1.0, warmup=1)
+    timing.measure_interleaved([a, b], settings, around=[None, switched])
+    assert seen == {"a": {False}, "b": {True}}
+    assert state["entered"] == 1 + 3  # calibration, then one per repeat
+    with pytest.raises(ValueError, match="around has 1 entries, expected 2"):
+        timing.measure_interleaved([a, b], settings, around=[None])

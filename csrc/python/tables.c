@@ -116,11 +116,28 @@ static int disjoint(span *spans, size_t n)
 
 static int is_list(PyObject *o) { return PyList_CheckExact(o) || PyTuple_CheckExact(o); }
 
-/* Same shape: ndim and every extent. */
+/* Same shape: ndim and every extent. (Inline loops here and below, not
+ * memcmp or PyArray_SIZE: those are calls, through NumPy's API table for the
+ * latter, and were half of the time per array.) */
 static int same_shape(PyArrayObject *a, PyArrayObject *b)
 {
     const int nd = PyArray_NDIM(a);
-    return nd == PyArray_NDIM(b) && !memcmp(PyArray_DIMS(a), PyArray_DIMS(b), (size_t)nd * sizeof(npy_intp));
+    if (nd != PyArray_NDIM(b))
+        return 0;
+    const npy_intp *da = PyArray_DIMS(a), *db = PyArray_DIMS(b);
+    for (int d = 0; d < nd; d++)
+        if (da[d] != db[d])
+            return 0;
+    return 1;
+}
+
+static npy_intp element_count(PyArrayObject *a)
+{
+    const npy_intp *dims = PyArray_DIMS(a);
+    npy_intp size = 1;
+    for (int d = 0; d < PyArray_NDIM(a); d++)
+        size *= dims[d];
+    return size;
 }
 
 static void prefetch_shape(PyObject *o)
@@ -179,6 +196,7 @@ static PyObject *host_tables(PyObject *self, PyObject *args)
     int64_t *sizes = t + roles * count;
     size_t n_spans = 0;
     int ok = 1;
+    PyTypeObject *const ndarray = &PyArray_Type; /* (an API-table load, once) */
     for (Py_ssize_t r = 0; r < roles && ok; r++) {
         PyObject **items = PySequence_Fast_ITEMS(PyTuple_GET_ITEM(lists, r));
         const int required = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | (r == grad_index ? 0 : NPY_ARRAY_WRITEABLE);
@@ -196,14 +214,14 @@ static PyObject *host_tables(PyObject *self, PyObject *args)
                 prefetch_shape(params[i + 8]);
             }
             PyArrayObject *a = (PyArrayObject *)items[i];
-            if (!PyArray_CheckExact((PyObject *)a) || PyArray_TYPE(a) != type_num || !PyArray_ISNOTSWAPPED(a)
+            if (Py_TYPE(a) != ndarray || PyArray_TYPE(a) != type_num || !PyArray_ISNOTSWAPPED(a)
                 || (PyArray_FLAGS(a) & required) != required
                 || (r > 0 && !same_shape(a, (PyArrayObject *)params[i]))) {
                 ok = 0;
                 break;
             }
             const uintptr_t lo = (uintptr_t)PyArray_DATA(a);
-            const npy_intp size = PyArray_SIZE(a);
+            const npy_intp size = element_count(a);
             t[r * count + i] = (int64_t)lo;
             if (r == 0)
                 sizes[i] = size;

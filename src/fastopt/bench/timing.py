@@ -17,7 +17,8 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, Optional, Sequence
 
 __all__ = ["TimerSettings", "DEFAULT", "QUICK", "Measurement", "measure", "measure_interleaved"]
 
@@ -84,22 +85,38 @@ def measure(fn: Callable[[], None], settings: TimerSettings = DEFAULT,
 
 
 def measure_interleaved(fns: Sequence[Callable[[], None]], settings: TimerSettings = DEFAULT,
-                        sync: Optional[Callable[[], None]] = None) -> list[Measurement]:
+                        sync: Optional[Callable[[], None]] = None,
+                        around: Optional[Sequence[Optional[Callable[[], ContextManager]]]] = None,
+                        ) -> list[Measurement]:
     """Time several callables with their measurements taken in turn (a, b, a, b, ...).
 
     Each gets its own call count (as :func:`measure`) and the same number of
     repeats, set by the slowest, so a change in the machine's load during the
-    run falls on all of them alike and their ratio stays fair.
+    run falls on all of them alike and their ratio stays fair. ``around[i]``,
+    when given, makes the context each of ``fns[i]``'s warmups and measurements
+    runs in (a process-wide setting, say), entered once per block of calls
+    rather than paid inside every timed call.
     """
+    contexts = list(around) if around is not None else [None] * len(fns)
+    if len(contexts) != len(fns):
+        raise ValueError(f"around has {len(contexts)} entries, expected {len(fns)} (one per callable)")
+
+    def block(i: int):
+        return contexts[i]() if contexts[i] is not None else contextlib.nullcontext()
+
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        calibrated = [_calibrate(fn, settings, sync) for fn in fns]
+        calibrated = []
+        for i, fn in enumerate(fns):
+            with block(i):
+                calibrated.append(_calibrate(fn, settings, sync))
         repeats = _repeats(settings, max(elapsed for _, elapsed in calibrated))
         per_call: list[list[float]] = [[] for _ in fns]
         for _ in range(repeats):
-            for fn, (number, _), times in zip(fns, calibrated, per_call):
-                times.append(_run(fn, number, sync) / number)
+            for i, (fn, (number, _), times) in enumerate(zip(fns, calibrated, per_call)):
+                with block(i):
+                    times.append(_run(fn, number, sync) / number)
     finally:
         if gc_was_enabled:
             gc.enable()
