@@ -221,6 +221,27 @@ def test_validation_cache_is_not_fooled():
     expect_rejected("adam", make("adam"), ValueError, ["betas[1]"], betas=[0.9, 1.5])
 
 
+def test_carried_value_is_checked_every_call_but_not_cached():
+    """NAdam's mu_product changes every step: it must not make every call a cache
+    miss (the cache would fill and the checks run each step), and a bad value
+    must still be rejected after the same other values were cached."""
+    rule = RULES["nadam"]
+    rule._validated.clear()
+    bufs = make("nadam")
+    mu = 1.0
+    for t in range(1, 6):
+        mu = call("nadam", bufs, mu_product=mu, step=t)
+    assert len(rule._validated) == 1
+    for bad, words in [(2.0, ["mu_product"]), (float("nan"), ["mu_product"]), (-0.5, ["mu_product"])]:
+        expect_rejected("nadam", make("nadam"), ValueError, words, mu_product=bad)
+    assert len(rule._validated) == 1
+    # the value passed is the one used: the same call with two mu_products differs
+    a, b = make("nadam"), make("nadam")
+    call("nadam", a, mu_product=1.0, step=3)
+    call("nadam", b, mu_product=0.5, step=3)
+    assert a["param"].tobytes() != b["param"].tobytes()
+
+
 # ---- lists of tensors ---------------------------------------------------------
 
 

@@ -119,6 +119,9 @@ def _positional(compute: Callable[..., Any], scalars: type) -> Callable[..., Any
     return namespace[compute.__name__]
 
 
+_NO_CARRY = object()  # _key: the rule carries nothing (or the call does not pass it)
+
+
 def _cacheable(values: tuple) -> bool:
     """Whether every value (and every element of a tuple value) is immutable."""
     for v in values:
@@ -180,6 +183,8 @@ class Rule:
     _kernel: str = field(default="", compare=False, repr=False)
     _state: tuple = field(default=(), compare=False, repr=False)
     _compute: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)
+    _carry_at: int = field(default=-1, compare=False, repr=False)  # the carried value's flat position
+    _carry_check: Optional[Check] = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for buf in self.buffers:
@@ -197,6 +202,9 @@ class Rule:
         object.__setattr__(self, "_kernel", self.element or self.name)  # (read on every update)
         object.__setattr__(self, "_state", tuple(s.name for s in self.buffers))
         object.__setattr__(self, "_compute", _positional(self.compute, self.scalars))
+        if self.carry:
+            object.__setattr__(self, "_carry_at", expected.index(self.carry[0]))
+            object.__setattr__(self, "_carry_check", self.checks[self.carry[0]])
 
     # ---- derived views --------------------------------------------------------
 
@@ -240,30 +248,50 @@ class Rule:
         needs (name -> the option that needs it). Raises TypeError/ValueError naming
         the argument."""
         valid, needs, _ = self._validate(hyper)
+        if self.carry and self.carry[0] in hyper:  # (the cached entry may hold an older carried value)
+            name = self.carry[0]
+            valid = {**valid, name: self._carry_check(name, hyper[name])}
         return valid, needs
 
     def prepared(self, hyper: Mapping[str, Any]) -> tuple[tuple, dict[str, str]]:
         """(the checked flat values, positional for :meth:`scalars_at`; the state
         buffers needed): the hot path of every update."""
-        values = tuple(hyper.values())
+        key, carried = self._key(hyper)
         try:
-            done = self._validated.get((values, tuple(map(type, values))))
+            done = self._validated.get(key)
         except TypeError:
             done = None
         if done is None:
             done = self._validate(hyper)
-        return done[2], done[1]
+        if carried is _NO_CARRY:
+            return done[2], done[1]
+        # The carried value (NAdam's mu_product) changes every step, so it is
+        # not part of the key: checked on its own and put in its place.
+        at, flat = self._carry_at, done[2]
+        return flat[:at] + (self._carry_check(self.carry[0], carried),) + flat[at + 1:], done[1]
+
+    def _key(self, hyper: Mapping[str, Any]) -> tuple[tuple, Any]:
+        """(the validation cache key of ``hyper``, the carried value or _NO_CARRY).
+
+        The key holds the names in their order (two callers may order them
+        differently), the values and their types (True == 1 must not let
+        lr=True pass as lr=1), and not the carried value."""
+        names, values = tuple(hyper), tuple(hyper.values())
+        carried = _NO_CARRY
+        if self.carry and self.carry[0] in hyper:
+            i = names.index(self.carry[0])
+            carried = values[i]
+            values = values[:i] + values[i + 1:]
+        return (names, values, tuple(map(type, values))), carried
 
     def _validate(self, hyper: Mapping[str, Any]) -> tuple[dict, dict[str, str], tuple]:
         # A training loop passes the same values every step, and the checks are
-        # most of the cost of a small update: results are cached by the values
-        # and their types (True == 1 must not let lr=True pass as lr=1). Only
+        # most of the cost of a small update: results are cached (_key). Only
         # sets of immutable values are stored (_cacheable), so a tensor lr that
         # an LR scheduler fills in place is checked on every call; a lookup
         # with one never finds a stored set (its type differs, or, inside a
         # tuple, its identity hash).
-        values = tuple(hyper.values())
-        key = (values, tuple(map(type, values)))
+        key, _ = self._key(hyper)
         try:
             done = self._validated.get(key)
         except TypeError:  # an unhashable value (betas as a list, a 0-d array)
@@ -273,7 +301,7 @@ class Rule:
             if self.relation is not None:
                 self._check_relation(valid)
             done = (valid, self.needs(valid), tuple(self.flat(valid).values()))
-            if key is not None and _cacheable(values):
+            if key is not None and _cacheable(key[1]):
                 if len(self._validated) >= _CACHE_LIMIT:
                     self._validated.clear()
                 self._validated[key] = done
