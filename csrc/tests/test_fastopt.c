@@ -1,17 +1,32 @@
 /* C unit tests of the fastopt library (ctest runs them once per CPU path:
- * FASTOPT_ISA=baseline, avx2, avx512; see CMakeLists.txt).
- *   - every rule and option, f32 and f64, odd sizes, against the plain scalar
- *     loops of reference.inc, bitwise, including NaN/Inf gradients;
- *   - known values of the first step;
- *   - bitwise the same result on 1 and 2 threads;
- *   - argument errors and prepare's range checks;
- *   - every rule of the generated table (rules_table.inc, RAdam included),
- *     every flag combination: list calls equal flat calls bitwise, f32 and
+ * FASTOPT_ISA=baseline, avx2, avx512; see CMakeLists.txt). Every rule comes
+ * from the generated table (rules_table.inc, written by `python -m
+ * fastopt.codegen` from the rule table): nothing here names a rule, so a rule
+ * added to the table is tested without a line changed here.
+ *   - every rule, every flag combination and several hyperparameter sets (the
+ *     defaults; those whose default is 0 made nonzero; other and boundary
+ *     values of each kind), f32 and f64, odd sizes, consecutive steps, with and
+ *     without NaN/Inf/subnormal gradients: the library against the plain
+ *     reference loops of rules_table.inc (fo_t_ref_*), bitwise;
+ *   - large buffers over threads: 1 and 2 threads against the reference, and
+ *     1, 2 and 3 threads against each other;
+ *   - argument errors of the flat and list kernels (every required buffer of
+ *     every flag combination), with every buffer untouched; prepare's checks
+ *     for every hyperparameter, the step and the carried value, against the
+ *     ranges of the table's kinds (fo_t_expect_h), *out and the carried
+ *     value untouched on error;
+ *   - every flag combination: list calls equal flat calls bitwise, f32 and
  *     f64, on 1 and 2 threads;
  *   - flush denormals (fastopt_set_flush_denormal): every rule and flag
  *     combination, f32 and f64, 1 and 2 threads, flat and list calls, equals
  *     the flush-off result with each stored value flushed, bitwise; the other
- *     tests run with it off (after it was on), so off is today's kernels. */
+ *     tests run with it off (after it was on), so off is today's kernels.
+ * The reference is translated from the same element functions as the kernels
+ * (rules_table.inc says how it differs): these tests check the library's
+ * loops, flag specialization, CPU paths, tails, threads and list machinery.
+ * The math itself, element functions and prepare formulas, is checked against
+ * the NumPy reference and fastopt.rules by the Python tests
+ * (tests/test_backends.py, tests/test_c_library.py). */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -26,54 +41,6 @@
 #define FO_T_STR_(x) #x
 #define FO_T_STR(x) FO_T_STR_(x)
 
-enum { FO_T_SGD, FO_T_ADAGRAD, FO_T_RMSPROP, FO_T_ADADELTA, FO_T_ADAM, FO_T_ADAMW, FO_T_ADAMAX,
-       FO_T_NADAM, FO_T_LION };
-
-/* h: hyperparameters in the order of the rule's prepare function; f[0]: the
- * rule's option flag (nesterov, centered, amsgrad, decoupled), f[2]: maximize. */
-typedef struct {
-    const char *name;
-    int rule;
-    double h[6];
-    int f[3];
-} tcase;
-
-static const tcase CASES[] = {
-    /* lr, momentum, dampening, weight_decay | nesterov, -, maximize */
-    {"sgd", FO_T_SGD, {0.1, 0, 0, 0}, {0, 0, 0}},
-    {"sgd momentum", FO_T_SGD, {0.1, 0.9, 0, 0}, {0, 0, 0}},
-    {"sgd dampening", FO_T_SGD, {0.1, 0.9, 0.3, 0}, {0, 0, 0}},
-    {"sgd nesterov wd maximize", FO_T_SGD, {0.1, 0.9, 0, 0.01}, {1, 0, 1}},
-    {"sgd wd", FO_T_SGD, {0.05, 0, 0, 0.1}, {0, 0, 0}},
-    /* lr, lr_decay, weight_decay, eps */
-    {"adagrad", FO_T_ADAGRAD, {1e-2, 0, 0, 1e-10}, {0, 0, 0}},
-    {"adagrad decay wd maximize", FO_T_ADAGRAD, {0.1, 0.05, 0.1, 1e-6}, {0, 0, 1}},
-    /* lr, alpha, eps, weight_decay, momentum | centered */
-    {"rmsprop", FO_T_RMSPROP, {1e-2, 0.99, 1e-8, 0, 0}, {0, 0, 0}},
-    {"rmsprop centered", FO_T_RMSPROP, {1e-2, 0.99, 1e-8, 0, 0}, {1, 0, 0}},
-    {"rmsprop momentum", FO_T_RMSPROP, {1e-2, 0.99, 1e-8, 0, 0.9}, {0, 0, 0}},
-    {"rmsprop centered momentum wd maximize", FO_T_RMSPROP, {1e-2, 0.9, 1e-6, 0.01, 0.5}, {1, 0, 1}},
-    /* lr, rho, eps, weight_decay */
-    {"adadelta", FO_T_ADADELTA, {1.0, 0.9, 1e-6, 0}, {0, 0, 0}},
-    {"adadelta wd maximize", FO_T_ADADELTA, {0.5, 0.5, 1e-4, 0.1}, {0, 0, 1}},
-    /* lr, beta1, beta2, eps, weight_decay | amsgrad */
-    {"adam", FO_T_ADAM, {1e-3, 0.9, 0.999, 1e-8, 0}, {0, 0, 0}},
-    {"adam amsgrad wd maximize", FO_T_ADAM, {1e-2, 0.9, 0.999, 1e-8, 0.05}, {1, 0, 1}},
-    {"adamw", FO_T_ADAMW, {1e-3, 0.9, 0.999, 1e-8, 1e-2}, {0, 0, 0}},
-    {"adamw amsgrad", FO_T_ADAMW, {1e-2, 0.8, 0.99, 1e-6, 0.1}, {1, 0, 0}},
-    /* lr, beta1, beta2, eps, weight_decay */
-    {"adamax", FO_T_ADAMAX, {2e-3, 0.9, 0.999, 1e-8, 0}, {0, 0, 0}},
-    {"adamax wd maximize", FO_T_ADAMAX, {1e-2, 0.8, 0.99, 1e-6, 0.1}, {0, 0, 1}},
-    /* lr, beta1, beta2, eps, weight_decay, momentum_decay | decoupled */
-    {"nadam", FO_T_NADAM, {2e-3, 0.9, 0.999, 1e-8, 0, 4e-3}, {0, 0, 0}},
-    {"nadam wd", FO_T_NADAM, {2e-3, 0.9, 0.999, 1e-8, 0.1, 4e-3}, {0, 0, 0}},
-    {"nadam decoupled maximize", FO_T_NADAM, {1e-2, 0.8, 0.99, 1e-6, 0.1, 0.01}, {1, 0, 1}},
-    /* lr, beta1, beta2, weight_decay */
-    {"lion", FO_T_LION, {1e-4, 0.9, 0.99, 0}, {0, 0, 0}},
-    {"lion wd maximize", FO_T_LION, {1e-3, 0.95, 0.98, 0.1}, {0, 0, 1}},
-};
-#define NCASES ((int)(sizeof(CASES) / sizeof(CASES[0])))
-
 static const double SPECIALS[] = {NAN, INFINITY, -INFINITY, 0.0, -0.0, 1e-40, -1e-40, 3e38, -3e38, 1e-45};
 #define NSPECIALS ((int64_t)(sizeof(SPECIALS) / sizeof(SPECIALS[0])))
 
@@ -84,7 +51,6 @@ static double uniform(uint64_t *s)
     return (double)((*s * 2685821657736338717ull) >> 11) * 0x1.0p-52 - 1.0;
 }
 
-#include "reference_both.inc"
 #include "rules_table.inc"
 
 static int failures;
@@ -98,190 +64,366 @@ static int failures;
         }                                            \
     } while (0)
 
+/* ---- hyperparameter sets, from each hyperparameter's kind and default ------ */
+
+enum { V_DEFAULTS, V_NONZERO, V_OTHER, V_LOW, V_HIGH, NVARIANTS };
+static const char *const VARIANT[NVARIANTS] = {"defaults", "zero defaults at 0.5", "other values",
+                                               "lower boundaries", "upper boundaries"};
+
+/* The real hyperparameters of set v (fo_t_prepare_h's h): the defaults; those
+ * whose default is 0 (momentum, weight decay, ...) at 0.5, so every option
+ * buffer is used; other values (decay rates below 0.5, where torch's lerp
+ * starts from the end, the rest 3 times their default or 0.25); the lower
+ * boundaries (decay rates at 0); the upper ones (decay rates just below 1,
+ * closed-unit ones at 1). */
+static void hyper_set(int rule, int v, double *h)
+{
+    const fo_t_rule *r = &FO_T_RULES[rule];
+    for (int k = 0; k < r->nhyper; k++) {
+        const double d = r->hyper[k].dflt;
+        const int kind = r->hyper[k].kind;
+        double x = d;
+        if (v == V_NONZERO)
+            x = d == 0.0 ? 0.5 : d;
+        else if (v == V_OTHER)
+            x = kind == FO_T_UNIT ? 0.3 : kind == FO_T_UNIT_CLOSED ? 0.45 : d == 0.0 ? 0.25 : 3.0 * d;
+        else if (v == V_LOW)
+            x = kind == FO_T_UNIT || kind == FO_T_UNIT_CLOSED ? 0.0 : d;
+        else if (v == V_HIGH)
+            x = kind == FO_T_UNIT ? 0x1.fffffffffffffp-1 : kind == FO_T_UNIT_CLOSED ? 1.0 : d;
+        h[k] = x;
+    }
+}
+
+/* ---- the library against the reference ------------------------------------ */
+
+/* The step counts of a case's consecutive calls: the first steps (SGD's
+ * first_step), then later ones (RAdam's rectified steps, decayed rates). */
+static const int64_t STEPS[] = {1, 2, 3, 10, 1000};
+
+/* One rule and hyperparameter set, `steps` calls (at the step counts of STEPS)
+ * from the same start (random param, non-negative random state) through the
+ * library and the reference,
+ * with the same scalars (prepare's carried value advancing), compared bitwise
+ * after every step (any NaN equals any NaN: its sign and payload depend on the
+ * compiler's operand order). Buffers a call does not need are passed as NULL. */
+#define FO_T_RUN_CASE(T, SFX)                                                                               \
+    static int FO_T_CAT(same_bits, SFX)(const T *a, const T *b, int64_t n)                                  \
+    {                                                                                                       \
+        for (int64_t i = 0; i < n; i++)                                                                     \
+            if (memcmp(&a[i], &b[i], sizeof(T)) && !(isnan(a[i]) && isnan(b[i])))                           \
+                return 0;                                                                                   \
+        return 1;                                                                                           \
+    }                                                                                                       \
+    static int FO_T_CAT(run_case, SFX)(int rule, int v, const double *h, unsigned flags, int64_t n,         \
+                                       int steps, int specials)                                            \
+    {                                                                                                       \
+        enum { NB = 2 + FO_T_MAX_STATE };                                                                   \
+        const fo_t_rule *r = &FO_T_RULES[rule];                                                             \
+        T *lib[NB], *ref[NB];                                                                               \
+        for (int b = 0; b < NB; b++) {                                                                      \
+            lib[b] = (T *)malloc((size_t)(n > 0 ? n : 1) * sizeof(T));                                      \
+            ref[b] = (T *)malloc((size_t)(n > 0 ? n : 1) * sizeof(T));                                      \
+        }                                                                                                   \
+        uint64_t rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)n ^ (uint64_t)rule << 40 ^ (uint64_t)flags << 48;  \
+        for (int b = 0; b < NB; b++)                                                                        \
+            for (int64_t i = 0; i < n; i++)                                                                 \
+                lib[b][i] = ref[b][i] = (T)(b >= 2 ? fabs(uniform(&rng)) : uniform(&rng));                  \
+        double carry = r->carry_init;                                                                       \
+        int bad = 0;                                                                                        \
+        for (int t = 1; t <= steps && !bad; t++) {                                                          \
+            T *g = lib[1];                                                                                  \
+            for (int64_t i = 0; i < n; i++) g[i] = (T)uniform(&rng);                                        \
+            if (specials)                                                                                   \
+                for (int64_t i = t; i < n; i += 13) g[i] = (T)SPECIALS[(i / 13) % NSPECIALS];               \
+            fo_t_scalars s;                                                                                 \
+            int rc = fo_t_prepare_h(rule, &s, &carry, h, flags, STEPS[t - 1]);                              \
+            const unsigned need = rc ? 0u : fo_t_need(rule, &s);                                            \
+            T *st[FO_T_MAX_STATE], *rst[FO_T_MAX_STATE];                                                    \
+            for (int k = 0; k < FO_T_MAX_STATE; k++) {                                                      \
+                st[k] = (need >> k & 1u) ? lib[2 + k] : NULL;                                               \
+                rst[k] = (need >> k & 1u) ? ref[2 + k] : NULL;                                              \
+            }                                                                                               \
+            if (!rc) {                                                                                      \
+                rc = FO_T_CAT(fo_t_run, SFX)(rule, lib[0], g, st, n, &s);                                   \
+                FO_T_CAT(fo_t_ref, SFX)(rule, ref[0], g, rst, n, &s);                                       \
+            }                                                                                               \
+            if (rc) {                                                                                       \
+                printf("FAIL %s (%s, flags %u) %s n=%lld step %lld: return code %d\n", r->name, VARIANT[v], \
+                       flags, FO_T_STR(SFX), (long long)n, (long long)STEPS[t - 1], rc);                    \
+                bad = 1;                                                                                    \
+            }                                                                                               \
+            for (int b = 0; b < NB && !bad; b++) {                                                          \
+                if (b == 1 || (b >= 2 && !(need >> (b - 2) & 1u)))                                          \
+                    continue;                                                                               \
+                if (FO_T_CAT(same_bits, SFX)(lib[b], ref[b], n))                                            \
+                    continue;                                                                               \
+                int64_t i = 0;                                                                              \
+                while (!memcmp(&lib[b][i], &ref[b][i], sizeof(T)) || (isnan(lib[b][i]) && isnan(ref[b][i]))) \
+                    i++;                                                                                    \
+                printf("FAIL %s (%s, flags %u, specials %d) %s n=%lld step %lld: %s[%lld] = %a, "          \
+                       "reference %a\n", r->name, VARIANT[v], flags, specials, FO_T_STR(SFX), (long long)n,  \
+                       (long long)STEPS[t - 1],                                                             \
+                       b ? r->state[b - 2] : "param", (long long)i, (double)lib[b][i], (double)ref[b][i]);  \
+                bad = 1;                                                                                    \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int b = 0; b < NB; b++) free(lib[b]), free(ref[b]);                                            \
+        return bad;                                                                                         \
+    }
+FO_T_RUN_CASE(float, _f32)
+FO_T_RUN_CASE(double, _f64)
+
+/* Every rule, flag combination and hyperparameter set prepare accepts. */
 static void test_matrix(void)
 {
-    static const int64_t sizes[] = {0, 1, 3, 17, 1000, 100003};
-    for (int c = 0; c < NCASES; c++)
-        for (int k = 0; k < (int)(sizeof(sizes) / sizeof(sizes[0])); k++)
-            for (int specials = 0; specials < 2; specials++) {
-                failures += run_case__f32(&CASES[c], sizes[k], 5, specials);
-                failures += run_case__f64(&CASES[c], sizes[k], 5, specials);
+    static const int64_t sizes[] = {0, 1, 3, 17, 1000, 4099, 100003};
+    int cases = 0;
+    for (int rule = 0; rule < FO_T_NRULES; rule++)
+        for (int v = 0; v < NVARIANTS; v++)
+            for (unsigned flags = 0; flags < (1u << FO_T_RULES[rule].nflags); flags++) {
+                double h[FO_T_MAX_HYPER];
+                hyper_set(rule, v, h);
+                if (fo_t_expect_h(rule, FO_T_RULES[rule].carry_init, h, flags, 1) != FASTOPT_OK)
+                    continue; /* e.g. nesterov without momentum */
+                cases++;
+                for (int k = 0; k < (int)(sizeof(sizes) / sizeof(sizes[0])); k++)
+                    for (int specials = 0; specials < 2; specials++) {
+                        /* the large size (over threads): once per flag combination, every buffer used */
+                        if (sizes[k] > 10000 && (v != V_NONZERO || !specials))
+                            continue;
+                        const int steps = sizes[k] > 10000 ? 3 : 5;
+                        failures += run_case_f32(rule, v, h, flags, sizes[k], steps, specials);
+                        failures += run_case_f64(rule, v, h, flags, sizes[k], steps, specials);
+                    }
             }
+    printf("matrix: %d rule, flag and hyperparameter combinations\n", cases);
+}
+
+/* The most flags prepare accepts with the nonzero set (every option buffer used). */
+static unsigned most_flags(int rule, const double *h)
+{
+    for (unsigned flags = (1u << FO_T_RULES[rule].nflags) - 1;; flags--)
+        if (fo_t_expect_h(rule, FO_T_RULES[rule].carry_init, h, flags, 1) == FASTOPT_OK || flags == 0)
+            return flags;
 }
 
 /* Large enough to be split over threads; the split must not change a bit. */
 static void test_threads(void)
 {
     const int64_t n = 300007;
-    for (int c = 0; c < NCASES; c++) {
+    for (int rule = 0; rule < FO_T_NRULES; rule++) {
+        double h[FO_T_MAX_HYPER];
+        hyper_set(rule, V_NONZERO, h);
+        const unsigned flags = most_flags(rule, h);
         fastopt_set_num_threads(1);
-        failures += run_case__f32(&CASES[c], n, 2, 1);
+        failures += run_case_f32(rule, V_NONZERO, h, flags, n, 2, 1);
         fastopt_set_num_threads(2);
-        failures += run_case__f32(&CASES[c], n, 2, 1);
-        failures += run_case__f64(&CASES[c], n, 2, 1);
+        failures += run_case_f32(rule, V_NONZERO, h, flags, n, 2, 1);
+        failures += run_case_f64(rule, V_NONZERO, h, flags, n, 2, 1);
     }
     /* The same buffers on 1, 2 and 3 threads, compared with each other. */
-    float *out[3];
-    for (int r = 0; r < 3; r++) {
-        float *p = malloc(n * sizeof(float)), *g = malloc(n * sizeof(float));
-        float *m = calloc(n, sizeof(float)), *v = calloc(n, sizeof(float));
-        uint64_t rng = 42;
-        for (int64_t i = 0; i < n; i++) p[i] = (float)uniform(&rng), g[i] = (float)uniform(&rng);
-        fastopt_set_num_threads(r + 1);
-        fastopt_adam_scalars s;
-        for (int t = 1; t <= 3; t++) {
-            fastopt_adamw_prepare(&s, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 0, 0, t);
-            CHECK(fastopt_adamw_f32(p, g, m, v, NULL, n, &s) == FASTOPT_OK, "adamw threads");
+    enum { NB = 2 + FO_T_MAX_STATE };
+    for (int rule = 0; rule < FO_T_NRULES; rule++) {
+        double h[FO_T_MAX_HYPER];
+        hyper_set(rule, V_NONZERO, h);
+        const unsigned flags = most_flags(rule, h);
+        float *out[3][NB];
+        int rc = 0;
+        for (int r = 0; r < 3; r++) {
+            uint64_t rng = 42;
+            for (int b = 0; b < NB; b++) {
+                out[r][b] = malloc(n * sizeof(float));
+                for (int64_t i = 0; i < n; i++) out[r][b][i] = (float)(b >= 2 ? fabs(uniform(&rng)) : uniform(&rng));
+            }
+            fastopt_set_num_threads(r + 1);
+            double carry = FO_T_RULES[rule].carry_init;
+            for (int t = 1; t <= 3 && !rc; t++) {
+                fo_t_scalars s;
+                rc = fo_t_prepare_h(rule, &s, &carry, h, flags, t);
+                const unsigned need = rc ? 0u : fo_t_need(rule, &s);
+                float *st[FO_T_MAX_STATE];
+                for (int k = 0; k < FO_T_MAX_STATE; k++) st[k] = (need >> k & 1u) ? out[r][2 + k] : NULL;
+                if (!rc)
+                    rc = fo_t_run_f32(rule, out[r][0], out[r][1], st, n, &s);
+            }
         }
-        out[r] = p;
-        free(g), free(m), free(v);
+        CHECK(rc == FASTOPT_OK, "%s threads: return code %d", FO_T_RULES[rule].name, rc);
+        for (int b = 0; b < NB; b++)
+            CHECK(!memcmp(out[0][b], out[1][b], n * sizeof(float)) && !memcmp(out[0][b], out[2][b], n * sizeof(float)),
+                  "%s: buffer %d differs across thread counts", FO_T_RULES[rule].name, b);
+        for (int r = 0; r < 3; r++)
+            for (int b = 0; b < NB; b++) free(out[r][b]);
     }
-    CHECK(!memcmp(out[0], out[1], n * sizeof(float)) && !memcmp(out[0], out[2], n * sizeof(float)),
-          "adamw differs across thread counts");
-    for (int r = 0; r < 3; r++) free(out[r]);
     fastopt_set_num_threads(0);
 }
 
-#define CLOSE(a, b) (fabs((a) - (b)) <= 1e-12 * fabs(b) + 1e-300)
+/* ---- errors ------------------------------------------------------------------ */
 
-/* First steps whose results are known in closed form. */
-static void test_known_values(void)
+/* The values every hyperparameter, and the carried value, is tried with: each
+ * kind's boundaries and beyond, and the non-finite values. */
+static const double PROBES[] = {0.0, -0.0, 5e-324, -5e-324, DBL_MIN, 1e-8, 0.5, -0.5, 0x1.fffffffffffffp-1, 1.0,
+                                0x1.0000000000001p+0, 1.5, 2.0, -1.0, 1e300, DBL_MAX, -DBL_MAX, NAN, INFINITY,
+                                -INFINITY};
+#define NPROBES ((int)(sizeof(PROBES) / sizeof(PROBES[0])))
+
+/* prepare's return code against fo_t_expect_h; on error *out and the carried value untouched. */
+static void check_prepare(int rule, const double *h, double carry, unsigned flags, int64_t step, const char *what,
+                          double value)
 {
-    /* SGD: p - lr*g. */
-    {
-        double p[2] = {1.0, -2.0}, g[2] = {0.5, -4.0};
-        fastopt_sgd_scalars s;
-        fastopt_sgd_prepare(&s, 0.1, 0, 0, 0, 0, 0, 1);
-        fastopt_sgd_f64(p, g, NULL, 2, &s);
-        CHECK(CLOSE(p[0], 0.95) && CLOSE(p[1], -1.6), "sgd known values: %g %g", p[0], p[1]);
+    const fo_t_rule *r = &FO_T_RULES[rule];
+    fo_t_scalars s, before;
+    memset(&s, 0x5a, sizeof s);
+    before = s;
+    double c = carry;
+    const int want = fo_t_expect_h(rule, carry, h, flags, step);
+    const int rc = fo_t_prepare_h(rule, &s, &c, h, flags, step);
+    CHECK(rc == want, "%s prepare, %s = %g, flags %u, step %lld: returned %d, expected %d", r->name, what, value,
+          flags, (long long)step, rc, want);
+    if (rc != FASTOPT_OK) {
+        CHECK(!memcmp(&s, &before, sizeof s), "%s prepare, %s = %g: wrote *out on error", r->name, what, value);
+        CHECK(!memcmp(&c, &carry, sizeof c), "%s prepare, %s = %g: wrote the carried value on error", r->name,
+              what, value);
     }
-    /* Adam's first step moves each parameter by lr * g/(|g| + eps*sqrt(1-b2)):
-     * about lr*sign(g). AdamW also decays p by 1 - lr*wd first. */
-    {
-        double p[2] = {1.0, 1.0}, g[2] = {0.5, -0.25}, m[2] = {0}, v[2] = {0};
-        const double lr = 1e-3, eps = 1e-8, wd = 0.1;
-        fastopt_adam_scalars s;
-        fastopt_adamw_prepare(&s, lr, 0.9, 0.999, eps, wd, 0, 0, 1);
-        fastopt_adamw_f64(p, g, m, v, NULL, 2, &s);
-        const double q = 1.0 - lr * wd;
-        CHECK(fabs(p[0] - (q - lr * 0.5 / (0.5 + eps))) < 1e-15, "adamw known value %.17g", p[0]);
-        CHECK(fabs(p[1] - (q + lr * 0.25 / (0.25 + eps))) < 1e-15, "adamw known value %.17g", p[1]);
-        CHECK(CLOSE(m[0], 0.05) && CLOSE(v[0], 0.001 * 0.25), "adam moments %g %g", m[0], v[0]);
+}
+
+static void test_prepare_errors(int rule)
+{
+    const fo_t_rule *r = &FO_T_RULES[rule];
+    double h[FO_T_MAX_HYPER];
+    /* every hyperparameter set and flag combination (the relation across hyperparameters included) */
+    for (int v = 0; v < NVARIANTS; v++)
+        for (unsigned flags = 0; flags < (1u << r->nflags); flags++) {
+            hyper_set(rule, v, h);
+            check_prepare(rule, h, r->carry_init, flags, 1, VARIANT[v], 0.0);
+        }
+    /* each hyperparameter, and the carried value, at every probe */
+    for (int k = 0; k < r->nhyper; k++) {
+        int refused = 0;
+        for (int i = 0; i < NPROBES; i++) {
+            hyper_set(rule, V_DEFAULTS, h);
+            h[k] = PROBES[i];
+            check_prepare(rule, h, r->carry_init, 0, 1, r->hyper[k].name, PROBES[i]);
+            refused += !fo_t_kind_ok(r->hyper[k].kind, PROBES[i]);
+        }
+        CHECK(refused >= 3, "%s: %s (%s) refused only %d probes (NaN and the infinities at least)", r->name,
+              r->hyper[k].name, FO_T_KIND_RANGE[r->hyper[k].kind], refused);
     }
-    /* AdaGrad's first step: lr*g/(|g| + eps). */
-    {
-        double p = 0.0, g = 2.0, sum = 0.0;
-        fastopt_adagrad_scalars s;
-        fastopt_adagrad_prepare(&s, 0.5, 0.0, 0.0, 1e-10, 0, 1);
-        fastopt_adagrad_f64(&p, &g, &sum, 1, &s);
-        CHECK(CLOSE(sum, 4.0) && fabs(p + 0.5 * 2.0 / (2.0 + 1e-10)) < 1e-15, "adagrad %g", p);
-    }
-    /* Adamax's first step: lr*g/(|g| + eps) too (u = |g| + eps, clr = lr/(1-b1)). */
-    {
-        double p = 0.0, g = -3.0, m = 0.0, u = 0.0;
-        fastopt_adamax_scalars s;
-        fastopt_adamax_prepare(&s, 0.01, 0.9, 0.999, 1e-8, 0.0, 0, 1);
-        fastopt_adamax_f64(&p, &g, &m, &u, 1, &s);
-        CHECK(CLOSE(u, 3.0 + 1e-8) && fabs(p - 0.01 * 3.0 / (3.0 + 1e-8)) < 1e-15, "adamax %g", p);
-    }
-    /* Lion: p*(1-lr*wd) - lr*sign(c), sign(0) = 0; maximize flips it. */
-    {
-        float p[3] = {1.0f, 1.0f, 1.0f}, g[3] = {2.0f, -2.0f, 0.0f}, m[3] = {0};
-        fastopt_lion_scalars s;
-        fastopt_lion_prepare(&s, 0.5, 0.9, 0.99, 0.0, 1);
-        fastopt_lion_f32(p, g, m, 3, &s);
-        CHECK(p[0] == 1.5f && p[1] == 0.5f && p[2] == 1.0f, "lion %g %g %g", p[0], p[1], p[2]);
-        CHECK(m[0] == -0.02f || fabsf(m[0] + 0.02f) < 1e-8f, "lion momentum %g", m[0]);
-    }
-    /* RMSProp's first step: lr*g/(sqrt(1-alpha)*|g| + eps). */
-    {
-        double p = 0.0, g = 1.0, sq = 0.0;
-        fastopt_rmsprop_scalars s;
-        fastopt_rmsprop_prepare(&s, 0.01, 0.75, 0.0, 0.0, 0.0, 0, 0, 1);
-        fastopt_rmsprop_f64(&p, &g, &sq, NULL, NULL, 1, &s);
-        CHECK(CLOSE(sq, 0.25) && CLOSE(p, -0.02), "rmsprop %g", p);
-    }
-    /* Adadelta's first step: sqrt(eps)/sqrt((1-rho)*g^2 + eps)*g. */
-    {
-        double p = 0.0, g = 1.0, sq = 0.0, acc = 0.0;
-        fastopt_adadelta_scalars s;
-        fastopt_adadelta_prepare(&s, 1.0, 0.75, 0.25, 0.0, 0, 1);
-        fastopt_adadelta_f64(&p, &g, &sq, &acc, 1, &s);
-        CHECK(CLOSE(p, -sqrt(0.25) / sqrt(0.5)) && CLOSE(acc, 0.25 * 0.5), "adadelta %g %g", p, acc);
-    }
-    /* NAdam's scalars: mu_1 = b1*(1 - 0.5*0.96^md), mu_product out. */
-    {
-        fastopt_nadam_scalars s;
-        double mu = 1.0;
-        fastopt_nadam_prepare(&s, &mu, 2e-3, 0.9, 0.999, 1e-8, 0.0, 4e-3, 0, 0, 1);
-        const double mu1 = 0.9 * (1 - 0.5 * pow(0.96, 4e-3)), mu2 = 0.9 * (1 - 0.5 * pow(0.96, 8e-3));
-        CHECK(CLOSE(mu, mu1), "nadam mu_product %g", mu);
-        CHECK(CLOSE(s.grad_coef, 2e-3 * (1 - mu1) / (1 - mu1)) &&
-              CLOSE(s.exp_avg_coef, 2e-3 * mu2 / (1 - mu1 * mu2)), "nadam coefficients");
-        fastopt_nadam_prepare(&s, &mu, 2e-3, 0.9, 0.999, 1e-8, 0.0, 4e-3, 0, 0, 2);
-        CHECK(CLOSE(mu, mu1 * mu2), "nadam mu_product step 2 %g", mu);
-    }
-    /* AMSGrad and Adamax maxima propagate NaN (fmax would not). */
-    {
-        float p = 1.0f, g = 0.5f, m = 0.0f, v = 0.0f, vmax = NAN;
-        fastopt_adam_scalars s;
-        fastopt_adam_prepare(&s, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0, 1);
-        fastopt_adam_f32(&p, &g, &m, &v, &vmax, 1, &s);
-        CHECK(isnan(vmax) && isnan(p), "amsgrad max must propagate NaN");
+    hyper_set(rule, V_DEFAULTS, h);
+    if (r->carry_kind >= 0)
+        for (int i = 0; i < NPROBES; i++) check_prepare(rule, h, PROBES[i], 0, 1, "the carried value", PROBES[i]);
+    static const int64_t steps[] = {1, 2, 1000000, INT64_MAX, 0, -1, INT64_MIN};
+    for (int i = 0; i < (int)(sizeof(steps) / sizeof(steps[0])); i++)
+        check_prepare(rule, h, r->carry_init, 0, steps[i], "step", (double)steps[i]);
+    /* NULL pointers: FASTOPT_ERR_NULL, the carried value untouched */
+    fo_t_scalars s;
+    double carry = r->carry_init;
+    CHECK(fo_t_prepare_h(rule, NULL, &carry, h, 0, 1) == FASTOPT_ERR_NULL, "%s prepare: NULL out", r->name);
+    if (r->carry_kind >= 0)
+        CHECK(fo_t_prepare_h(rule, &s, NULL, h, 0, 1) == FASTOPT_ERR_NULL, "%s prepare: NULL carried value",
+              r->name);
+    CHECK(carry == r->carry_init, "%s prepare(NULL) wrote the carried value", r->name);
+}
+
+/* The kernels' argument errors, flat and list, for every flag combination:
+ * the documented code and not a byte written; then the calls that are fine. */
+static void test_kernel_errors(int rule)
+{
+    enum { NB = 2 + FO_T_MAX_STATE, LEN = 5 };
+    const fo_t_rule *r = &FO_T_RULES[rule];
+    float buf[NB][LEN], snap[NB][LEN];
+    for (unsigned flags = 0; flags < (2u << r->nflags); flags++) {
+        fo_t_scalars s;
+        double carry = r->carry_init;
+        if (fo_t_prepare(rule, &s, &carry, flags, 1) != FASTOPT_OK)
+            continue;
+        const unsigned need = fo_t_need(rule, &s);
+        uint64_t rng = 5 + flags;
+        for (int b = 0; b < NB; b++)
+            for (int i = 0; i < LEN; i++) buf[b][i] = (float)(b >= 2 ? fabs(uniform(&rng)) : uniform(&rng));
+        memcpy(snap, buf, sizeof buf);
+        float *all[FO_T_MAX_STATE], *needed[FO_T_MAX_STATE], *nulls[FO_T_MAX_STATE] = {NULL};
+        for (int k = 0; k < FO_T_MAX_STATE; k++) {
+            all[k] = k < r->nstate ? buf[2 + k] : NULL;
+            needed[k] = (need >> k & 1u) ? buf[2 + k] : NULL;
+        }
+#define ERR(call, code, ...) CHECK((call) == (code), __VA_ARGS__)
+        ERR(fo_t_run_f32(rule, buf[0], buf[1], all, LEN, NULL), FASTOPT_ERR_NULL, "%s: NULL scalars", r->name);
+        ERR(fo_t_run_f32(rule, NULL, buf[1], all, LEN, &s), FASTOPT_ERR_NULL, "%s: NULL param", r->name);
+        ERR(fo_t_run_f32(rule, buf[0], NULL, all, LEN, &s), FASTOPT_ERR_NULL, "%s: NULL grad", r->name);
+        ERR(fo_t_run_f32(rule, buf[0], buf[1], all, -1, &s), FASTOPT_ERR_LENGTH, "%s: n < 0", r->name);
+        ERR(fo_t_run_f32(rule, buf[0], buf[1], all, INT64_MIN, &s), FASTOPT_ERR_LENGTH, "%s: n = INT64_MIN",
+            r->name);
+        for (int k = 0; k < r->nstate; k++)
+            if (need >> k & 1u) {
+                float *miss[FO_T_MAX_STATE];
+                memcpy(miss, all, sizeof miss);
+                miss[k] = NULL;
+                ERR(fo_t_run_f32(rule, buf[0], buf[1], miss, LEN, &s), FASTOPT_ERR_NULL,
+                    "%s flags %u: %s is required", r->name, flags, r->state[k]);
+            }
+        /* lists: two tensors, the second of length LEN */
+        float *pt[2] = {NULL, buf[0]}, *st[FO_T_MAX_STATE][2];
+        const float *gt[2] = {NULL, buf[1]};
+        float *const *stab[FO_T_MAX_STATE];
+        const int64_t len[2] = {0, LEN}, neg[2] = {0, -1};
+        for (int k = 0; k < FO_T_MAX_STATE; k++) {
+            st[k][0] = NULL, st[k][1] = buf[2 + k];
+            stab[k] = k < r->nstate ? st[k] : NULL;
+        }
+        ERR(fo_t_list_f32(rule, pt, gt, stab, len, 2, NULL), FASTOPT_ERR_NULL, "%s list: NULL scalars", r->name);
+        ERR(fo_t_list_f32(rule, pt, gt, stab, len, -1, &s), FASTOPT_ERR_LENGTH, "%s list: count < 0", r->name);
+        ERR(fo_t_list_f32(rule, pt, gt, stab, neg, 2, &s), FASTOPT_ERR_LENGTH, "%s list: n[1] < 0", r->name);
+        ERR(fo_t_list_f32(rule, pt, gt, stab, NULL, 2, &s), FASTOPT_ERR_NULL, "%s list: NULL n", r->name);
+        ERR(fo_t_list_f32(rule, NULL, gt, stab, len, 2, &s), FASTOPT_ERR_NULL, "%s list: NULL param", r->name);
+        ERR(fo_t_list_f32(rule, pt, NULL, stab, len, 2, &s), FASTOPT_ERR_NULL, "%s list: NULL grad", r->name);
+        float *pnull[2] = {NULL, NULL};
+        ERR(fo_t_list_f32(rule, pnull, gt, stab, len, 2, &s), FASTOPT_ERR_NULL, "%s list: a NULL param entry",
+            r->name);
+        for (int k = 0; k < r->nstate; k++)
+            if (need >> k & 1u) {
+                float *const *miss[FO_T_MAX_STATE];
+                memcpy(miss, stab, sizeof miss);
+                miss[k] = NULL;
+                ERR(fo_t_list_f32(rule, pt, gt, miss, len, 2, &s), FASTOPT_ERR_NULL,
+                    "%s list flags %u: the %s table is required", r->name, flags, r->state[k]);
+                miss[k] = pnull;
+                ERR(fo_t_list_f32(rule, pt, gt, miss, len, 2, &s), FASTOPT_ERR_NULL,
+                    "%s list flags %u: a NULL %s entry", r->name, flags, r->state[k]);
+            }
+        CHECK(!memcmp(snap, buf, sizeof buf), "%s flags %u: an error path wrote a buffer", r->name, flags);
+        /* fine: n == 0 with every pointer NULL, count == 0, the needed buffers only */
+        ERR(fo_t_run_f32(rule, NULL, NULL, nulls, 0, &s), FASTOPT_OK, "%s: n == 0 touches nothing", r->name);
+        float *const *tnulls[FO_T_MAX_STATE] = {NULL};
+        ERR(fo_t_list_f32(rule, NULL, NULL, tnulls, NULL, 0, &s), FASTOPT_OK, "%s list: count == 0", r->name);
+        CHECK(!memcmp(snap, buf, sizeof buf), "%s flags %u: an empty call wrote a buffer", r->name, flags);
+        ERR(fo_t_run_f32(rule, buf[0], buf[1], needed, LEN, &s), FASTOPT_OK, "%s flags %u: the needed buffers",
+            r->name, flags);
+        /* every buffer passed: the ones the call does not need come back untouched */
+        ERR(fo_t_run_f32(rule, buf[0], buf[1], all, LEN, &s), FASTOPT_OK, "%s flags %u: every buffer", r->name,
+            flags);
+        for (int k = 0; k < r->nstate; k++)
+            if (!(need >> k & 1u))
+                CHECK(!memcmp(snap[2 + k], buf[2 + k], sizeof buf[0]), "%s flags %u: unneeded %s written",
+                      r->name, flags, r->state[k]);
+#undef ERR
     }
 }
 
 static void test_errors(void)
 {
-    float p[4] = {0}, g[4] = {0}, m[4] = {0}, v[4] = {0};
-    fastopt_adam_scalars s;
-    CHECK(fastopt_adam_prepare(&s, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 0, 1) == FASTOPT_OK, "prepare");
-    CHECK(fastopt_adam_f32(p, g, m, v, NULL, 4, &s) == FASTOPT_ERR_NULL, "amsgrad needs max_exp_avg_sq");
-    CHECK(fastopt_adam_f32(p, g, m, v, v, 4, NULL) == FASTOPT_ERR_NULL, "NULL scalars");
-    CHECK(fastopt_adam_f32(p, NULL, m, v, v, 4, &s) == FASTOPT_ERR_NULL, "NULL grad");
-    CHECK(fastopt_adam_f32(NULL, g, m, v, v, 4, &s) == FASTOPT_ERR_NULL, "NULL param");
-    CHECK(fastopt_adam_f32(p, g, m, v, v, -1, &s) == FASTOPT_ERR_LENGTH, "n < 0");
-    CHECK(fastopt_adam_f32(NULL, NULL, NULL, NULL, NULL, 0, &s) == FASTOPT_OK, "n == 0 touches nothing");
-    fastopt_sgd_scalars ss;
-    fastopt_sgd_prepare(&ss, 0.1, 0.9, 0.0, 0.0, 0, 0, 1);
-    CHECK(fastopt_sgd_f32(p, g, NULL, 4, &ss) == FASTOPT_ERR_NULL, "momentum needs a buffer");
-    fastopt_sgd_prepare(&ss, 0.1, 0.0, 0.0, 0.0, 0, 0, 1);
-    CHECK(fastopt_sgd_f32(p, g, NULL, 4, &ss) == FASTOPT_OK, "plain sgd needs no buffer");
-    fastopt_rmsprop_scalars rs;
-    fastopt_rmsprop_prepare(&rs, 0.01, 0.99, 1e-8, 0, 0, 1, 0, 1);
-    CHECK(fastopt_rmsprop_f32(p, g, m, NULL, NULL, 4, &rs) == FASTOPT_ERR_NULL, "centered needs grad_avg");
+    for (int rule = 0; rule < FO_T_NRULES; rule++) {
+        test_prepare_errors(rule);
+        test_kernel_errors(rule);
+    }
     CHECK(fastopt_set_num_threads(-1) == FASTOPT_ERR_THREADS, "threads < 0");
     CHECK(fastopt_get_num_threads() >= 1, "threads >= 1");
-
-    /* prepare: every range check, and *out untouched on error. */
-    memset(&s, 0x5a, sizeof s);
-    fastopt_adam_scalars before = s;
-    CHECK(fastopt_adam_prepare(&s, -1e-3, 0.9, 0.999, 1e-8, 0, 0, 0, 1) == FASTOPT_ERR_HYPER, "lr < 0");
-    CHECK(fastopt_adam_prepare(&s, NAN, 0.9, 0.999, 1e-8, 0, 0, 0, 1) == FASTOPT_ERR_HYPER, "lr NaN");
-    CHECK(fastopt_adam_prepare(&s, 1e-3, 1.0, 0.999, 1e-8, 0, 0, 0, 1) == FASTOPT_ERR_HYPER, "beta1 = 1");
-    CHECK(fastopt_adam_prepare(&s, 1e-3, 0.9, -0.1, 1e-8, 0, 0, 0, 1) == FASTOPT_ERR_HYPER, "beta2 < 0");
-    CHECK(fastopt_adamw_prepare(&s, 1e-3, 0.9, 0.999, INFINITY, 0, 0, 0, 1) == FASTOPT_ERR_HYPER, "eps inf");
-    CHECK(fastopt_adamw_prepare(&s, 1e-3, 0.9, 0.999, 1e-8, -1, 0, 0, 1) == FASTOPT_ERR_HYPER, "wd < 0");
-    CHECK(fastopt_adam_prepare(&s, 1e-3, 0.9, 0.999, 1e-8, 0, 0, 0, 0) == FASTOPT_ERR_HYPER, "step 0");
-    CHECK(!memcmp(&s, &before, sizeof s), "prepare wrote *out on error");
-    CHECK(fastopt_adam_prepare(NULL, 1e-3, 0.9, 0.999, 1e-8, 0, 0, 0, 1) == FASTOPT_ERR_NULL, "NULL out");
-    CHECK(fastopt_sgd_prepare(&ss, 0.1, 0.0, 0.0, 0.0, 1, 0, 1) == FASTOPT_ERR_HYPER, "nesterov, no momentum");
-    CHECK(fastopt_sgd_prepare(&ss, 0.1, 0.9, 0.1, 0.0, 1, 0, 1) == FASTOPT_ERR_HYPER, "nesterov, dampening");
-    CHECK(fastopt_rmsprop_prepare(&rs, 0.01, 1.5, 1e-8, 0, 0, 0, 0, 1) == FASTOPT_ERR_HYPER, "alpha > 1");
-    CHECK(fastopt_rmsprop_prepare(&rs, 0.01, 1.0, 1e-8, 0, 0, 0, 0, 1) == FASTOPT_OK, "alpha = 1");
-    fastopt_nadam_scalars ns;
-    double mu = 1.5;
-    CHECK(fastopt_nadam_prepare(&ns, &mu, 2e-3, 0.9, 0.999, 1e-8, 0, 4e-3, 0, 0, 1) == FASTOPT_ERR_HYPER,
-          "mu_product > 1");
-    CHECK(mu == 1.5, "mu_product untouched on error");
-    CHECK(fastopt_nadam_prepare(&ns, NULL, 2e-3, 0.9, 0.999, 1e-8, 0, 4e-3, 0, 0, 1) == FASTOPT_ERR_NULL,
-          "NULL mu_product");
-    fastopt_lion_scalars ls;
-    CHECK(fastopt_lion_prepare(&ls, 1e-4, 0.9, 1.0, 0, 0) == FASTOPT_ERR_HYPER, "lion beta2 = 1");
     CHECK(!strcmp(fastopt_strerror(FASTOPT_ERR_LENGTH), "n < 0"), "strerror");
     CHECK(!strcmp(fastopt_version(), FO_T_STR(FASTOPT_VERSION_MAJOR) "." FO_T_STR(FASTOPT_VERSION_MINOR) "."
                   FO_T_STR(FASTOPT_VERSION_PATCH)), "version string matches the header");
 }
+
+/* ---- lists and flush --------------------------------------------------------- */
 
 /* Every rule, every flag combination: fastopt_<rule>_list_* over tensors of
  * odd lengths (0 and 1 included, at odd offsets) equals one flat call per
@@ -300,7 +442,7 @@ static void test_errors(void)
             for (unsigned flags = 0; flags < (1u << FO_T_RULES[rule].nflags); flags++)                       \
                 for (int threads = 1; threads <= 2; threads++) {                                            \
                     fo_t_scalars s;                                                                         \
-                    double carry = 1.0;                                                                     \
+                    double carry = FO_T_RULES[rule].carry_init;                                             \
                     if (fo_t_prepare(rule, &s, &carry, flags, 3)) {                                         \
                         continue; /* e.g. nesterov without momentum */                                      \
                     }                                                                                       \
@@ -360,13 +502,6 @@ FO_T_LIST_TEST(double, _f64)
  * Bitwise as everywhere in these tests: any NaN equals any NaN (its sign and
  * payload depend on the compiler's operand order, which differs per loop). */
 #define FO_T_FLUSH_TEST(T, SFX, TINY)                                                                       \
-    static int FO_T_CAT(same_bits, SFX)(const T *a, const T *b, int64_t n)                                  \
-    {                                                                                                       \
-        for (int64_t i = 0; i < n; i++)                                                                     \
-            if (memcmp(&a[i], &b[i], sizeof(T)) && !(isnan(a[i]) && isnan(b[i])))                           \
-                return 0;                                                                                   \
-        return 1;                                                                                           \
-    }                                                                                                       \
     static void FO_T_CAT(test_flush, SFX)(void)                                                             \
     {                                                                                                       \
         enum { NT = 6, NB = 2 + FO_T_MAX_STATE };                                                           \
@@ -380,7 +515,7 @@ FO_T_LIST_TEST(double, _f64)
             for (unsigned flags = 0; flags < (2u << FO_T_RULES[rule].nflags); flags++)                      \
                 for (int threads = 1; threads <= 2; threads++) {                                            \
                     fo_t_scalars s; /* flags bit nflags: momentum, weight decay, ... nonzero */             \
-                    double carry = 1.0;                                                                     \
+                    double carry = FO_T_RULES[rule].carry_init;                                             \
                     if (fo_t_prepare(rule, &s, &carry, flags, 3))                                           \
                         continue;                                                                           \
                     const unsigned need = fo_t_need(rule, &s);                                              \
@@ -466,8 +601,8 @@ FO_T_FLUSH_TEST(double, _f64, DBL_MIN)
 int main(void)
 {
     const char *want = getenv("FASTOPT_ISA");
-    printf("fastopt %s, CPU path %s (FASTOPT_ISA=%s), %d threads\n", fastopt_version(), fastopt_isa(),
-           want ? want : "", fastopt_get_num_threads());
+    printf("fastopt %s, CPU path %s (FASTOPT_ISA=%s), %d threads, %d rules\n", fastopt_version(), fastopt_isa(),
+           want ? want : "", fastopt_get_num_threads(), FO_T_NRULES);
     if (want && strcmp(want, fastopt_isa()))
         printf("note: FASTOPT_ISA=%s is not supported here; testing %s\n", want, fastopt_isa());
     CHECK(fastopt_get_flush_denormal() == 0, "flush denormals is off by default");
@@ -477,7 +612,6 @@ int main(void)
     test_flush_f64();
     /* everything below runs with flush off (after it was on): today's kernels */
     test_errors();
-    test_known_values();
     test_matrix();
     test_threads();
     test_lists_f32();

@@ -11,7 +11,8 @@
   picks the loop specialized on the flags (included by ``kernels.inc``);
 * ``csrc/src/rules_api.inc``        prepare functions and entry points
   (included by ``api.c``);
-* ``csrc/tests/rules_table.inc``    a table of every rule for the C unit tests.
+* ``csrc/tests/rules_table.inc``    every rule as data and through one signature for the C
+  tests, with a plain reference loop per kernel (translated from the same element function).
 
 Everything hand-written (the thread split, dispatch, the contract in
 ``fastopt.h``, ``FO_SPECn``) stays in the hand-written files.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import re
 import textwrap
 import typing
@@ -513,107 +515,359 @@ def _api(rinfos: list[RuleInfo]) -> str:
 
 # ---- csrc/tests/rules_table.inc -----------------------------------------------------------
 
-def _tests(rinfos: list[RuleInfo]) -> str:
-    """For test_fastopt.c: per rule, prepare with the defaults (flags varied) and call
-    the kernels through one signature, so the tests iterate over every rule."""
+# The kinds of hyperparameter value the C tests draw and judge, by the C predicate of the
+# check (``check.c``, fastopt.checks): (enum suffix, lower bound (closed) or None, upper
+# bound or None, whether the upper bound is closed); every kind is finite. The tests need
+# the ranges apart from the library's C, which they judge; _kind_of probes each check of
+# the table against its range here, so the two cannot drift apart.
+_KINDS = {
+    "isfinite": ("FINITE", None, None, False),
+    "fo_nonneg": ("NONNEG", 0.0, None, False),
+    "fo_unit": ("UNIT", 0.0, 1.0, False),
+    "fo_unit_closed": ("UNIT_CLOSED", 0.0, 1.0, True),
+}
+_PROBES = (0.0, -0.0, 5e-324, -5e-324, 1e-300, -1e-300, 0.5, -0.5, math.nextafter(1.0, 0.0), 1.0,
+           math.nextafter(1.0, 2.0), 2.0, -1.0, 1e300, -1e300, math.inf, -math.inf, math.nan)
+
+
+def _kind_ok(pred: str, x: float) -> bool:
+    _, lo, hi, hi_closed = _KINDS[pred]
+    if not math.isfinite(x) or (lo is not None and not x >= lo):
+        return False
+    return hi is None or (x <= hi if hi_closed else x < hi)
+
+
+def _kind_c(pred: str) -> str:
+    _, lo, hi, hi_closed = _KINDS[pred]
+    parts = ["isfinite(x)"]
+    if lo is not None:
+        parts.append(f"x >= {tr._c_double(lo, None, None)}")
+    if hi is not None:
+        parts.append(f"x {'<=' if hi_closed else '<'} {tr._c_double(hi, None, None)}")
+    return " && ".join(parts)
+
+
+def _kind_of(check, where: str) -> str:
+    """The C tests' kind (``FO_T_<KIND>``) of a hyperparameter's check, probed against the check."""
+    pred = check.c
+    if pred not in _KINDS:
+        raise tr.TranslationError(f"{where}: the C tests know no range for the predicate {pred!r} (add it to "
+                                  "_KINDS in fastopt/codegen/c_library.py)")
+    arity = getattr(check, "arity", 1)
+    for x in _PROBES:
+        try:
+            check("x", (x,) * arity if arity > 1 else x)
+            ok = True
+        except (TypeError, ValueError):
+            ok = False
+        if ok != _kind_ok(pred, x):
+            raise tr.TranslationError(f"{where}: its check {'accepts' if ok else 'refuses'} {x!r}, but _KINDS "
+                                      f"in fastopt/codegen/c_library.py gives {pred} the range {_pred_doc(pred)}")
+    return "FO_T_" + _KINDS[pred][0]
+
+
+def _default(h, name: str) -> float:
+    """A hyperparameter's default for the C tests (a required one, SGD's lr: 1e-2)."""
+    d = h.default if h.default is not None else 1e-2
+    if isinstance(d, tuple):
+        d = d[h.names.index(name)]
+    return float(d)
+
+
+_MATH = {"float": {"SQRT": "sqrtf", "FABS": "fabsf", "COPYSIGN": "copysignf"},
+         "double": {"SQRT": "sqrt", "FABS": "fabs", "COPYSIGN": "copysign"}}
+
+
+def _ref_loop(k: KernelInfo, ctype: str, sfx: str) -> list[str]:
+    """The plain reference loop of one kernel and dtype: the same element translation as
+    the library's ``<kernel>_elem_``, inlined into one loop over the buffers, with the flags
+    as run-time values (no specialization), the math functions of the dtype spelled out,
+    no SIMD, threads, alignment or flush handling."""
+    e = k.elem
+    cname = f"fo_t_{k.name}_c_{sfx}"
+    fns = _MATH[ctype]
+
+    def c(text: str) -> str:
+        return re.sub(r"\b(SQRT|FABS|COPYSIGN)\(", lambda m: fns[m.group(1)] + "(", text)
+
+    out = ["typedef struct {"]
+    for f in k.fields:
+        out.append(f"    {ctype if k.field_types[f] == tr.DOUBLE else 'int'} {f};")
+    out += [f"}} {cname};", ""]
+    out.append(_proto(f"FO_T_FN void fo_t_ref_{k.name}_{sfx}",
+                      [f"{ctype} *io_param", f"const {ctype} *io_grad", f"{ctype} *const *io_state", "int64_t io_n",
+                       f"const fastopt_{k.name}_scalars *io_sd"], ""))
+    out.append("{")
+    out.append(f"    {cname} io_c;")
+    out.append(f"    const {cname} *const s = &io_c;")
+    for f in k.fields:
+        cast = f"({ctype})" if k.field_types[f] == tr.DOUBLE else ""
+        out.append(f"    io_c.{f} = {cast}io_sd->{f};")
+    body_text = "\n".join(e.body + e.returns)
+    for n, cond in e.flags:
+        # as the library's _run_ decides it: a buffer's `when` on the double scalars, the rest in T
+        struct = "io_sd->" if k.flag_in_double[n] else "io_c."
+        out.append(f"    const int {n} = {tr.translate_invariant(cond, struct, k.field_types, f'element {k.name}')};")
+    used = body_text + " " + " ".join(k.state_flag.values())
+    unused = [n for n, _ in e.flags if not re.search(rf"\b{n}\b", used)]
+    if "s->" not in body_text:
+        unused.append("s")
+    if unused:
+        out.append("    " + " ".join(f"(void){n};" for n in unused))
+    pnames = e.params
+    out.append("    for (int64_t io_i = 0; io_i < io_n; io_i++) {")
+    out.append(f"        {ctype} {pnames[0]} = io_param[io_i], {pnames[1]} = io_grad[io_i];")
+    for j, name in enumerate(pnames[2:-1]):
+        f = k.state_flag.get(k.states[j])
+        load = f"{f} ? io_state[{j}][io_i] : 0" if f else f"io_state[{j}][io_i]"
+        out.append(f"        {ctype} {name} = {load};")
+    if e.locals:
+        out.append(f"        {ctype} {', '.join(e.locals)};")
+    out += ["    " + c(line) for line in e.body]
+    out.append(f"        io_param[io_i] = {c(e.returns[0])};")
+    for j, value in enumerate(e.returns[1:]):
+        f = k.state_flag.get(k.states[j])
+        store = f"io_state[{j}][io_i] = {c(value)};"
+        out.append(f"        if ({f}) {store}" if f else f"        {store}")
+    out.append("    }")
+    out.append("}")
+    out.append("")
+    return out
+
+
+def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
+    """For the C tests (test_fastopt.c, fuzz_fastopt.c): every rule as data and through one
+    signature, and a plain reference loop per kernel, so the tests iterate over the table
+    and hold no per-rule code."""
     nmax = max(len(ri.states) for ri in rinfos)
+    reals = {ri.name: [(name, h) for ctype, name, h in ri.args if ctype == tr.DOUBLE] for ri in rinfos}
+    hmax = max(len(v) for v in reals.values())
+    kinds = list(_KINDS)
     out = [_banner(
-        "For the C unit tests (test_fastopt.c): every rule through one signature.\n"
-        "  fo_t_prepare(rule, out, flags, step): prepare with the rule's default hyperparameters\n"
-        "      (required ones: lr 1e-2, mu_product 1.0; carried values advance in *carry); the\n"
-        "      flag hyperparameters take the bits of `flags` in order; bit nflags (the next one)\n"
-        "      sets the hyperparameters whose default is 0 (momentum, weight decay, ...) to 0.5;\n"
-        "  fo_t_run_f32/_f64(rule, param, grad, state, n, s) and fo_t_list_f32/_f64(...): the kernels;\n"
-        "  fo_t_need(rule, s): the state buffers the call requires (bit k: state k)."),
-        f"#define FO_T_MAX_STATE {nmax}", f"#define FO_T_NRULES {len(rinfos)}", "",
-        "typedef union {"]
-    kernels = []
+        "For the C tests (test_fastopt.c, fuzz_fastopt.c): every rule of the table as data and\n"
+        "through one signature, so the tests iterate over FO_T_RULES and hold no per-rule code.\n"
+        "  FO_T_RULES[rule]: name, state buffers, flag hyperparameters, the real hyperparameters\n"
+        "      in prepare's order with their kinds (valid ranges, fo_t_kind_ok) and defaults, the\n"
+        "      carried value (NAdam's mu_product), the scalars struct's fields (offsets);\n"
+        "  fo_t_prepare_h(rule, out, carry, h, flags, step): prepare with the real hyperparameters\n"
+        "      h[0..nhyper-1] and the flag hyperparameters the bits of `flags`, in prepare's order;\n"
+        "  fo_t_expect_h(rule, carry, h, flags, step): the code prepare must return for them (non-NULL\n"
+        "      out and carry), from the kinds, the step and the rule's relation (fo_t_relation);\n"
+        "  fo_t_prepare(rule, out, carry, flags, step): fo_t_prepare_h with the defaults (required\n"
+        "      ones: 1e-2); bit nflags (past the flags) sets those whose default is 0 (momentum,\n"
+        "      weight decay, ...) to 0.5; carried values advance in *carry;\n"
+        "  fo_t_need(rule, s): the state buffers the call requires (bit k: state k);\n"
+        "  fo_t_run_f32/_f64(rule, param, grad, state, n, s), fo_t_list_f32/_f64(...): the kernels;\n"
+        "  fo_t_ref_f32/_f64(rule, param, grad, state, n, s): the reference.\n"
+        "\n"
+        "The reference is a plain scalar loop per kernel and dtype, translated from the same\n"
+        "element function of elements.py as the library's kernels but written as one loop over\n"
+        "the buffers: the flags are run-time values (no specialization), no SIMD, no threads, no\n"
+        "alignment or flush handling; the tests compile it with vectorization off and the\n"
+        "library's rounding flags (csrc/tests/CMakeLists.txt). It checks the library's loops,\n"
+        "dispatch, SIMD paths, tails, threads and list machinery against straightforward code,\n"
+        "bit for bit. The math itself (the element functions and the prepare formulas) is checked\n"
+        "against the NumPy reference and fastopt.rules by the Python tests (tests/test_backends.py,\n"
+        "tests/test_c_library.py)."),
+        "#include <math.h>", "#include <stddef.h>", "#include <stdint.h>", "", '#include "fastopt.h"', "",
+        "#if defined(__GNUC__)", "#define FO_T_FN static __attribute__((unused))", "#else",
+        "#define FO_T_FN static", "#endif", "",
+        f"#define FO_T_MAX_STATE {nmax}", f"#define FO_T_MAX_HYPER {hmax}", f"#define FO_T_NRULES {len(rinfos)}",
+        "",
+        "/* Kinds of hyperparameter value, by their checks' C predicates (fastopt.checks, check.c):",
+        " * " + ", ".join(f"FO_T_{_KINDS[p][0]}: {p}" for p in kinds) + ". */",
+        "enum { " + ", ".join("FO_T_" + _KINDS[p][0] for p in kinds) + ", FO_T_NKINDS };",
+        "",
+        "/* The valid range of each kind. */",
+        "FO_T_FN const char *const FO_T_KIND_RANGE[FO_T_NKINDS] = {"
+        + ", ".join(f'"{_pred_doc(p)}"' for p in kinds) + "};",
+        "",
+        "/* Whether x is a valid value of a kind. */",
+        "FO_T_FN int fo_t_kind_ok(int kind, double x)", "{", "    switch (kind) {"]
+    for p in kinds:
+        out.append(f"    case FO_T_{_KINDS[p][0]}: return {_kind_c(p)};")
+    out += ["    default: return 0;", "    }", "}", "", "typedef union {"]
+    seen = []
     for ri in rinfos:
-        if ri.kernel not in kernels:
-            kernels.append(ri.kernel)
+        if ri.kernel not in seen:
+            seen.append(ri.kernel)
             out.append(f"    {ri.struct} {ri.kernel};")
-    out.append("} fo_t_scalars;")
-    out.append("")
-    out.append("typedef struct {")
-    out.append("    const char *name;")
-    out.append("    int nstate;       /* state buffers */")
-    out.append("    int nflags;       /* flag hyperparameters (bits of fo_t_prepare's flags) */")
-    out.append("    const char *flags; /* their names, space-separated */")
-    out.append("} fo_t_rule;")
-    out.append("")
+    out += ["} fo_t_scalars;", "",
+            "typedef struct {",
+            "    const char *name;",
+            "    int kind;    /* FO_T_<kind> */",
+            "    double dflt; /* the default (a required one: 1e-2) */",
+            "} fo_t_hyper;", "",
+            "typedef struct {",
+            "    const char *name;",
+            "    size_t offset; /* in the rule's scalars struct */",
+            "    int flag;      /* an int 0/1; else a double */",
+            "} fo_t_field;", "",
+            "typedef struct {",
+            "    const char *name;",
+            "    int nstate;                        /* state buffers */",
+            "    int nflags;                        /* flag hyperparameters (bits of the flags arguments) */",
+            "    const char *flags;                 /* their names, space-separated, in prepare's order */",
+            "    const char *kernel;                /* the element kernel (the member of fo_t_scalars) */",
+            "    const char *state[FO_T_MAX_STATE]; /* the state buffers' names, in the kernels' order */",
+            "    int nhyper;                        /* real hyperparameters (h of fo_t_prepare_h) */",
+            "    const fo_t_hyper *hyper;           /* in prepare's order, the carried value left out */",
+            "    int carry_kind;                    /* kind of the carried in/out value, -1: none */",
+            "    double carry_init;                 /* its value before the first step */",
+            "    int takes_step;                    /* prepare takes (and checks) a step */",
+            "    int has_relation;                  /* prepare checks a relation (fo_t_relation) */",
+            "    int nfields;                       /* fields of the scalars struct, in order */",
+            "    const fo_t_field *fields;",
+            "} fo_t_rule;", ""]
+    for k in kinfos:
+        struct = f"fastopt_{k.name}_scalars"
+        out.append(f"static const fo_t_field FO_T_FIELDS_{k.name}[] = {{")
+        for f in k.fields:
+            out.append(f'    {{"{f}", offsetof({struct}, {f}), {int(k.field_types[f] == tr.BOOL)}}},')
+        out += ["};", ""]
+    for ri in rinfos:
+        if not reals[ri.name]:
+            continue
+        out.append(f"static const fo_t_hyper FO_T_HYPER_{ri.name}[] = {{")
+        for name, h in reals[ri.name]:
+            out.append(f'    {{"{name}", {_kind_of(h.check, f"rule {ri.name}, {name}")}, '
+                       f"{tr._c_double(_default(h, name), None, None)}}},")
+        out += ["};", ""]
     out.append("static const fo_t_rule FO_T_RULES[FO_T_NRULES] = {")
     for ri in rinfos:
+        r = ri.rule
         fl = [name for ctype, name, _ in ri.args if ctype == tr.BOOL]
-        out.append(f'    {{"{ri.name}", {len(ri.states)}, {len(fl)}, "{" ".join(fl)}"}},')
-    out.append("};")
-    out.append("")
-    out.append("static int fo_t_prepare(int rule, fo_t_scalars *out, double *carry, unsigned flags, int64_t step)")
-    out.append("{")
-    out.append("    const double nz = rule >= 0 && rule < FO_T_NRULES && (flags >> FO_T_RULES[rule].nflags & 1u) ? 0.5 "
-               ": 0.0;")
-    out.append("    (void)step, (void)carry, (void)nz;")
-    out.append("    switch (rule) {")
-    for k, ri in enumerate(rinfos):
-        args = [f"&out->{ri.kernel}"]
         if ri.carry:
-            args.append("carry")
-        bit = 0
+            h = next(h for h in r.hyper if ri.carry in h.names)
+            carry_kind, carry_init = _kind_of(h.check, f"rule {ri.name}, {ri.carry}"), float(r.carry[1])
+        else:
+            carry_kind, carry_init = "-1", 0.0
+        hyper = f"FO_T_HYPER_{ri.name}" if reals[ri.name] else "NULL"
+        states = ", ".join(f'"{n}"' for n, _, _ in ri.states)
+        out.append(f'    {{"{ri.name}", {len(ri.states)}, {len(fl)}, "{" ".join(fl)}", "{ri.kernel}", {{{states}}}, '
+                   f"{len(reals[ri.name])}, {hyper}, {carry_kind}, {tr._c_double(carry_init, None, None)}, "
+                   f"{int(r.takes_step)}, {int(ri.relation is not None)}, {len(ri.field_types)}, "
+                   f"FO_T_FIELDS_{ri.kernel}}},")
+    out += ["};", ""]
+
+    # prepare with an array of real hyperparameters and the flag bits
+    out.append("FO_T_FN int fo_t_prepare_h(int rule, fo_t_scalars *out, double *carry, const double *h, "
+               "unsigned flags, int64_t step)")
+    out += ["{", "    (void)carry, (void)h, (void)flags, (void)step;", "    switch (rule) {"]
+    for k, ri in enumerate(rinfos):
+        args = [f"out ? &out->{ri.kernel} : NULL"] + (["carry"] if ri.carry else [])
+        hi = bi = 0
         for ctype, name, h in ri.args:
             if ctype == tr.BOOL:
-                args.append(f"(int)((flags >> {bit}) & 1u)")
-                bit += 1
+                args.append(f"(int)(flags >> {bi} & 1u)")
+                bi += 1
             else:
-                default = h.default if h.default is not None else 1e-2
-                if isinstance(default, tuple):
-                    default = default[h.names.index(name)]
-                args.append("nz" if float(default) == 0.0 else repr(float(default)))
+                args.append(f"h[{hi}]")
+                hi += 1
         if ri.rule.takes_step:
             args.append("step")
         out.append(f"    case {k}: return " + _proto(f"fastopt_{ri.name}_prepare", args, ";", "").lstrip())
-    out.append("    default: return -100;")
-    out.append("    }")
-    out.append("}")
-    out.append("")
-    out.append("static unsigned fo_t_need(int rule, const fo_t_scalars *s)")
-    out.append("{")
-    out.append("    switch (rule) {")
+    out += ["    default: return -100;", "    }", "}", ""]
+    out += ["FO_T_FN int fo_t_prepare(int rule, fo_t_scalars *out, double *carry, unsigned flags, int64_t step)",
+            "{",
+            "    double h[FO_T_MAX_HYPER];",
+            "    if (rule < 0 || rule >= FO_T_NRULES)",
+            "        return -100;",
+            "    const fo_t_rule *r = &FO_T_RULES[rule];",
+            "    const int nz = (int)(flags >> r->nflags & 1u);",
+            "    for (int k = 0; k < r->nhyper; k++)",
+            "        h[k] = nz && r->hyper[k].dflt == 0.0 ? 0.5 : r->hyper[k].dflt;",
+            "    return fo_t_prepare_h(rule, out, carry, h, flags, step);",
+            "}", ""]
+
+    # the relations, translated from the rule table as prepare's are
+    out.append("/* The rule's relation across hyperparameters (fastopt.rule: Rule.relation), as fo_t_prepare_h's")
+    out.append(" * arguments; 1 for a rule without one. */")
+    out.append("FO_T_FN int fo_t_relation(int rule, double carry, const double *h, unsigned flags)")
+    out += ["{", "    (void)carry, (void)h, (void)flags;", "    switch (rule) {"]
     for k, ri in enumerate(rinfos):
-        out.append(f"    case {k}: return fo_need_t_{ri.name}(&s->{ri.kernel});")
-    out.append("    default: return 0;")
-    out.append("    }")
-    out.append("}")
-    # the need functions first (they must precede fo_t_need): emitted below, moved up
-    need_defs = []
+        if ri.rule.relation is None:
+            continue
+        fn, message = ri.rule.relation
+        text = {}
+        hi = bi = 0
+        for ctype, name, h in ri.args:
+            if ctype == tr.BOOL:
+                text[name] = (tr.BOOL, f"(int)(flags >> {bi} & 1u)")
+                bi += 1
+            else:
+                text[name] = (tr.DOUBLE, f"h[{hi}]")
+                hi += 1
+        if ri.carry:
+            text[ri.carry] = (tr.DOUBLE, "carry")
+        env = {name: (f"hp_{name}", kind) for name, (kind, _) in text.items()}
+        expr = tr.translate_relation(fn, f"rule {ri.name}, relation {fn.__name__}", env)
+        out.append(f"    case {k}: {{ /* {_relation_doc(message)} */")
+        for name in inspect.signature(fn).parameters:
+            kind, value = text[name]
+            out.append(f"        const {kind} hp_{name} = {value};")
+        out.append(f"        return {expr};")
+        out.append("    }")
+    out += ["    default: return 1;", "    }", "}", ""]
+    out += ["/* The code prepare returns for these arguments, out and carry non-NULL: FASTOPT_ERR_HYPER when a",
+            " * value is outside its kind's range, the step is < 1 (a rule with a step) or the relation fails. */",
+            "FO_T_FN int fo_t_expect_h(int rule, double carry, const double *h, unsigned flags, int64_t step)",
+            "{",
+            "    if (rule < 0 || rule >= FO_T_NRULES)",
+            "        return -100;",
+            "    const fo_t_rule *r = &FO_T_RULES[rule];",
+            "    for (int k = 0; k < r->nhyper; k++)",
+            "        if (!fo_t_kind_ok(r->hyper[k].kind, h[k]))",
+            "            return FASTOPT_ERR_HYPER;",
+            "    if (r->carry_kind >= 0 && !fo_t_kind_ok(r->carry_kind, carry))",
+            "        return FASTOPT_ERR_HYPER;",
+            "    if (r->takes_step && step < 1)",
+            "        return FASTOPT_ERR_HYPER;",
+            "    return fo_t_relation(rule, carry, h, flags) ? FASTOPT_OK : FASTOPT_ERR_HYPER;",
+            "}", ""]
+
+    # which buffers a call needs
     for ri in rinfos:
         need = ri.need_expr()
-        need_defs.append(f"static unsigned fo_need_t_{ri.name}(const {ri.struct} *s)\n{{\n"
-                         + ("    (void)s;\n" if "s->" not in need else "") + f"    return {need};\n}}\n")
-    idx = out.index("static unsigned fo_t_need(int rule, const fo_t_scalars *s)")
-    out[idx:idx] = need_defs
+        out += [f"FO_T_FN unsigned fo_need_t_{ri.name}(const {ri.struct} *s)", "{"]
+        if "s->" not in need:
+            out.append("    (void)s;")
+        out += [f"    return {need};", "}", ""]
+    out += ["FO_T_FN unsigned fo_t_need(int rule, const fo_t_scalars *s)", "{", "    switch (rule) {"]
+    for k, ri in enumerate(rinfos):
+        out.append(f"    case {k}: return fo_need_t_{ri.name}(&s->{ri.kernel});")
+    out += ["    default: return 0;", "    }", "}"]
+
+    # the library's entry points (a NULL s is passed on as NULL)
     for ctype, sfx in (("float", "f32"), ("double", "f64")):
-        out.append("")
-        out.append(f"static int fo_t_run_{sfx}(int rule, {ctype} *p, const {ctype} *g, {ctype} *const *st, "
-                   "int64_t n, const fo_t_scalars *s)")
-        out.append("{")
-        out.append("    switch (rule) {")
+        out += ["", f"FO_T_FN int fo_t_run_{sfx}(int rule, {ctype} *p, const {ctype} *g, {ctype} *const *st, "
+                "int64_t n, const fo_t_scalars *s)", "{", "    switch (rule) {"]
         for k, ri in enumerate(rinfos):
-            args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + ["n", f"&s->{ri.kernel}"]
+            args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + ["n", f"s ? &s->{ri.kernel} : NULL"]
             out.append(f"    case {k}: return fastopt_{ri.name}_{sfx}({', '.join(args)});")
-        out.append("    default: return -100;")
-        out.append("    }")
-        out.append("}")
-        out.append("")
-        out.append(f"static int fo_t_list_{sfx}(int rule, {ctype} *const *p, const {ctype} *const *g, "
-                   f"{ctype} *const *const *st, const int64_t *n, int64_t count, const fo_t_scalars *s)")
-        out.append("{")
-        out.append("    switch (rule) {")
+        out += ["    default: return -100;", "    }", "}", ""]
+        out += [f"FO_T_FN int fo_t_list_{sfx}(int rule, {ctype} *const *p, const {ctype} *const *g, "
+                f"{ctype} *const *const *st, const int64_t *n, int64_t count, const fo_t_scalars *s)", "{",
+                "    switch (rule) {"]
         for k, ri in enumerate(rinfos):
-            args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + ["n", "count", f"&s->{ri.kernel}"]
+            args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + \
+                ["n", "count", f"s ? &s->{ri.kernel} : NULL"]
             out.append(f"    case {k}: return fastopt_{ri.name}_list_{sfx}({', '.join(args)});")
-        out.append("    default: return -100;")
-        out.append("    }")
-        out.append("}")
-    out.append("")
+        out += ["    default: return -100;", "    }", "}"]
+
+    # the reference
+    out += ["", "/* ---- the reference: one plain loop per kernel and dtype " + "-" * 40 + " */", ""]
+    for k in kinfos:
+        out.append(f"/* {k.name} (rules: {', '.join(r.name for r in k.rules)}) */")
+        for ctype, sfx in (("float", "f32"), ("double", "f64")):
+            out += _ref_loop(k, ctype, sfx)
+    for ctype, sfx in (("float", "f32"), ("double", "f64")):
+        out += [f"/* The reference update of `rule` ({ctype}): state[k] may be NULL where fo_t_need's bit k is 0. */",
+                f"FO_T_FN void fo_t_ref_{sfx}(int rule, {ctype} *p, const {ctype} *g, {ctype} *const *st, int64_t n, "
+                "const fo_t_scalars *s)", "{", "    switch (rule) {"]
+        for k, ri in enumerate(rinfos):
+            out.append(f"    case {k}: fo_t_ref_{ri.kernel}_{sfx}(p, g, st, n, &s->{ri.kernel}); break;")
+        out += ["    default: break;", "    }", "}", ""]
     return "\n".join(out)
 
 
@@ -625,5 +879,5 @@ def generate() -> dict[str, str]:
         "csrc/src/rules_internal.h": _internal(kinfos),
         "csrc/src/rules_kernels.inc": _kernels(kinfos),
         "csrc/src/rules_api.inc": _api(rinfos),
-        "csrc/tests/rules_table.inc": _tests(rinfos),
+        "csrc/tests/rules_table.inc": _tests(rinfos, kinfos),
     }
