@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from oracle import (FULL, MATRIX, fastopt_step, gpt_shapes, inputs, list_inputs, needed_state, run_flush_case,  # noqa: E402
+from oracle import (FULL, MATRIX, fastopt_step, gpt_shapes, initial_state, inputs, list_inputs, needed_state, run_flush_case,  # noqa: E402
                     run_lists)
 
 N, STEPS = 37, 3
@@ -47,7 +47,7 @@ def cai_inputs():
 def run_on_device(rule, options, p0, grads, wrap=lambda a: a):
     """Like oracle.run_fastopt, on simulated device arrays; returns host copies."""
     p = cuda.to_device(p0)
-    state = {n: cuda.to_device(np.zeros_like(p0)) for n in needed_state(rule, options)}
+    state = {n: cuda.to_device(a) for n, a in initial_state(rule, options, p0).items()}
     extra = {}
     for t, g in enumerate(grads, start=1):
         fastopt_step(rule, options, wrap(p), wrap(cuda.to_device(g)),

@@ -21,8 +21,10 @@ def _varied(h: Hyper):
     if check is flag:
         return not d
     if getattr(check, "arity", 1) == 2:
-        one = Hyper(h.name, d[0], check_of_pair(check))
-        return tuple(_varied(Hyper(h.name, x, one.check)) for x in d)
+        one = check_of_pair(check)
+        if one is nonneg:  # (a gentle change: pairs such as Rprop's etas are ordered around 1)
+            return tuple(1.5 * x for x in d)
+        return tuple(_varied(Hyper(h.name, x, one)) for x in d)
     if d is None:
         return None
     if check is nonneg:
@@ -103,6 +105,17 @@ def needed_state(rule: str, options: dict) -> tuple[str, ...]:
     return tuple(RULES[rule].needs(hyper(rule, options)))
 
 
+def initial_state(rule: str, options: dict, like) -> dict:
+    """The state buffers a case needs, as the optimizers start them: zeros, or
+    the value of the hyperparameter named by the buffer's ``init`` (Rprop's
+    step_size starts at lr)."""
+    r = RULES[rule]
+    values = {**{h.name: h.default for h in r.optimizer_hyper}, **r.defaults, **options}
+    init = {s.name: s.init for s in r.buffers if s.init}
+    return {name: np.full_like(like, values[init[name]]) if name in init else np.zeros_like(like)
+            for name in needed_state(rule, options)}
+
+
 def inputs(n: int, steps: int, dtype, seed: int = 0):
     """A starting parameter vector and ``steps`` gradients (standard normal)."""
     rng = np.random.default_rng(seed)
@@ -129,7 +142,7 @@ def fastopt_step(rule: str, options: dict, p, g, state: dict, step: int, extra: 
 def run_fastopt(rule: str, options: dict, p0, grads, backend=None):
     """Run ``len(grads)`` updates from zero state; return (param, {state name: buffer})."""
     p = p0.copy()
-    state = {name: np.zeros_like(p) for name in needed_state(rule, options)}
+    state = initial_state(rule, options, p)
     extra: dict = {}
     for t, g in enumerate(grads, start=1):
         fastopt_step(rule, options, p, g, state, t, extra, backend)
@@ -212,7 +225,8 @@ def run_lists(rule: str, options: dict, p0, grads, backend=None, per_tensor=Fals
     to_device = to_device or (lambda a: a.copy())
     to_host = to_host or (lambda a: a)
     params = [to_device(p) for p in p0]
-    state = {name: [to_device(np.zeros_like(p)) for p in p0] for name in needed_state(rule, options)}
+    starts = [initial_state(rule, options, p) for p in p0]
+    state = {name: [to_device(st[name]) for st in starts] for name in needed_state(rule, options)}
     extra: dict = {}
     for t, gs in enumerate(grads, start=1):
         gs = [to_device(g) for g in gs]

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.checks import closed_unit, flag, nonneg, real
+from fastopt.checks import closed_unit, flag, nonneg, real, unit
 from fastopt.rules import RULES
-from oracle import FULL, needed_state
+from fastopt.rule import Hyper
+from oracle import FULL, check_of_pair, needed_state
 
 # Validation happens before dispatch, but every backend is exercised to prove no
 # backend path writes before checking.
@@ -127,11 +128,13 @@ def test_missing_state(rule, option, why, backend):
 def _bad_values(h):
     """(bad value, exception, words in the message) for one hyperparameter, from its check."""
     name, check = h.name, h.check
-    if getattr(check, "arity", 1) == 2:  # a pair of values in [0, 1) (betas)
-        return [((1.0, 0.9), ValueError, [f"{name}[0]", "[0, 1)"]),
-                ((0.9, -0.5), ValueError, [f"{name}[1]", "[0, 1)"]),
-                ((0.9, float("nan")), ValueError, [f"{name}[1]", "finite"]),
-                (0.9, TypeError, [name, "pair"])]
+    if getattr(check, "arity", 1) == 2:  # a pair (betas): each bad value of its element check, in turn at [0] and [1]
+        out = []
+        for k, (bad, exc, words) in enumerate(_bad_values(Hyper(name, h.default[0], check_of_pair(check)))):
+            at = k % 2
+            value = tuple(bad if j == at else h.default[j] for j in range(2))
+            out.append((value, exc, [f"{name}[{at}]", *words[1:]]))
+        return out + [(h.default[0], TypeError, [name, "pair"])]
     if check is flag:
         return [("yes", TypeError, [name, "bool"]), (2, TypeError, [name, "bool"])]
     common = [(float("nan"), ValueError, [name, "finite"]), (float("inf"), ValueError, [name, "finite"]),
@@ -140,6 +143,8 @@ def _bad_values(h):
         return common + [(-0.1, ValueError, [name, ">= 0", "-0.1"])]
     if check is closed_unit:
         return common + [(1.5, ValueError, [name, "[0, 1]"]), (-0.5, ValueError, [name, "[0, 1]"])]
+    if check is unit:
+        return common + [(1.0, ValueError, [name, "[0, 1)"]), (-0.5, ValueError, [name, "[0, 1)"])]
     assert check is real, f"no bad values for the check of {name}"
     return common
 
@@ -219,6 +224,14 @@ def test_validation_cache_is_not_fooled():
     expect_rejected("adam", make("adam"), ValueError, ["lr", ">= 0"], lr=-1)
     call("adam", bufs, betas=[0.9, 0.99])  # unhashable: checked every time
     expect_rejected("adam", make("adam"), ValueError, ["betas[1]"], betas=[0.9, 1.5])
+
+
+@pytest.mark.parametrize("over", [dict(etas=(1.0, 1.2)), dict(etas=(0.0, 1.2)), dict(etas=(0.5, 1.0)),
+                                  dict(step_sizes=(1.0, 0.5))], ids=["etaminus=1", "etaminus=0", "etaplus=1", "min>max"])
+def test_rprop_relation(over):
+    """Rprop's etas must straddle 1 (0 < etaminus < 1 < etaplus, as torch checks) and its
+    step sizes be ordered: one message naming all four, nothing written."""
+    expect_rejected("rprop", make("rprop"), ValueError, ["0 < etaminus < 1 < etaplus", "step_size_min"], **over)
 
 
 def test_carried_value_is_checked_every_call_but_not_cached():

@@ -20,7 +20,7 @@ import pytest
 import fastopt
 from fastopt.flat import ALIGN, FlatParams, layout
 from fastopt.rules import RULES
-from oracle import FULL, MATRIX, MATRIX_IDS, TORCH_STATE_NAME, fastopt_step, needed_state
+from oracle import FULL, MATRIX, MATRIX_IDS, TORCH_STATE_NAME, fastopt_step, initial_state, needed_state
 
 #: The stateful class of every rule of the table.
 CLASSES = {name: getattr(fastopt, rule.title) for name, rule in RULES.items()}
@@ -40,7 +40,7 @@ def grads(n, dtype=np.float32, seed=1):
 
 def functional_run(rule, options, p, gs, state=None):
     """The functional reference: one call per step on ``p`` (in place); returns the state."""
-    state = state if state is not None else {n: np.zeros_like(p) for n in needed_state(rule, options)}
+    state = state if state is not None else initial_state(rule, options, p)
     extra: dict = {}
     for t, g in enumerate(gs, start=1):
         fastopt_step(rule, options, p, g, state, t, extra)

@@ -52,15 +52,27 @@ def _strategy(h):
 
 
 def _make_valid(rule, options):
-    """Turn flags off until the rule's relation holds (SGD: nesterov needs momentum, no dampening)."""
-    for name in [None, *(h.name for h in rule.hyper if h.check is flag)]:
-        if name is not None:
-            options = {**options, name: False}
+    """Repair drawn options until the rule's relation holds: turn flags off one by
+    one (SGD: nesterov needs momentum, no dampening), then order the pairs
+    (Rprop: step_size_min <= step_size_max), then put hyperparameters back to
+    their defaults one by one (Rprop's etas must straddle 1)."""
+    def valid(o):
         try:
-            rule.checked({**rule.defaults, **options, **dict([rule.carry] if rule.carry else [])})
-            return options
+            rule.checked({**rule.defaults, **o, **dict([rule.carry] if rule.carry else [])})
+            return True
         except ValueError:
-            continue
+            return False
+    candidates = [options]
+    for name in (h.name for h in rule.hyper if h.check is flag):
+        candidates.append({**candidates[-1], name: False})
+    pairs = [h.name for h in rule.hyper if getattr(h.check, "arity", 1) == 2 and h.name in options]
+    candidates.append({**candidates[-1], **{k: tuple(sorted(options[k])) for k in pairs}})
+    for h in rule.hyper:
+        if h.check is not flag and h.name in options and h.default is not None:
+            candidates.append({**candidates[-1], h.name: h.default})
+    for o in candidates:
+        if valid(o):
+            return o
     raise AssertionError(f"no valid options for {rule.name} from {options}")
 
 

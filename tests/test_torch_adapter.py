@@ -35,6 +35,10 @@ TOL = dict(atol=2e-5, rtol=1e-5)
 #: Learning rates where the rule's default does not train this MLP stably (centered
 #: RMSprop at 1e-2 reaches sqrt of a negative rounding residue: NaN on both sides).
 STABLE_LR = {"RMSprop": 1e-3}
+#: Options the all-on case keeps at their defaults for the same reason: Rprop's
+#: step sizes grow by etaplus per agreeing step, and 1.8 (the varied value) on
+#: minibatch gradients diverges on both sides.
+STABLE_OPTIONS = {"Rprop": {"etas": (0.5, 1.2)}}
 
 
 def _mlp_cases():
@@ -45,8 +49,10 @@ def _mlp_cases():
     for name, rule in RULES.items():
         if getattr(torch.optim, rule.title, None) is None:
             continue
-        lr = {"lr": STABLE_LR.get(rule.title, rule.defaults["lr"] or 0.05)}
-        full = {**FULL[name], **lr, **{h.name: 0.1 for h in rule.optimizer_hyper}}
+        defaults = {**{h.name: h.default for h in rule.optimizer_hyper}, **rule.defaults}  # (Rprop's lr: an initial value)
+        lr = {"lr": STABLE_LR.get(rule.title, defaults["lr"] or 0.05)}
+        full = {**FULL[name], **lr, **{h.name: 0.1 for h in rule.optimizer_hyper if h.name not in lr},
+                **STABLE_OPTIONS.get(rule.title, {})}
         if "weight_decay" in full:  # 0.1 (L2) outweighs this small regression's loss: it would not train
             full["weight_decay"] = 0.01
         out += [(rule.title, lr), (rule.title, full)]

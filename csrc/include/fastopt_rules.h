@@ -387,6 +387,41 @@ FASTOPT_API int fastopt_lion_list_f32(float *const *param, const float *const *g
 FASTOPT_API int fastopt_lion_list_f64(double *const *param, const double *const *grad, double *const *exp_avg,
                                       const int64_t *n, int64_t count, const fastopt_lion_scalars *s);
 
+/* ---- Rprop (rprop) ------------------------------------------------------------------------------
+ *
+ * Rprop, resilient backpropagation (Riedmiller & Braun, 1993; torch.optim.Rprop).
+ *
+ * g = grad*grad_sign; where g*prev > 0: step_size *= etaplus; where < 0: step_size *= etaminus
+ * and g = 0; step_size = clamp(step_size, step_size_min, step_size_max); p -= sign(g)*step_size;
+ * prev = g. step_size starts at lr (the stateful optimizers' lr; the update itself takes none).
+ */
+typedef struct {
+    double etaminus;
+    double etaplus;
+    double step_size_min;
+    double step_size_max;
+    double grad_sign;
+    double zero; /* 0.0: the gradient where its sign flipped (no float literals in the element math) */
+    double one; /* 1.0: sign(g) */
+} fastopt_rprop_scalars;
+
+/* Checks: etaminus, etaplus, step_size_min, step_size_max finite and >= 0; Rprop needs 0 <
+ * etaminus < 1 < etaplus and step_size_min <= step_size_max. Rprop has no step count. */
+FASTOPT_API int fastopt_rprop_prepare(fastopt_rprop_scalars *out, double etaminus, double etaplus,
+                                      double step_size_min, double step_size_max, int maximize);
+
+/* State buffers: prev, step_size.  _list_: count tensors in one call (see fastopt.h). */
+FASTOPT_API int fastopt_rprop_f32(float *param, const float *grad, float *prev, float *step_size, int64_t n,
+                                  const fastopt_rprop_scalars *s);
+FASTOPT_API int fastopt_rprop_f64(double *param, const double *grad, double *prev, double *step_size,
+                                  int64_t n, const fastopt_rprop_scalars *s);
+FASTOPT_API int fastopt_rprop_list_f32(float *const *param, const float *const *grad, float *const *prev,
+                                       float *const *step_size, const int64_t *n, int64_t count,
+                                       const fastopt_rprop_scalars *s);
+FASTOPT_API int fastopt_rprop_list_f64(double *const *param, const double *const *grad, double *const *prev,
+                                       double *const *step_size, const int64_t *n, int64_t count,
+                                       const fastopt_rprop_scalars *s);
+
 /* ---- cffi: end ---- */
 
 #ifdef __cplusplus

@@ -26,7 +26,7 @@ from .checks import step_count
 from .rule import Rule
 from .rules import RULES
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "radam_", "lion_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "radam_", "lion_", "rprop_"]
 
 Array = Any  # numpy.ndarray or an object with __cuda_array_interface__
 #: Every buffer argument is one array or a list/tuple of arrays (one per tensor).
@@ -204,3 +204,20 @@ def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int
     """
     hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
     _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream)
+
+
+def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, step: Optional[int] = None,
+           etas: Betas = (0.5, 1.2), step_sizes: Tuple[float, float] = (1e-6, 50.0), maximize: bool = False,
+           backend: Optional[str] = None, stream: Any = None) -> None:
+    """Rprop, resilient backpropagation (Riedmiller & Braun, 1993); ``torch.optim.Rprop``.
+
+    Per element, with ``g`` the gradient (negated for ``maximize``): where
+    ``g*prev > 0`` the step size grows (``*= etaplus``), where ``< 0`` it shrinks
+    (``*= etaminus``) and ``g`` becomes 0; it is clamped to ``step_sizes``; then
+    ``p -= sign(g)*step_size`` and ``prev = g``. ``step_size`` starts at the
+    learning rate (``torch.optim.Rprop``'s ``lr``: fill it with ``lr`` before the
+    first step; ``prev`` starts at zeros). The update does not depend on the
+    step count: ``step`` is optional (checked when given).
+    """
+    hyper = dict(etas=etas, step_sizes=step_sizes, maximize=maximize)
+    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream)

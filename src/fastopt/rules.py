@@ -354,9 +354,44 @@ LION = Rule(
     LionScalars, _lion, takes_step=False)
 
 
+# ---- Rprop ---------------------------------------------------------------
+
+class RpropScalars(NamedTuple):
+    etaminus: float
+    etaplus: float
+    step_size_min: float
+    step_size_max: float
+    grad_sign: float
+    zero: float  # 0.0: the gradient where its sign flipped (no float literals in the element math)
+    one: float  # 1.0: sign(g)
+
+
+def _rprop(etaminus, etaplus, step_size_min, step_size_max, maximize):
+    return RpropScalars(etaminus=etaminus, etaplus=etaplus, step_size_min=step_size_min,
+                        step_size_max=step_size_max, grad_sign=-1.0 if maximize else 1.0, zero=0.0, one=1.0)
+
+
+def _rprop_ok(etaminus, etaplus, step_size_min, step_size_max):
+    return 0.0 < etaminus and etaminus < 1.0 and 1.0 < etaplus and step_size_min <= step_size_max
+
+
+RPROP = Rule(
+    "rprop", "Rprop", "Rprop, resilient backpropagation (Riedmiller & Braun, 1993; torch.optim.Rprop).",
+    "g = grad*grad_sign; where g*prev > 0: step_size *= etaplus; where < 0: step_size *= etaminus\n"
+    "and g = 0; step_size = clamp(step_size, step_size_min, step_size_max); p -= sign(g)*step_size;\n"
+    "prev = g. step_size starts at lr (the stateful optimizers' lr; the update itself takes none).",
+    (Hyper("etas", (0.5, 1.2), pair(nonneg), ("etaminus", "etaplus")),
+     Hyper("step_sizes", (1e-6, 50.0), pair(nonneg), ("step_size_min", "step_size_max")), _MAXIMIZE),
+    (State("prev"), State("step_size", init="lr", signed=False)),
+    RpropScalars, _rprop, takes_step=False,
+    relation=(_rprop_ok, "Rprop needs 0 < etaminus < 1 < etaplus and step_size_min <= step_size_max, got "
+                         "etas=({etaminus}, {etaplus}), step_sizes=({step_size_min}, {step_size_max})"),
+    optimizer_hyper=(Hyper("lr", 1e-2, nonneg),))
+
+
 #: Every rule, by name, in the order of the docs.
 RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
-                                               LION)}
+                                               LION, RPROP)}
 
 #: The element kernels backends implement, with the scalars type each takes.
 KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in RULES.values()}

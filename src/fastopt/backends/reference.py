@@ -130,6 +130,18 @@ def lion(param, grad, exp_avg, s: rules.LionScalars):
     exp_avg[...] = s.beta2 * exp_avg + s.one_minus_beta2 * g
 
 
+def rprop(param, grad, prev, step_size, s: rules.RpropScalars):
+    g = grad * s.grad_sign
+    prod = g * prev
+    # torch: sign(g*prev) mapped to etaplus / etaminus / 1, then clamped; a NaN
+    # product (torch.sign: 0) propagates here, as in every rule.
+    factor = np.where(prod > 0, s.etaplus, np.where(prod < 0, s.etaminus, np.where(np.isnan(prod), prod, 1)))
+    step_size[...] = np.minimum(np.maximum(step_size * factor, s.step_size_min), s.step_size_max)
+    g = np.where(prod < 0, s.zero, g)
+    param -= np.sign(g) * step_size  # np.sign(NaN) = NaN
+    prev[...] = g
+
+
 _KERNELS = {k: globals()[k] for k in rules.KERNEL_SCALARS}
 
 

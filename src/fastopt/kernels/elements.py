@@ -143,3 +143,33 @@ def lion(p, g, exp_avg, s):
     signed_lr = math.copysign(s.lr, c)
     zero_or_nan = s.lr * (c - c)
     return p - (signed_lr if (c == c and c != 0) else zero_or_nan), s.beta2 * exp_avg + s.one_minus_beta2 * g
+
+
+def rprop(p, g, prev, step_size, s):
+    g = g * s.grad_sign
+    prod = g * prev
+    # torch: sign(g*prev) > 0 -> etaplus, < 0 -> etaminus, 0 -> 1. For a NaN
+    # product torch.sign gives 0 (the step size would be kept, the parameter
+    # frozen); here the NaN propagates, as in every rule. As in lion, every
+    # candidate is computed before the selects, scalar fields included (GCC
+    # does not if-convert a load of s->x under a condition: the AVX2 loop
+    # stayed scalar, 5x slower than Numba).
+    grown = step_size * s.etaplus
+    shrunk = step_size * s.etaminus
+    kept = step_size + (prod - prod)  # step_size, or NaN for a NaN product
+    lo = s.step_size_min
+    hi = s.step_size_max
+    zero = s.zero
+    step_size = grown if prod > 0 else (shrunk if prod < 0 else kept)
+    # clamp as torch.clamp / np.minimum(np.maximum(x, lo), hi): a NaN stays NaN
+    # (both comparisons are False for it), ties keep x
+    step_size = lo if step_size < lo else step_size
+    step_size = hi if step_size > hi else step_size
+    g = zero if prod < 0 else g  # no step where the sign flipped; the next step starts over
+    # p - sign(g)*step_size, with sign(g) as np.sign gives it (+-1; +0 for +-0;
+    # NaN for NaN) and multiplied, as the reference does, so a NaN step size
+    # keeps its bits.
+    signed_one = math.copysign(s.one, g)
+    zero_or_nan = g - g
+    sign_g = signed_one if (g == g and g != 0) else zero_or_nan
+    return p - sign_g * step_size, g, step_size
