@@ -21,7 +21,7 @@ from fastopt.bench import cases, cli, competitors, lists, roofline, timing
 from fastopt.bench.cases import CASES, Case
 from fastopt.rules import RULES
 
-SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))  # the fastopt under test (installed in CI)
 
 
 def torch_importable():

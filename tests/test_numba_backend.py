@@ -26,7 +26,9 @@ from oracle import FULL, MATRIX, MATRIX_IDS, hyper, inputs, needed_state, run_fa
 KERNEL_RULE = {}
 for _name, _rule in RULES.items():
     KERNEL_RULE.setdefault(_rule.kernel, _name)
-SRC = os.path.join(os.path.dirname(__file__), os.pardir, "src")
+#: Where the fastopt under test lives (the installed package in CI, src/ with
+#: PYTHONPATH=src): child processes must import the same one, compiled extensions included.
+SRC = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))
 
 
 @pytest.mark.parametrize("rule,options", MATRIX, ids=MATRIX_IDS)
