@@ -639,6 +639,20 @@ def _ref_loop(k: KernelInfo, ctype: str, sfx: str) -> list[str]:
     return out
 
 
+
+def _table_args(ri) -> list[tuple[str, str, str]]:
+    """(name, C type, C source) of each of the rule's prepare arguments in rules_table.inc's
+    calling convention: flags as the bits of ``flags`` in order, reals as ``h[0], h[1], ...``."""
+    out, hi, bi = [], 0, 0
+    for ctype, name, _ in ri.args:
+        if ctype == tr.BOOL:
+            out.append((name, tr.BOOL, f"(int)(flags >> {bi} & 1u)"))
+            bi += 1
+        else:
+            out.append((name, tr.DOUBLE, f"h[{hi}]"))
+            hi += 1
+    return out
+
 def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
     """For the C tests (test_fastopt.c, fuzz_fastopt.c): every rule as data and through one
     signature, and a plain reference loop per kernel, so the tests iterate over the table
@@ -760,14 +774,7 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
     out += ["{", "    (void)carry, (void)h, (void)flags, (void)step;", "    switch (rule) {"]
     for k, ri in enumerate(rinfos):
         args = [f"out ? &out->{ri.kernel} : NULL"] + (["carry"] if ri.carry else [])
-        hi = bi = 0
-        for ctype, name, h in ri.args:
-            if ctype == tr.BOOL:
-                args.append(f"(int)(flags >> {bi} & 1u)")
-                bi += 1
-            else:
-                args.append(f"h[{hi}]")
-                hi += 1
+        args += [text for _, _, text in _table_args(ri)]
         if ri.rule.takes_step:
             args.append("step")
         out.append(f"    case {k}: return " + _proto(f"fastopt_{ri.name}_prepare", args, ";", "").lstrip())
@@ -793,15 +800,7 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
         if ri.rule.relation is None:
             continue
         fn, message = ri.rule.relation
-        text = {}
-        hi = bi = 0
-        for ctype, name, h in ri.args:
-            if ctype == tr.BOOL:
-                text[name] = (tr.BOOL, f"(int)(flags >> {bi} & 1u)")
-                bi += 1
-            else:
-                text[name] = (tr.DOUBLE, f"h[{hi}]")
-                hi += 1
+        text = {name: (kind, value) for name, kind, value in _table_args(ri)}
         if ri.carry:
             text[ri.carry] = (tr.DOUBLE, "carry")
         env = {name: (f"hp_{name}", kind) for name, (kind, _) in text.items()}
