@@ -185,8 +185,10 @@ def _loop3(element, store, cls, rng, source_key):
 _SHAPES = {1: _loop1, 2: _loop2, 3: _loop3}
 
 
-def _callable_in_jit(fn):
-    """Make the plain function ``fn`` callable from CPU-jitted code, inlined.
+def _callable_in_jit(fn, inline: str = "always"):
+    """Make the plain function ``fn`` callable from CPU-jitted code, inlined
+    (``inline="never"``: compiled as a function of its own, which LLVM still
+    inlines).
 
     ``fn`` itself is returned unchanged (the CUDA backend compiles the same
     function for its target). Unlike a ``numba.njit(inline="always")``
@@ -195,21 +197,30 @@ def _callable_in_jit(fn):
     (a dispatcher pickles with a fresh uuid: every process would miss the
     cache and recompile, ~0.5 s per kernel).
     """
-    overload(fn, target="cpu", inline="always", strict=False)(lambda *args: fn)
+    overload(fn, target="cpu", inline=inline, strict=False)(lambda *args: fn)
     return fn
 
 
-def _build(kernel: str, parallel: bool, store):
-    element = _callable_in_jit(getattr(elements, kernel))
-    n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
-    rng = numba.prange if parallel else range
-    py_loop = _SHAPES[n_state](element, store, KERNEL_SCALARS[kernel], rng, SOURCE_KEY)
-    py_loop.__qualname__ = py_loop.__name__ = (f"{kernel}_{'parallel' if parallel else 'serial'}"
-                                               f"{'' if store is stores.keep else '_' + store.__name__}")
-    return numba.njit(parallel=parallel, **_JIT)(py_loop)
-
-
+#: The element functions, each made callable in jitted code once.
+_ELEMENTS = {k: _callable_in_jit(getattr(elements, k)) for k in KERNEL_SCALARS}
 _STORES = tuple(_callable_in_jit(fn) for fn in (stores.keep, stores.flush_subnormal))
+
+
+def _suffix(store) -> str:
+    return "" if store is stores.keep else "_" + store.__name__
+
+
+def _flat_loop(kernel: str, store, rng):
+    """The plain Python loop of ``kernel`` with ``store`` over ``rng`` (range or prange)."""
+    element = _ELEMENTS[kernel]
+    n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
+    return _SHAPES[n_state](element, store, KERNEL_SCALARS[kernel], rng, SOURCE_KEY)
+
+
+def _build(kernel: str, parallel: bool, store):
+    py_loop = _flat_loop(kernel, store, numba.prange if parallel else range)
+    py_loop.__qualname__ = py_loop.__name__ = f"{kernel}_{'parallel' if parallel else 'serial'}{_suffix(store)}"
+    return numba.njit(parallel=parallel, **_JIT)(py_loop)
 
 
 #: (kernel name, store function) -> (serial loop, parallel loop); compiled lazily
@@ -290,15 +301,6 @@ def _list_loop(segment, rng, source_key):
     return loop
 
 
-def _callable_not_inlined(fn):
-    """Like :func:`_callable_in_jit`, but compiled as a function of its own
-    (LLVM still inlines it). An overload inlined at Numba's IR level is typed
-    without pruning its ``x is not None`` branches on None arguments, which
-    the flat loops rely on."""
-    overload(fn, target="cpu", inline="never", strict=False)(lambda *args: fn)
-    return fn
-
-
 def _segment(kernel: str, store):
     """The serial flat loop of ``kernel`` and ``store`` as a plain function that
     list loops call, published as a module attribute of its own name.
@@ -310,19 +312,18 @@ def _segment(kernel: str, store):
     function found at ``module.qualname`` pickles by reference: the same bytes
     in every process. (Its code is this file's, which the cache key covers.)
     """
-    element = _callable_in_jit(getattr(elements, kernel))
-    n_state = len(inspect.signature(element).parameters) - 3  # (p, g, *state, s)
-    segment = _SHAPES[n_state](element, store, KERNEL_SCALARS[kernel], range, SOURCE_KEY)
-    segment.__name__ = segment.__qualname__ = (f"_segment_{kernel}"
-                                               f"{'' if store is stores.keep else '_' + store.__name__}")
+    segment = _flat_loop(kernel, store, range)
+    segment.__name__ = segment.__qualname__ = f"_segment_{kernel}{_suffix(store)}"
     globals()[segment.__name__] = segment
-    return _callable_not_inlined(segment)
+    # Not inlined at Numba's IR level: an inlined overload is typed without
+    # pruning its ``x is not None`` branches on None arguments, which the flat
+    # loops rely on.
+    return _callable_in_jit(segment, inline="never")
 
 
 def _build_list(kernel: str, parallel: bool, segment, store):
     py_loop = _list_loop(segment, numba.prange if parallel else range, SOURCE_KEY)
-    py_loop.__qualname__ = py_loop.__name__ = (f"{kernel}_list_{'parallel' if parallel else 'serial'}"
-                                               f"{'' if store is stores.keep else '_' + store.__name__}")
+    py_loop.__qualname__ = py_loop.__name__ = f"{kernel}_list_{'parallel' if parallel else 'serial'}{_suffix(store)}"
     return numba.njit(parallel=parallel, **_JIT)(py_loop)
 
 
