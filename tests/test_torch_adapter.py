@@ -18,6 +18,7 @@ without bound.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -25,7 +26,6 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import fastopt.torch as ft  # noqa: E402
-from fastopt.flat import ALIGN  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 from oracle import FULL  # noqa: E402
 
@@ -149,7 +149,7 @@ def test_switching_through_state_dicts_continues_the_trajectory(name, options):
 
 
 def test_param_groups_with_their_own_hyperparameters():
-    """No weight decay and a larger lr on biases: two groups, each one segment and one call."""
+    """No weight decay and a larger lr on biases: two groups, one list call each."""
     def groups(m):
         weights = [p for n, p in m.named_parameters() if n.endswith("weight")]
         biases = [p for n, p in m.named_parameters() if n.endswith("bias")]
@@ -162,8 +162,6 @@ def test_param_groups_with_their_own_hyperparameters():
     train(ours, opt, STEPS)
     assert_same_params(ours, theirs, moved_from=start)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    # Each group is one contiguous segment of the flat buffer.
-    assert opt._segments[0].stop <= opt._segments[1].start
 
 
 @pytest.mark.parametrize("make_scheduler", [
@@ -209,78 +207,250 @@ def test_lion_trains_like_the_published_algorithm():
     assert_same_params(ours, theirs, moved_from=start)
 
 
-# ---- the flat buffer ------------------------------------------------------------
+# ---- torch.optim semantics --------------------------------------------------------
 
 
-def test_parameters_and_grads_are_views_of_two_flat_buffers():
+def test_parameters_keep_their_own_storage_and_state_is_per_parameter():
     model = mlp()
-    before = params(model)
+    pointers = [p.data_ptr() for p in model.parameters()]
     opt = ft.Adam(model.parameters(), lr=1e-3)
-    flat, flat_grad = opt._flat, opt._flat_grad
-    assert flat.data_ptr() % ALIGN == 0
-    for p, p0 in zip(model.parameters(), before):
-        assert torch.equal(p.detach(), p0)  # values kept
-        assert p.data_ptr() % ALIGN == 0 and p.grad.data_ptr() % ALIGN == 0
-        o, n = opt._where[p]
-        assert p.data_ptr() == flat[o:].data_ptr() and p.grad.data_ptr() == flat_grad[o:].data_ptr()
-    loss = model(X).pow(2).mean()
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters()]
-    reference = mlp()
-    reference(X).pow(2).mean().backward()
-    for g, p in zip(grads, reference.parameters()):
-        torch.testing.assert_close(g, p.grad)  # backward wrote into the flat grad, in place
-    assert flat_grad.abs().sum() > 0
+    model(X).pow(2).mean().backward()
+    grads = [p.grad for p in model.parameters()]
     opt.step()
-    # The optimizer state is a view of one buffer per state name too.
-    st = opt.state[next(iter(model.parameters()))]
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq"} and st["step"].item() == 1
+    assert [p.data_ptr() for p in model.parameters()] == pointers  # nothing re-homed
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    for p in model.parameters():
+        st = opt.state[p]
+        assert set(st) == {"step", "exp_avg", "exp_avg_sq"} and st["step"].item() == 1
+        assert st["exp_avg"].shape == p.shape and st["exp_avg"].untyped_storage().nbytes() == p.numel() * 4
 
 
-def test_zero_grad_keeps_the_aliasing():
-    model = mlp()
-    opt = ft.SGD(model.parameters(), lr=0.1)
-    model(X).sum().backward()
-    views = [p.grad for p in model.parameters()]
-    opt.zero_grad()  # set_to_none=True by default in torch: here a memset of the flat grad
-    assert all(p.grad is v for p, v in zip(model.parameters(), views))
-    assert opt._flat_grad.abs().sum() == 0
-    model(X).sum().backward()
-    assert opt._flat_grad.abs().sum() > 0
+def both(make, **options):
+    """(model, optimizer) made the same way for fastopt.torch and torch.optim."""
+    out = []
+    for module in (ft, torch.optim):
+        model = mlp()
+        extra = {} if module is ft or name_of(make) not in TORCH_HAS_FOREACH else {"foreach": False}
+        out.append((model, make(module, model, **extra, **options)))
+    return out
 
 
-def test_a_gradient_set_to_none_or_replaced_is_brought_back():
-    model, reference = mlp(), mlp()
-    opt = ft.SGD(model.parameters(), lr=0.1)
-    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, foreach=False)
-    weight = next(iter(model.parameters()))
-    weight.grad = None  # by hand, as torch.optim.Optimizer.zero_grad would
-    model(X).sum().backward()  # autograd makes a fresh grad for it, outside the flat buffer
-    reference(X).sum().backward()
-    opt.step()
-    ref_opt.step()
-    assert_same_params(model, reference)
-    assert weight.grad.data_ptr() == opt._flat_grad.data_ptr()  # re-attached
+TORCH_HAS_FOREACH = {"Adam", "AdamW", "SGD"}
 
 
-def test_moving_the_model_after_construction_is_an_error():
-    model = mlp()
-    opt = ft.Adam(model.parameters())
-    model.double()
-    with pytest.raises(RuntimeError, match="no longer lives in fastopt's flat buffer"):
+def name_of(make):
+    return make.__name__
+
+
+def step_both(pairs, loss_of):
+    for model, opt in pairs:
+        opt.zero_grad()
+        loss_of(model).backward()
         opt.step()
 
 
-def test_frozen_parameters_are_refused():
-    """torch.optim skips a parameter without grad; one flat call would still decay it."""
+def assert_states_equal(a, b, params_a, params_b):
+    for pa, pb in zip(params_a, params_b):
+        sa, sb = a.state.get(pa, {}), b.state.get(pb, {})
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            torch.testing.assert_close(sa[k].float(), sb[k].float(), **TOL)
+
+
+@pytest.mark.parametrize("name,options", [("AdamW", {"weight_decay": 0.1}),
+                                          ("SGD", {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.01}),
+                                          ("NAdam", {"lr": 1e-2, "weight_decay": 0.01})])
+def test_frozen_and_unused_parameters_are_skipped_as_torch_skips_them(name, options):
+    """The first layer frozen for 10 steps, the middle layer unused on odd steps: no
+    decay and no momentum where there is no gradient, and a step count per parameter."""
+    models = [mlp(), mlp()]
+    for m in models:
+        m[0].weight.requires_grad_(False)
+    extra = {"foreach": False}
+    opts = [getattr(ft, name)(models[0].parameters(), **options),
+            getattr(torch.optim, name)(models[1].parameters(), **options, **extra)]
+    start = params(models[1])
+
+    def loss_of(m, t):
+        h = torch.tanh(m[0](X[BATCHES[t]]))
+        h = torch.tanh(m[2](h)) if t % 2 == 0 else h  # m[2] unused on odd steps: its grad becomes None
+        return torch.nn.functional.mse_loss(m[4](h), Y[BATCHES[t]])
+
+    for t in range(30):
+        if t == 10:
+            for m in models:
+                m[0].weight.requires_grad_(True)
+        for m, o in zip(models, opts):
+            o.zero_grad()  # set_to_none=True: an unused parameter's grad stays None
+            loss_of(m, t).backward()
+            o.step()
+    assert_same_params(models[0], models[1], moved_from=start)
+    assert_states_equal(opts[0], opts[1], list(models[0].parameters()), list(models[1].parameters()))
+    if name != "SGD":  # 20 steps for the unfrozen layer, 15 for the sometimes-unused one, 30 for the rest
+        assert [int(opts[0].state[p]["step"]) for p in models[0].parameters()] == [20, 30, 15, 15, 30, 30]
+
+
+def test_add_param_group_unfreezes_progressively_like_torch():
+    models = [mlp(), mlp()]
+    opts = [ft.AdamW(models[0][4].parameters(), lr=3e-3),
+            torch.optim.AdamW(models[1][4].parameters(), lr=3e-3, foreach=False)]
+    start = params(models[1])
+    for t in range(40):
+        if t == 15:
+            for m, o in zip(models, opts):
+                o.add_param_group({"params": list(m[2].parameters()), "lr": 1e-3, "weight_decay": 0.0})
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(X[BATCHES[t]]), Y[BATCHES[t]]).backward()
+            o.step()
+    assert_same_params(models[0], models[1], moved_from=start)
+    assert len(opts[0].param_groups) == 2 and opts[0].param_groups[1]["weight_decay"] == 0.0
+    assert torch.equal(models[0][0].weight, mlp()[0].weight)  # never in the optimizer: never moved
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        opts[0].add_param_group({"params": list(models[0][0].parameters()), "lr": -1.0})
+    assert len(opts[0].param_groups) == 2  # the bad group was not added
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+        opts[0].add_param_group({"params": list(models[0][2].parameters())})
+
+
+def test_editing_opt_state_takes_effect_like_torch():
+    models = [mlp(), mlp()]
+    opts = [ft.Adam(models[0].parameters(), lr=3e-3), torch.optim.Adam(models[1].parameters(), lr=3e-3,
+                                                                        foreach=False)]
+    start = params(models[1])
+    for t in range(30):
+        for m, o in zip(models, opts):
+            ps = list(m.parameters())
+            if t == 10:
+                del o.state[ps[0]]  # that parameter starts over: step 1, fresh moments
+                o.state[ps[2]]["exp_avg"] = torch.zeros_like(ps[2])  # a replaced buffer is the one stepped
+            if t == 20:
+                o.state.clear()
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(X[BATCHES[t]]), Y[BATCHES[t]]).backward()
+            o.step()
+    assert_same_params(models[0], models[1], moved_from=start)
+    assert_states_equal(opts[0], opts[1], list(models[0].parameters()), list(models[1].parameters()))
+    assert int(opts[0].state[next(models[0].parameters())]["step"]) == 10
+
+
+def test_state_dict_hooks_are_called():
     model = mlp()
-    model[0].weight.requires_grad_(False)
-    with pytest.raises(ValueError, match="parameter 0 does not require grad"):
-        ft.AdamW(model.parameters())
-    opt = ft.AdamW([p for p in model.parameters() if p.requires_grad])
-    model[0].bias.requires_grad_(False)
-    with pytest.raises(RuntimeError, match="parameter 0 does not require grad .frozen after"):
-        opt.step()
+    opt = ft.AdamW(model.parameters())
+    train(model, opt, 2)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": "hooked"})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("step pre"))
+    sd = opt.state_dict()
+    assert sd["note"] == "hooked"
+    opt.load_state_dict(sd)
+    train(model, opt, 1, start=2)
+    assert calls == ["pre", "load pre", "load post", "step pre"]
+
+
+def test_zero_grad_as_torch():
+    model = mlp()
+    opt = ft.SGD(model.parameters(), lr=0.1)
+    model(X).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()  # torch's default: set_to_none=True
+    assert all(p.grad is None for p in model.parameters())
+    opt.step()  # nothing has a gradient: nothing moves
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), mlp().parameters()))
+
+
+def test_a_duplicate_parameter_is_handled_as_torch_handles_it():
+    """torch warns, then steps a parameter listed twice twice (with one state)."""
+    models = [mlp(), mlp()]
+    opts = []
+    for m, module in zip(models, (ft, torch.optim)):
+        ps = list(m.parameters())
+        with pytest.warns(UserWarning, match="duplicate parameters"):
+            opts.append(module.Adam(ps + ps[:1], lr=1e-2, **({} if module is ft else {"foreach": False})))
+    train(models[0], opts[0], 5)
+    train(models[1], opts[1], 5)
+    assert_same_params(models[0], models[1])
+    assert int(opts[0].state[next(models[0].parameters())]["step"]) == 10
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_steps_its_own_copy_of_the_model(how):
+    import copy
+    import pickle
+
+    model = mlp()
+    opt = ft.AdamW(model.parameters(), lr=3e-3, skip_nonfinite=True)
+    train(model, opt, 5)
+    twin_model, twin = copy.deepcopy((model, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    assert twin.skip_nonfinite
+    train(model, opt, 10, start=5)
+    train(twin_model, twin, 10, start=5)
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(a, b)
+    assert int(twin.state[next(twin_model.parameters())]["step"]) == 15
+
+
+def test_per_parameter_steps_load_from_torch_and_continue():
+    """A torch run that had a frozen layer: its parameters' steps differ; loading keeps them."""
+    straight = mlp()
+    model = mlp()
+    for m in (straight, model):
+        m[0].weight.requires_grad_(False)
+    o_straight = torch.optim.Adam(straight.parameters(), lr=3e-3, foreach=False)
+    first = torch.optim.Adam(model.parameters(), lr=3e-3, foreach=False)
+    train(straight, o_straight, 5)
+    train(model, first, 5)
+    for m in (straight, model):
+        m[0].weight.requires_grad_(True)
+    train(straight, o_straight, 25, start=5)
+    train(model, first, 5, start=5)
+    ours = ft.Adam(model.parameters(), lr=1.0)
+    ours.load_state_dict(first.state_dict())
+    assert [int(ours.state[p]["step"]) for p in model.parameters()] == [5, 10, 10, 10, 10, 10]
+    train(model, ours, 20, start=10)
+    assert_same_params(model, straight)
+
+
+def test_casting_the_model_after_making_the_optimizer():
+    """HF Trainer and accelerate move the model after building the optimizer."""
+    models = [mlp(), mlp()]
+    opts = [ft.Adam(models[0].parameters(), lr=3e-3), torch.optim.Adam(models[1].parameters(), lr=3e-3,
+                                                                        foreach=False)]
+    Xd, Yd = X.double(), Y.double()
+    for m in models:
+        m.double()
+    for m, o in zip(models, opts):
+        for t in range(10):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(Xd[BATCHES[t]]), Yd[BATCHES[t]]).backward()
+            o.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # Cast again after steps: the state follows the parameters (as load_state_dict casts it).
+    models[0].float()
+    train(models[0], opts[0], 1, start=10)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opts[0].state.values())
+
+
+def test_mixed_dtypes_in_one_group():
+    """One call per dtype inside a group (torch groups its fused calls the same way)."""
+    models = [mlp(), mlp()]
+    for m in models:
+        m[4].double()
+    opts = [ft.AdamW(models[0].parameters(), lr=3e-3),
+            torch.optim.AdamW(models[1].parameters(), lr=3e-3, foreach=False)]
+    start = params(models[1])
+    for m, o in zip(models, opts):
+        for t in range(20):
+            o.zero_grad()
+            h = m[3](m[2](m[1](m[0](X[BATCHES[t]]))))
+            torch.nn.functional.mse_loss(m[4](h.double()), Y[BATCHES[t]].double()).backward()
+            o.step()
+    assert_same_params(models[0], models[1], moved_from=start)
 
 
 def test_closure_and_float64():
@@ -303,29 +473,43 @@ def test_closure_and_float64():
 def test_construction_errors():
     with pytest.raises(ValueError, match="decoupled_weight_decay=True is not supported"):
         ft.Adam(mlp().parameters(), decoupled_weight_decay=True)
-    with pytest.raises(ValueError, match="capturable"):
-        ft.AdamW(mlp().parameters(), capturable=True)
+    for option in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+            ft.AdamW(mlp().parameters(), **{option: True})
     ft.AdamW(mlp().parameters(), foreach=False, fused=None)  # implementation choices: accepted, ignored
     with pytest.raises(TypeError, match="unknown hyperparameter 'momentom'"):
         ft.SGD(mlp().parameters(), lr=0.1, momentom=0.9)
     with pytest.raises(ValueError, match="lr must be >= 0"):
         ft.Adam(mlp().parameters(), lr=-1.0)
-    with pytest.raises(TypeError, match="one dtype and device"):
-        ft.Adam([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
-    opt = ft.Adam(mlp().parameters())
-    with pytest.raises(NotImplementedError, match="pass all parameter groups to the constructor"):
-        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is a torch.float16 tensor"):
+        ft.Adam([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, dtype=torch.float16))])
+    with pytest.raises(ValueError, match="empty parameter list"):  # torch's own check
+        ft.Adam([])
 
 
-def test_bad_lr_from_a_schedule_raises_before_any_group_is_written():
+def test_bad_gradients_raise_before_anything_is_written():
     model = mlp()
     opt = ft.Adam([{"params": list(model.parameters())[:2]}, {"params": list(model.parameters())[2:]}])
+    train(model, opt, 1)
     model(X).sum().backward()
-    before = opt._flat.clone()
-    opt.param_groups[1]["lr"] = -0.5
-    with pytest.raises(ValueError, match=r"lr must be >= 0"):
-        opt.step()
-    assert torch.equal(opt._flat, before)
+    before, state = params(model), {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    last = list(model.parameters())[-2]  # the last weight, (4, 32)
+    last.grad_dtype = None  # torch refuses a gradient of another dtype unless told
+    cases = [(lambda: opt.param_groups[1].update(lr=-0.5), ValueError, "lr must be >= 0"),
+             (lambda: setattr(last, "grad", last.grad.double()), TypeError,
+              r"the gradient of param_groups\[1\]\['params'\]\[2\] is a torch.float64"),
+             (lambda: setattr(last, "grad", torch.zeros(32, 4).t()), ValueError,
+              r"param_groups\[1\]\['params'\]\[2\] or its gradient is not contiguous")]
+    for breaking, error, message in cases:
+        saved_lr, saved_grad = opt.param_groups[1]["lr"], last.grad
+        breaking()
+        with pytest.raises(error, match=message):
+            opt.step()
+        opt.param_groups[1]["lr"], last.grad = saved_lr, saved_grad
+        for a, b in zip(before, params(model)):
+            assert torch.equal(a, b)
+        for p, s in opt.state.items():
+            assert all(torch.equal(s[k], v) for k, v in state[p].items())
 
 
 # ---- state dict validation --------------------------------------------------------
@@ -339,12 +523,12 @@ def trained_adam():
 
 
 def snapshot(opt):
-    sd = opt.state_dict()
-    return sd, opt._flat.clone()
+    sd = copy.deepcopy(opt.state_dict())  # torch's state_dict holds the live tensors
+    return sd, [p.detach().clone() for group in opt.param_groups for p in group["params"]]
 
 
 def assert_unchanged(opt, snap):
-    sd, flat = snap
+    sd, before = snap
     now = opt.state_dict()
     assert now["param_groups"] == sd["param_groups"]
     assert now["state"].keys() == sd["state"].keys()
@@ -352,7 +536,8 @@ def assert_unchanged(opt, snap):
         assert now["state"][k].keys() == sd["state"][k].keys()
         for key, value in sd["state"][k].items():
             assert torch.equal(now["state"][k][key], value)
-    assert torch.equal(opt._flat, flat)
+    for p, p0 in zip([p for group in opt.param_groups for p in group["params"]], before):
+        assert torch.equal(p, p0)
 
 
 def _bad(mutate):
@@ -371,8 +556,8 @@ BAD_STATE_DICTS = {
                        r"\[2\] is missing 'max_exp_avg_sq'"),
     "integer state": (_bad(lambda sd: sd["state"][0].update(exp_avg=sd["state"][0]["exp_avg"].long())), TypeError,
                       r"\['exp_avg'\] has dtype torch.int64"),
-    "steps differ in a group": (_bad(lambda sd: sd["state"][3]["step"].fill_(2.0)), ValueError,
-                                "need one step count"),
+    "negative step": (_bad(lambda sd: sd["state"][3].update(step=torch.tensor(-1.0))), ValueError,
+                      r"\[3\]\['step'\] must be a whole number >= 0"),
     "fractional step": (_bad(lambda sd: sd["state"][0]["step"].fill_(2.5)), ValueError, "whole number"),
     "bad hyperparameter": (_bad(lambda sd: sd["param_groups"][0].update(betas=(0.9, 1.5))), ValueError,
                            r"betas\[1\] must be in \[0, 1\)"),
@@ -391,21 +576,26 @@ def test_bad_state_dict_raises_and_leaves_the_optimizer_unchanged(case):
     model, opt = trained_adam()
     snap = snapshot(opt)
     with pytest.raises(error, match=message):
-        opt.load_state_dict(mutate(opt.state_dict()))
+        opt.load_state_dict(mutate(copy.deepcopy(opt.state_dict())))  # (torch's state_dict shares the state)
     assert_unchanged(opt, snap)
     train(model, opt, 1, start=5)  # and it still steps
 
 
-def test_state_dict_is_a_copy_and_round_trips():
+def test_state_dict_shares_the_live_state_as_torch_does_and_round_trips():
     model, opt = trained_adam()
-    sd = opt.state_dict()
-    sd["state"][0]["exp_avg"].fill_(7.0)
-    assert not torch.equal(opt.state[next(iter(model.parameters()))]["exp_avg"], sd["state"][0]["exp_avg"])
+    first = next(iter(model.parameters()))
+    assert opt.state_dict()["state"][0]["exp_avg"] is opt.state[first]["exp_avg"]  # as torch's state_dict
     other_model = mlp()
     other = ft.Adam(other_model.parameters(), lr=1.0)
-    other.load_state_dict(opt.state_dict())
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert other.param_groups[0]["lr"] == 3e-3 and other.param_groups[0]["amsgrad"]
-    assert_unchanged(other, (opt.state_dict(), other._flat))  # state equal (params differ: not part of it)
+    sd, now = opt.state_dict(), other.state_dict()
+    for k in sd["state"]:
+        for key, value in sd["state"][k].items():
+            assert torch.equal(now["state"][k][key], value)
+    train(model, opt, 3, start=5)
+    train(other_model, other, 3, start=5)
+    assert int(other.state[next(iter(other_model.parameters()))]["step"]) == 8
 
 
 def test_sgd_state_dict_has_torch_layout():

@@ -1,63 +1,65 @@
-"""``torch.optim`` drop-ins that run fastopt over one flat buffer.
+"""``torch.optim`` drop-ins that run fastopt's fused list kernels.
 
     opt = fastopt.torch.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     loss.backward(); opt.step(); opt.zero_grad()
 
-At construction every parameter is re-homed into one flat tensor: its
-``.data`` becomes a view of an aligned segment of that tensor, and its
-``.grad`` a view of the same segment of a flat gradient tensor. Autograd
-accumulates into an existing ``.grad`` in place, so after ``backward()`` the
-flat gradient is already filled, with no copy, and a step is one fused
-functional call per parameter group on host NumPy views (CPU) or
-``__cuda_array_interface__`` arrays (CUDA) of those tensors, through
-fastopt's dispatch.
+The optimizer keeps the model's own parameters, gradients and storage, as
+``torch.optim`` does. A step makes one fused list call (``fastopt.adamw_([p1,
+p2, ...], [g1, g2, ...], ...)``) per parameter group and dtype, device and
+step count, over the parameters that have a gradient, the way torch's
+``fused=True`` path groups them: on CPU tensors through NumPy views of their
+memory, on CUDA tensors through ``__cuda_array_interface__``.
 
-The classes subclass ``torch.optim.Optimizer``: ``param_groups`` are torch's
-(``lr_scheduler`` edits ``group["lr"]`` and the next step reads it),
-``state[p]`` holds views of the flat state, ``state_dict()`` is one
-``torch.optim.<X>.load_state_dict`` accepts, and ``load_state_dict`` accepts a
-``torch.optim.<X>`` state dict. Differences from torch, all consequences of
-one buffer: every parameter is stepped every step (a parameter with no
-gradient reads a zero gradient, where torch would skip it; parameters that do
-not require grad are refused, for that reason); one step count per group; all parameters share one dtype and device; create the optimizer after
-moving the model (``model.to(...)`` afterwards leaves the flat buffer; the next
-step raises); groups cannot be added after construction.
+The classes subclass ``torch.optim.Optimizer`` and keep its semantics:
+
+* ``param_groups`` are torch's (``lr_scheduler`` edits ``group["lr"]``, a
+  tensor ``lr`` filled in place is read at every step), ``add_param_group``
+  works (progressive unfreezing), duplicate parameters are handled by torch's
+  base class;
+* a parameter whose ``grad`` is None (frozen, or unused in this step) is
+  skipped: no weight decay, no momentum, its step is not counted;
+* ``state[p]`` is the real state, one dict per parameter with torch's keys
+  (``step`` as a 0-d tensor, ``exp_avg``, ...): replacing, deleting or
+  clearing an entry takes effect at the next step;
+* ``state_dict``/``load_state_dict`` are torch's, hooks included, and load
+  both ways with the matching ``torch.optim`` class; ``zero_grad`` is torch's;
+  the optimizer can be deep-copied or pickled;
+* moving or casting the model after making the optimizer works: the state
+  follows the parameter (cast as ``load_state_dict`` casts it) at the next step;
+* DTensor parameters (FSDP2 ``fully_shard``) are stepped on each rank's local
+  shard; the state is made of DTensors like the parameters, as torch's is.
+
+Differences: parameters must be float32 or float64 on the CPU or a CUDA
+device, dense and contiguous; ``capturable=True`` and ``differentiable=True``
+are refused (``foreach`` and ``fused`` pick torch's implementation and are
+accepted and ignored).
 
 This module imports torch; ``import fastopt`` does not import it.
 """
 from __future__ import annotations
 
 import inspect
-from collections import defaultdict
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
 from .algorithm import Algorithm, one_class_per_rule
-from .finite import all_finite
-from .flat import layout
 from .checks import flag
+from .finite import all_finite
 from .rules import RULES
+
+try:  # FSDP2's parameters; torch builds without distributed have none
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
 
 __all__ = ["Optimizer"]
 
 #: torch options that choose torch's own implementation: accepted, kept in the
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
 IGNORED_TORCH_OPTIONS = ("foreach", "fused")
-
-
-_FROZEN = ("parameter {i} does not require grad ({when}): torch.optim skips it, but fastopt.torch "
-           "updates every parameter it holds in one call (weight decay and momentum would move it); pass "
-           "only trainable parameters, e.g. [p for p in model.parameters() if p.requires_grad]")
-
-
-def _array(t: torch.Tensor) -> Any:
-    """The array fastopt's functional API takes for a flat tensor (shares its memory)."""
-    return t.numpy() if t.device.type == "cpu" else t  # CUDA tensors export __cuda_array_interface__
-
-
-def _tensor(a: Any) -> torch.Tensor:
-    return a if isinstance(a, torch.Tensor) else torch.from_numpy(a)
+_DTYPES = (torch.float32, torch.float64)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (an exact type test is 4x cheaper than isinstance on DTensor)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -65,13 +67,60 @@ def _scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The memory a kernel writes: a DTensor's local shard, else the tensor itself."""
+    return t.to_local() if type(t) not in _PLAIN and isinstance(t, DTensor) else t
+
+
+def _view(t: torch.Tensor) -> Any:
+    """The array the functional API takes for a tensor (sharing its memory)."""
+    t = _local(t)
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.is_cuda else t.numpy()  # CUDA tensors export __cuda_array_interface__
+
+
+def _pointer(t: torch.Tensor) -> int:
+    return _local(t).data_ptr()
+
+
+def _where(group: int, index: int) -> str:
+    return f"param_groups[{group}]['params'][{index}]"
+
+
+class _Record:
+    """What a step needs of one parameter, kept for the next step while it still holds.
+
+    ``Tensor.numpy()`` costs ~2 us and checking a state buffer's dtype and
+    device ~1 us: kept from step to step, a parameter costs a few lookups. The
+    record holds while the parameter's memory is the same (``model.to(...)``
+    gives the same Parameter new memory), ``state[p]`` is the same dict, and it
+    holds the same tensors (replacing an entry takes effect). Gradients are not
+    kept: with ``zero_grad(set_to_none=True)`` each step has new ones, and
+    holding the old ones would keep their memory alive.
+    """
+
+    __slots__ = ("param", "pointer", "needs", "state", "tensors", "param_view", "views", "step", "carry", "key")
+
+    def holds(self, p: torch.Tensor, needs: Mapping[str, str], state: Any) -> bool:
+        if self.param is not p or self.state is not state or self.pointer != _pointer(p) or (
+                self.needs is not needs and self.needs != needs):
+            return False
+        for k, t in self.tensors:
+            if state.get(k) is not t:
+                return False
+        return True
+
+
 class Optimizer(torch.optim.Optimizer):
-    """A ``torch.optim.Optimizer`` that steps a fastopt rule over one flat buffer.
+    """A ``torch.optim.Optimizer`` that steps a fastopt rule over the model's own tensors.
 
     One subclass per rule of :mod:`fastopt.rules`, made at import (see the end
     of this module). Constructed as the matching ``torch.optim`` class:
-    ``(params, lr, **hyper)``, where ``params`` is an iterable of tensors or of
-    group dicts.
+    ``(params, lr, **hyper)``, where ``params`` is an iterable of tensors, of
+    ``(name, tensor)`` pairs or of group dicts. ``skip_nonfinite=True`` drops a
+    step whose gradients hold a NaN or Inf (counted in ``skipped_steps``,
+    flagged by ``last_step_skipped``); by default they propagate as in torch.
     """
 
     core: ClassVar[Algorithm]
@@ -93,26 +142,21 @@ class Optimizer(torch.optim.Optimizer):
                 if name not in ("self", "params") and name not in core.hyper_defaults():
                     cls.torch_options[name] = p.default
         like = f"Drop-in for ``torch.optim.{core.name}``" if theirs else "A ``torch.optim.Optimizer``"
-        cls.__doc__ = (f"{like} running fastopt's fused update over one flat buffer "
-                       f"(see :mod:`fastopt.torch`).\n\n{core.describe()}")
+        cls.__doc__ = (f"{like} running fastopt's fused list kernels (see :mod:`fastopt.torch`).\n\n"
+                       f"{core.describe()}")
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, *, skip_nonfinite: bool = False,
                  **hyper: Any) -> None:
-        # skip_nonfinite: drop a step whose gradient holds NaN/Inf (counted in
-        # skipped_steps, flagged by last_step_skipped); default: propagate as torch does.
         self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps, self.last_step_skipped = 0, False
+        self._records: dict[int, _Record] = {}
         if lr is not None:
             hyper["lr"] = lr
         options = {k: hyper.pop(k) for k in list(hyper) if k in self.torch_options}
         defaults = {**self.core.merge_hyper(self.core.hyper_defaults(), hyper, type(self).__name__),
                     **self.torch_options, **options}
         self._check_group(defaults, type(self).__name__)
-        self._flat: torch.Tensor | None = None
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            self._check_group(group, f"param_groups[{i}]")
-        self._rehome()
+        super().__init__(params, defaults)  # each group goes through add_param_group
 
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
         self.core.check_hyper(group)
@@ -122,155 +166,189 @@ class Optimizer(torch.optim.Optimizer):
                                  f"fastopt.torch.{type(self).__name__} (only {name}={default!r})")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if self._flat is not None:
-            raise NotImplementedError(
-                f"fastopt.torch.{type(self).__name__} packs every parameter into one buffer when it is "
-                "constructed; pass all parameter groups to the constructor instead")
+        """torch's ``add_param_group`` (defaults filled in, duplicates refused), then
+        fastopt's checks of the group's hyperparameters and parameters; a group that
+        fails them is not added."""
         super().add_param_group(param_group)
+        i = len(self.param_groups) - 1
+        try:
+            group = self.param_groups[i]
+            self._check_group(group, f"param_groups[{i}]")
+            for j, p in enumerate(group["params"]):
+                local = _local(p)
+                if local.dtype not in _DTYPES or local.device.type not in ("cpu", "cuda") or local.is_sparse:
+                    raise TypeError(f"{_where(i, j)} is a {local.dtype} tensor on {local.device} "
+                                    f"({local.layout}); fastopt.torch needs dense float32 or float64 "
+                                    "parameters on the CPU or a CUDA device")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
 
-    # ---- one flat buffer ------------------------------------------------------
+    # ---- one step ---------------------------------------------------------------
 
-    def _rehome(self) -> None:
-        """Move every parameter's data and grad into views of two flat tensors."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        if not params:
-            raise ValueError("the optimizer got an empty parameter list")
-        first = params[0]
-        for i, p in enumerate(params):
-            if not p.requires_grad:
-                raise ValueError(_FROZEN.format(i=i, when="given to the optimizer"))
-            if p.dtype != first.dtype or p.device != first.device:
-                raise TypeError(f"fastopt.torch keeps all parameters in one buffer, so they need one dtype and "
-                                f"device: parameter {i} is {p.dtype} on {p.device}, parameter 0 is "
-                                f"{first.dtype} on {first.device}")
-        if first.dtype not in (torch.float32, torch.float64) or first.device.type not in ("cpu", "cuda"):
-            raise TypeError(f"fastopt.torch needs float32 or float64 parameters on cpu or cuda, "
-                            f"got {first.dtype} on {first.device}")
-        offsets, size = layout([p.numel() for p in params], first.element_size())
-        self._flat = torch.zeros(size, dtype=first.dtype, device=first.device)
-        self._flat_grad = torch.zeros_like(self._flat)
-        self._where: dict[torch.Tensor, tuple[int, int]] = {}  # param -> (offset, numel)
-        self._views = []
-        with torch.no_grad():
-            for p, o in zip(params, offsets):
-                n = p.numel()
-                view, gview = self._flat[o:o + n].view_as(p), self._flat_grad[o:o + n].view_as(p)
-                view.copy_(p)
-                if p.grad is not None:
-                    gview.copy_(p.grad)
-                p.data, p.grad = view, gview
-                self._where[p] = (o, n)
-                self._views.append((p, view.data_ptr(), gview))
-        self._segments = []
-        for g in self.param_groups:
-            spans = [self._where[p] for p in g["params"]]
-            self._segments.append(slice(spans[0][0], spans[-1][0] + spans[-1][1]) if spans else slice(0, 0))
-        self._arrays = (_array(self._flat), _array(self._flat_grad))
-        self._group_state = [self.core.fresh_state() for _ in self.param_groups]
-        self._scalars: list[dict[str, torch.Tensor]] = [{} for _ in self.param_groups]
+    def _state_of(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str]) -> tuple[dict, int]:
+        """``state[p]`` with every buffer the group's options need (made now, as
+        torch makes them at a parameter's first step, on its device and dtype), and
+        the step count before this step."""
+        keys = self.core.state_keys()
+        state = self.state.get(p)
+        if state is None:  # (not self.state[p]: torch.optim.SGD without momentum saves no empty entries)
+            state = {}
+            if self.saves_step or needs:
+                self.state[p] = state
+        if self.saves_step:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=_scalar_dtype())
+                for c, initial in self.core.carry.items():
+                    state[c] = torch.tensor(initial, dtype=_scalar_dtype())
+        for name in needs:
+            buf = state.get(keys[name])
+            if buf is None:
+                fill = float(group[self.core.fill[name]]) if name in self.core.fill else 0.0
+                state[keys[name]] = torch.full_like(p, fill, memory_format=torch.preserve_format).detach()
+            elif buf.dtype != p.dtype or buf.device != p.device:  # the model was moved or cast
+                state[keys[name]] = buf.to(dtype=p.dtype, device=p.device)
+        return state
 
-    def _reattach(self) -> None:
-        """Check that parameters still live in the flat buffer; bring stray gradients back into it.
+    def _record(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str],
+                old: dict[int, _Record]) -> tuple[_Record, bool]:
+        """``p``'s record (the last step's while it holds, else a new one, making any
+        missing state), and whether ``p`` has stepped before (for rules whose state
+        has no count: whether it had its buffers)."""
+        rec = old.get(id(p))
+        state = self.state.get(p)
+        if rec is not None and rec.holds(p, needs, state):
+            return rec, True
+        keys = self.core.state_keys()
+        stepped = state is not None and all(keys[name] in state for name in needs)
+        state = self._state_of(p, group, needs)
+        rec = _Record()
+        rec.param, rec.pointer, rec.needs, rec.state, rec.param_view = p, _pointer(p), needs, state, _view(p)
+        rec.key = (p.dtype, p.get_device())
+        rec.views = tuple(_view(state[keys[name]]) if name in needs else None for name in self.core.rule.state)
+        scalars = ("step", *self.core.carry) if self.saves_step else ()
+        rec.tensors = tuple((k, state[k]) for k in (*scalars, *(keys[name] for name in needs)))
+        rec.step = _view(state["step"]) if self.saves_step else None
+        rec.carry = tuple(_view(state[c]) for c in self.core.carry)
+        return rec, stepped
 
-        A gradient that is None (``p.grad = None``) becomes zero; one that was
-        replaced by another tensor is copied into the flat gradient, and the
-        view re-attached, so the next backward accumulates in place again.
-        """
-        for i, (p, ptr, gview) in enumerate(self._views):
-            if not p.requires_grad:
-                raise RuntimeError(_FROZEN.format(i=i, when="frozen after the optimizer was made"))
-            if p.data_ptr() != ptr:
-                raise RuntimeError(
-                    f"parameter {i} no longer lives in fastopt's flat buffer (was the model moved or cast, e.g. "
-                    f"model.to(...), after the optimizer was made?); create the optimizer after moving the model")
-            g = p.grad
-            if g is not gview:
-                with torch.no_grad():
-                    gview.zero_() if g is None else gview.copy_(g)
-                p.grad = gview
+    def _checked(self) -> list[list[tuple[int, int, torch.Tensor, Any]]]:
+        """Check every group and every gradient before anything is written; return the
+        parameters that have a gradient as (group, index, param, grad's array), in
+        rounds: a parameter listed twice is stepped twice, as torch steps it, the
+        second time in the next round."""
+        rounds: list[list] = [[]]
+        seen: dict[int, int] = {}
+        carry = self.core.carry
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group, f"param_groups[{i}]")
+            for j, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.layout is not torch.strided or g.dtype is not p.dtype or g.shape != p.shape \
+                        or g.get_device() != p.get_device():
+                    raise TypeError(f"the gradient of {_where(i, j)} is a {g.dtype} {g.layout} tensor of shape "
+                                    f"{tuple(g.shape)} on {g.device}; expected a dense one like the parameter "
+                                    f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+                if p.dtype not in _DTYPES:
+                    raise TypeError(f"{_where(i, j)} is {p.dtype} (the model was cast after the optimizer was "
+                                    "made?); fastopt.torch needs float32 or float64 parameters")
+                if not (p.is_contiguous() and g.is_contiguous()):
+                    raise ValueError(f"{_where(i, j)} or its gradient is not contiguous; fastopt.torch needs "
+                                     "contiguous parameters and gradients")
+                if carry:
+                    state = self.state.get(p)
+                    if state and state.keys() >= carry.keys():
+                        self.core.check_step(group, {c: float(state[c]) for c in carry}, f"the state of {_where(i, j)}")
+                k = seen[id(p)] = seen.get(id(p), -1) + 1
+                if k == len(rounds):
+                    rounds.append([])
+                rounds[k].append((i, j, p, _view(g)))
+        return rounds
 
-    def _new(self, n: int) -> Callable[[float], Any]:
-        return lambda value: _array(torch.full((n,), value, dtype=self._flat.dtype, device=self._flat.device))
+    def _buckets(self, members: list[tuple[int, int, torch.Tensor, Any]], old: dict[int, _Record],
+                 new: dict[int, _Record]) -> list[tuple[dict, list[tuple[_Record, Any, int]]]]:
+        """Bucket the parameters by (group, dtype, device, step, carried value): one
+        kernel call each, with the group's hyperparameters and that step and value.
+        Each member is (record, grad's array, its step count after this step)."""
+        buckets: dict[tuple, tuple[dict, list]] = {}
+        carry, by_step = list(self.core.carry), self.core.rule.takes_step
+        needs: dict[int, Mapping[str, str]] = {}
+        for i, j, p, g in members:
+            group = self.param_groups[i]
+            if i not in needs:
+                needs[i] = self.core.needs(group)
+            rec, stepped = self._record(p, group, needs[i], old)
+            new[id(p)] = rec
+            # torch.optim.SGD counts no steps: a parameter is at step 1 until it has its buffers
+            t = int(rec.step[()]) if rec.step is not None else int(stepped)
+            values = tuple(float(v[()]) for v in rec.carry) if carry else ()
+            key = (i, rec.key, t if by_step else 0, values)
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = ({**group, "step": t + 1, **dict(zip(carry, values))}, [])
+            bucket[1].append((rec, g, t + 1))
+        return list(buckets.values())
 
-    def _expose(self, i: int) -> None:
-        """Make ``self.state[p]`` show group ``i``'s state: views of its flat buffers, shared scalars."""
-        gstate, lo = self._group_state[i], self._segments[i].start
-        buffers = {key: _tensor(gstate[name]) for name, key in self.core.state_keys().items() if name in gstate}
-        self._scalars[i] = {}
-        if buffers or gstate["step"]:
-            names = (["step"] if self.saves_step else []) + list(self.core.carry)
-            self._scalars[i] = {k: torch.tensor(float(gstate[k]), dtype=_scalar_dtype()) for k in names}
-        for p in self.param_groups[i]["params"]:
-            o, n = self._where[p]
-            self.state[p] = {**self._scalars[i],
-                             **{key: t[o - lo:o - lo + n].view_as(p) for key, t in buffers.items()}}
-            if not self.state[p]:
-                del self.state[p]
-
-    # ---- the torch.optim interface ----------------------------------------------
-
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every group (re-evaluating the loss first when ``closure`` is given)."""
+        """One update of every parameter that has a gradient (re-evaluating the loss first
+        when ``closure`` is given). All groups and gradients are checked before anything
+        is written."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._reattach()
-        for i, group in enumerate(self.param_groups):
-            self._check_group(group, f"param_groups[{i}]")  # all groups, before any is written
-        param, grad = self._arrays
-        self.last_step_skipped = self.skip_nonfinite and not all(
-            all_finite(grad[seg]) for seg in self._segments)
-        if self.last_step_skipped:
-            self.skipped_steps += 1
-            return loss
-        for i, (group, seg, gstate) in enumerate(zip(self.param_groups, self._segments, self._group_state)):
-            if seg.stop == seg.start:
-                continue
-            allocated = len(gstate)
-            self.core.step_group(group, param[seg], grad[seg], gstate, self._new(seg.stop - seg.start))
-            if len(gstate) != allocated or gstate["step"] == 1:  # new buffers, or a first step
-                self._expose(i)
-            for k, t in self._scalars[i].items():
-                t.fill_(gstate[k])
+        rounds = self._checked()
+        if self.skip_nonfinite:
+            self.last_step_skipped = not all(all_finite(g) for r in rounds for _, _, _, g in r)
+            if self.last_step_skipped:
+                self.skipped_steps += 1
+                return loss
+        core, old, new = self.core, self._records, {}
+        for members in rounds:
+            for hyper, bucket in self._buckets(members, old, new):
+                state = [[rec.views[k] for rec, _, _ in bucket] if rec0 is not None else None
+                         for k, rec0 in enumerate(bucket[0][0].views)]
+                kwargs = {k: hyper[k] for k in core.rule.defaults}
+                if core.rule.takes_step:
+                    kwargs["step"] = hyper["step"]
+                out = core.update([rec.param_view for rec, _, _ in bucket], [g for _, g, _ in bucket], *state,
+                                  **kwargs)
+                for rec, _, t in bucket:  # counted through the tensors' own memory: no torch op per parameter
+                    if rec.step is not None:
+                        rec.step[()] = t
+                    for v in rec.carry:
+                        v[()] = out
+            old = {**old, **new}  # (a parameter listed twice: its second round sees its first)
+        self._records = new
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero every gradient in place: one fill of the flat gradient buffer.
-
-        ``set_to_none`` is accepted and ignored. Setting ``.grad`` to None would
-        make the next backward allocate fresh gradients outside the flat buffer
-        (which the step would then have to copy back), and would save no memory:
-        the flat gradient lives as long as the optimizer. Zeroing it is a single
-        memset. So a parameter that gets no gradient reads as zero, not None.
-        """
-        self._flat_grad.zero_()
-        self._reattach()
-
-    def state_dict(self) -> dict[str, Any]:
-        """A copy of the state in ``torch.optim.<X>``'s format (per-parameter tensors, ``step``
-        as a tensor), loadable by the matching ``torch.optim`` class."""
-        state: dict[int, dict[str, Any]] = {}
-        groups, index = [], 0
-        for group in self.param_groups:
-            ids = list(range(index, index + len(group["params"])))
-            index += len(ids)
-            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
-            for pid, p in zip(ids, group["params"]):
-                if p in self.state:
-                    state[pid] = {k: t.clone() for k, t in self.state[p].items()}
-        return {"state": state, "param_groups": groups}
+    # ---- state dicts ------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict of this class or of the matching ``torch.optim`` class.
 
-        Checked in full before anything changes: the number of groups and of
+        Checked in full before anything changes (the number of groups and of
         parameters per group, each group's hyperparameters, each parameter's
-        state keys, shapes and step; parameters of one group must share one
-        step count (fastopt steps a group at once). Floating-point state is cast
-        to the parameters' dtype, as torch does. Errors name the key and leave
-        the optimizer unchanged.
+        state keys, shapes and step); then torch's ``load_state_dict`` loads it
+        (casting floating-point state to the parameters' dtype and device, and
+        calling the load hooks). Steps and carried values become 0-d CPU tensors
+        (a fused or capturable torch optimizer keeps them on the device).
         """
+        self._check_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("step", *self.core.carry):
+                value = state.get(key)
+                if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or value.dtype != _scalar_dtype()):
+                    state[key] = value.detach().to(device="cpu", dtype=_scalar_dtype())
+                elif value is not None and not isinstance(value, torch.Tensor):
+                    state[key] = torch.tensor(float(value), dtype=_scalar_dtype())
+        self._records = {}
+
+    def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for key in ("state", "param_groups"):
             if key not in state_dict:
                 raise ValueError(f"state_dict is missing {key!r}")
@@ -278,56 +356,37 @@ class Optimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict['param_groups'] has {len(saved_groups)} groups, "
                              f"this optimizer has {len(self.param_groups)}")
-        id_map: dict[Any, torch.Tensor] = {}
-        new_groups = []
+        id_map: dict[Any, tuple[torch.Tensor, dict]] = {}
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict['param_groups'][{i}]"
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"{where} has {len(saved.get('params', ()))} parameters, "
                                  f"the optimizer's group has {len(group['params'])}")
-            id_map.update(zip(saved["params"], group["params"]))
-            new = {**self.torch_options, **{k: v for k, v in saved.items() if k != "params"}}
+            new = {**self.torch_options, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
             self.core.check_hyper(new, where)
             self._check_group(new, where)
-            new_groups.append(new)
-        unknown = [k for k in saved_state if k not in id_map]
-        if unknown:
-            raise ValueError(f"state_dict['state'] has an entry {unknown[0]!r} for no parameter")
-        by_param = {id_map[k]: (k, v) for k, v in saved_state.items()}
-        loaded = []
+            id_map.update((k, (p, new)) for k, p in zip(saved["params"], group["params"]))
         keys = self.core.state_keys()
-        for i, (group, new) in enumerate(zip(self.param_groups, new_groups)):
-            scalars, entries = None, []
-            for p in group["params"]:
-                k, entry = by_param.get(p, (None, {}))
-                where = f"state_dict['state'][{k!r}]" if k is not None else f"the state of parameter {p.shape}"
-                buffers = {name: _check_tensor(entry[key], p, f"{where}[{key!r}]")
-                           for name, key in keys.items() if key in entry}
-                s = self.core.check_entry(entry, buffers, new, where, step_optional=not self.saves_step)
-                if scalars is not None and s != scalars:
-                    raise ValueError(f"{where} has state {s} but an earlier parameter of group {i} has {scalars}; "
-                                     "fastopt steps a group at once, so its parameters need one step count")
-                scalars = s
-                entries.append((p, buffers))
-            loaded.append((scalars or self.core.fresh_state(), entries))
-        # Everything checked: apply.
-        for group, new in zip(self.param_groups, new_groups):
-            params = group["params"]
-            group.clear()
-            group.update(new, params=params)
-        self.state = defaultdict(dict)
-        for i, (scalars, entries) in enumerate(loaded):
-            seg, gstate = self._segments[i], dict(scalars)
-            for name in {name for _, buffers in entries for name in buffers}:
-                gstate[name] = self._new(seg.stop - seg.start)(0.0)
-                flat = _tensor(gstate[name])
-                with torch.no_grad():
-                    for p, buffers in entries:
-                        o, n = self._where[p]
-                        if name in buffers:
-                            flat[o - seg.start:o - seg.start + n].copy_(buffers[name].reshape(-1))
-            self._group_state[i] = gstate
-            self._expose(i)
+        for k, entry in saved_state.items():
+            if k not in id_map:
+                raise ValueError(f"state_dict['state'] has an entry {k!r} for no parameter")
+            p, hyper = id_map[k]
+            where = f"state_dict['state'][{k!r}]"
+            buffers = {name: _check_tensor(entry[key], p, f"{where}[{key!r}]") for name, key in keys.items()
+                       if key in entry}
+            self.core.check_entry(entry, buffers, hyper, where, step_optional=not self.saves_step)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's pickles only defaults, state and groups; the views are rebuilt.
+        return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite,
+                "skipped_steps": self.skipped_steps, "last_step_skipped": self.last_step_skipped}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("skip_nonfinite", False)
+        state.setdefault("skipped_steps", 0)
+        state.setdefault("last_step_skipped", False)
+        super().__setstate__(state)
+        self._records = {}
 
 
 def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:
