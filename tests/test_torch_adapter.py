@@ -470,9 +470,27 @@ def test_closure_and_float64():
         torch.testing.assert_close(a.detach(), b.detach(), atol=1e-12, rtol=1e-12)
 
 
+def test_adam_with_decoupled_weight_decay_is_torchs():
+    """torch.optim.Adam(decoupled_weight_decay=True) is AdamW; so is fastopt.torch.Adam's, per group."""
+    def groups(m):
+        ps = list(m.parameters())
+        return [{"params": ps[:2], "decoupled_weight_decay": True}, {"params": ps[2:]}]
+
+    models = [mlp(), mlp()]
+    opts = [ft.Adam(groups(models[0]), lr=3e-3, weight_decay=0.05),
+            torch.optim.Adam(groups(models[1]), lr=3e-3, weight_decay=0.05, foreach=False)]
+    start = params(models[1])
+    for m, o in zip(models, opts):
+        train(m, o, 50)
+    assert_same_params(models[0], models[1], moved_from=start)
+    plain = mlp()
+    train(plain, ft.Adam(plain.parameters(), lr=3e-3, weight_decay=0.05), 50)
+    assert (plain[0].weight - models[0][0].weight).abs().max() > 1e-4  # the option changed the first group
+
+
 def test_construction_errors():
-    with pytest.raises(ValueError, match="decoupled_weight_decay=True is not supported"):
-        ft.Adam(mlp().parameters(), decoupled_weight_decay=True)
+    with pytest.raises(TypeError, match="decoupled_weight_decay must be a bool"):
+        ft.Adam(mlp().parameters(), decoupled_weight_decay="yes")
     for option in ("capturable", "differentiable"):
         with pytest.raises(ValueError, match=f"{option}=True is not supported"):
             ft.AdamW(mlp().parameters(), **{option: True})

@@ -160,6 +160,8 @@ class Rule:
     optimizer_hyper: hyperparameters of the stateful optimizers only (initial values).
     saves_step:  whether torch.optim keeps ``step`` in this rule's state dicts
                  (its SGD does not: a momentum buffer means it has stepped).
+    decoupled:   the rule this one becomes with torch's ``decoupled_weight_decay=True``
+                 (``torch.optim.Adam``'s option: AdamW), when torch has that option.
     """
 
     name: str
@@ -177,6 +179,7 @@ class Rule:
     takes_step: bool = True
     optimizer_hyper: tuple[Hyper, ...] = ()
     saves_step: bool = True
+    decoupled: Optional[str] = None
     _validated: dict = field(default_factory=dict, compare=False, repr=False)
     _when: dict = field(default_factory=dict, compare=False, repr=False)
     _constants: tuple = field(default=(), compare=False, repr=False)

@@ -203,7 +203,7 @@ _ADAM_MATH = ("g = grad*grad_sign (+ weight_decay*p); m = m + (1-beta1)*(g-m); v
 
 ADAM = Rule(
     "adam", "Adam", "Adam (Kingma & Ba, 2015) with optional AMSGrad (Reddi et al., 2018); torch.optim.Adam.",
-    _ADAM_MATH, _ADAM_HYPER, _ADAM_STATE, AdamScalars, _adam, constants={"decoupled": False})
+    _ADAM_MATH, _ADAM_HYPER, _ADAM_STATE, AdamScalars, _adam, constants={"decoupled": False}, decoupled="adamw")
 
 ADAMW = Rule(
     "adamw", "AdamW", "AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019); torch.optim.AdamW.",

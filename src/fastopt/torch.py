@@ -80,6 +80,19 @@ def _view(t: torch.Tensor) -> Any:
     return t if t.is_cuda else t.numpy()  # CUDA tensors export __cuda_array_interface__
 
 
+def _torch_group_keys(cls: type) -> dict[str, Any]:
+    """Every key of a ``torch.optim.<X>`` group, with its default: the constructor's
+    arguments, and keys it sets itself (AdamW's ``decoupled_weight_decay=True``), which
+    torch.distributed.checkpoint requires in a state dict it loads into that class."""
+    keys = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name not in ("self", "params")}
+    try:
+        keys.update(cls([torch.nn.Parameter(torch.zeros(1))]).defaults)
+    except Exception:  # noqa: BLE001 (a class that needs arguments: its signature is all we know)
+        pass
+    return keys
+
+
 def _pointer(t: torch.Tensor) -> int:
     return _local(t).data_ptr()
 
@@ -128,6 +141,8 @@ class Optimizer(torch.optim.Optimizer):
     torch_options: ClassVar[dict[str, Any]]
     #: whether torch's state has a ``step`` (``torch.optim.SGD`` keeps none).
     saves_step: ClassVar[bool]
+    #: the algorithm of a group with ``decoupled_weight_decay=True`` (Adam's: AdamW), if the rule has one.
+    decoupled_core: ClassVar[Algorithm | None]
 
     def __init_subclass__(cls, rule: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -136,11 +151,12 @@ class Optimizer(torch.optim.Optimizer):
         core = cls.core = Algorithm(RULES[rule])
         theirs = getattr(torch.optim, core.name, None)
         cls.saves_step = RULES[rule].saves_step
+        cls.decoupled_core = Algorithm(RULES[core.rule.decoupled]) if core.rule.decoupled else None
         cls.torch_options = {}
-        if theirs is not None:  # read torch's signature, so a newer torch's options are known
-            for name, p in inspect.signature(theirs.__init__).parameters.items():
-                if name not in ("self", "params") and name not in core.hyper_defaults():
-                    cls.torch_options[name] = p.default
+        if theirs is not None:  # read torch's own group keys, so a newer torch's options are known
+            for name, default in _torch_group_keys(theirs).items():
+                if name not in core.hyper_defaults():
+                    cls.torch_options[name] = default
         like = f"Drop-in for ``torch.optim.{core.name}``" if theirs else "A ``torch.optim.Optimizer``"
         cls.__doc__ = (f"{like} running fastopt's fused list kernels (see :mod:`fastopt.torch`).\n\n"
                        f"{core.describe()}")
@@ -158,10 +174,18 @@ class Optimizer(torch.optim.Optimizer):
         self._check_group(defaults, type(self).__name__)
         super().__init__(params, defaults)  # each group goes through add_param_group
 
+    def _core_of(self, group: Mapping[str, Any]) -> Algorithm:
+        """The algorithm stepping ``group``: the class's, or its decoupled variant."""
+        if self.decoupled_core is not None and group.get("decoupled_weight_decay"):
+            return self.decoupled_core
+        return self.core
+
     def _check_group(self, group: Mapping[str, Any], where: str) -> None:
-        self.core.check_hyper(group)
+        self._core_of(group).check_hyper(group)
         for name, default in self.torch_options.items():
-            if name not in IGNORED_TORCH_OPTIONS and group.get(name, default) != default:
+            if name == "decoupled_weight_decay" and self.decoupled_core is not None:
+                flag(f"{where}: decoupled_weight_decay", group.get(name, default))
+            elif name not in IGNORED_TORCH_OPTIONS and group.get(name, default) != default:
                 raise ValueError(f"{where}: {name}={group[name]!r} is not supported by "
                                  f"fastopt.torch.{type(self).__name__} (only {name}={default!r})")
 
@@ -278,7 +302,7 @@ class Optimizer(torch.optim.Optimizer):
         for i, j, p, g in members:
             group = self.param_groups[i]
             if i not in needs:
-                needs[i] = self.core.needs(group)
+                needs[i] = self._core_of(group).needs(group)
             rec, stepped = self._record(p, group, needs[i], old)
             new[id(p)] = rec
             # torch.optim.SGD counts no steps: a parameter is at step 1 until it has its buffers
@@ -306,9 +330,10 @@ class Optimizer(torch.optim.Optimizer):
             if self.last_step_skipped:
                 self.skipped_steps += 1
                 return loss
-        core, old, new = self.core, self._records, {}
+        old, new = self._records, {}
         for members in rounds:
             for hyper, bucket in self._buckets(members, old, new):
+                core = self._core_of(hyper)
                 state = [[rec.views[k] for rec, _, _ in bucket] if rec0 is not None else None
                          for k, rec0 in enumerate(bucket[0][0].views)]
                 kwargs = {k: hyper[k] for k in core.rule.defaults}
@@ -363,7 +388,7 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"{where} has {len(saved.get('params', ()))} parameters, "
                                  f"the optimizer's group has {len(group['params'])}")
             new = {**self.torch_options, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
-            self.core.check_hyper(new, where)
+            self._core_of(new).check_hyper(new, where)
             self._check_group(new, where)
             id_map.update((k, (p, new)) for k, p in zip(saved["params"], group["params"]))
         keys = self.core.state_keys()
