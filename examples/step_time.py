@@ -4,8 +4,8 @@ The model's parameters are those of a small GPT (nanoGPT's layout, 76 tensors:
 embeddings, LayerNorms, attention and MLP weights and biases; see
 ``fastopt.bench.lists``), each its own tensor with a fixed gradient, about
 ``--params`` elements in all (default 14M). Timed in one run, the steps
-interleaved so that machine noise falls on all alike (median and min of
-``--repeats`` measurements):
+interleaved in rotating order so that machine noise falls on all alike
+(median and min of ``--repeats`` rounds of each order):
 
 * ``torch fused``: ``torch.optim.AdamW(fused=True)``;
 * ``torch foreach``: ``torch.optim.AdamW(foreach=True)`` (torch's default);
@@ -62,11 +62,15 @@ def main() -> None:
               [ours.state[p]["exp_avg_sq"] for p in params])]
     steps["bare list call"] = lambda: fastopt.adamw_(*views, step=100, lr=1e-3)
 
+    # Each repeat runs the steps in a new order (rotated): a step that follows torch's
+    # pays for torch's OpenMP threads still spinning on the cores, whichever it is.
     times = {label: [] for label in steps}
-    for _ in range(args.repeats):
-        for label, step in steps.items():
+    labels = list(steps)
+    for r in range(args.repeats * len(labels)):
+        order = labels[r % len(labels):] + labels[:r % len(labels)]
+        for label in order:
             t0 = time.perf_counter()
-            step()
+            steps[label]()
             times[label].append(time.perf_counter() - t0)
 
     # The adapter's own cost, free of the kernel's noise: steps with the kernel call stubbed out.
@@ -83,7 +87,8 @@ def main() -> None:
 
     backend = fastopt.dispatch.select(None, False).name
     print(f"AdamW step, {n:,} float32 parameters in {len(params)} tensors (a small GPT), "
-          f"{torch.get_num_threads()} torch threads, fastopt backend {backend!r}, {args.repeats} interleaved steps")
+          f"{torch.get_num_threads()} torch threads, fastopt backend {backend!r}, "
+          f"{len(times['torch fused'])} interleaved steps each")
     fused = statistics.median(times["torch fused"])
     for label, ts in times.items():
         med = statistics.median(ts)

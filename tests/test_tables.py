@@ -137,6 +137,26 @@ def test_an_overlap_after_a_cached_disjoint_call_is_found():
     assert buffers.host_tables(lists) is not None
 
 
+def table_of(lists):
+    """A caller-built table (what fastopt.torch makes from tensors): addresses by role, then sizes."""
+    rows = [[a.__array_interface__["data"][0] for a in arrays] for arrays in lists]
+    return np.array(rows + [[a.size for a in lists[0]]], dtype=np.int64)
+
+
+def test_disjoint_table_is_the_overlap_proof_of_host_tables():
+    lists = adamw_lists(n=50)
+    assert buffers.disjoint_table(table_of(lists), 4)
+    lists[2][30] = lists[1][3]  # a written buffer on a gradient
+    assert not buffers.disjoint_table(table_of(lists), 4)
+    table = table_of(adamw_lists(n=50))
+    table[3] = 0  # a role the call does not use: a row of nulls, not checked
+    assert buffers.disjoint_table(table, 4)
+    table[0, 7] += 2  # an address not aligned to the element
+    assert not buffers.disjoint_table(table, 4)
+    with pytest.raises(TypeError, match="int64 array"):
+        buffers._extension().disjoint_table(table.astype(np.int32), 4)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 200), st.integers(0, 40)), min_size=2, max_size=60), st.randoms())
 def test_overlap_verdict_matches_pairwise_test(spans, rnd):
@@ -154,6 +174,7 @@ def test_overlap_verdict_matches_pairwise_test(spans, rnd):
     overlap = any(a < b + m and b < a + n for i, (a, n) in enumerate(offsets) for (b, m) in offsets[:i])
     assert (buffers.host_tables(lists) is None) == overlap
     assert (python_verdict(lists) is not None) == overlap
+    assert buffers.disjoint_table(table_of(lists), 4) == (not overlap)
 
 
 @pytest.mark.parametrize("backend", ["numba", "c"])

@@ -25,6 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import fastopt  # noqa: E402
 import fastopt.torch as ft  # noqa: E402
 from fastopt.rules import RULES  # noqa: E402
 from oracle import FULL  # noqa: E402
@@ -451,6 +452,50 @@ def test_mixed_dtypes_in_one_group():
             torch.nn.functional.mse_loss(m[4](h.double()), Y[BATCHES[t]].double()).backward()
             o.step()
     assert_same_params(models[0], models[1], moved_from=start)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba", "c"])
+@pytest.mark.parametrize("name,options", [("AdamW", {"amsgrad": True}), ("NAdam", {"lr": 1e-2}),
+                                          ("SGD", {"lr": 0.05, "momentum": 0.9})])
+def test_replayed_steps_are_bitwise_the_general_path(backend, name, options, monkeypatch):
+    """After its first step a group replays its plan (a pointer table on numba and c);
+    a twin whose plans are dropped before every step takes the general path."""
+    monkeypatch.setenv("FASTOPT_BACKEND", backend)
+    fastopt.dispatch.refresh_environment()
+    try:
+        models = [mlp(), mlp()]
+        opts = [getattr(ft, name)(m.parameters(), **options) for m in models]
+        for t in range(20):
+            opts[1]._plans.clear()
+            for m, o in zip(models, opts):
+                o.zero_grad()
+                torch.nn.functional.mse_loss(m(X[BATCHES[t]]), Y[BATCHES[t]]).backward()
+                o.step()
+            if t == 0:
+                plan = opts[0]._plans[0]
+            assert opts[0]._plans[0] is plan  # replayed (the general path makes a new plan)
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            assert torch.equal(a, b)
+        assert_states_equal(opts[0], opts[1], list(models[0].parameters()), list(models[1].parameters()))
+    finally:
+        monkeypatch.delenv("FASTOPT_BACKEND")
+        fastopt.dispatch.refresh_environment()
+
+
+def test_a_gradient_aliasing_a_parameter_is_refused_on_every_path():
+    """The kernels write parameters while reading gradients: they must not share memory."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+    opt = ft.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):  # the second step replays the plan
+        model(torch.ones(1, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    model(torch.ones(1, 4)).sum().backward()
+    model[0].weight.grad = model[1].weight.detach()  # the same memory as a parameter the step writes
+    before = params(model)
+    with pytest.raises(ValueError, match="overlap"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, params(model)))
 
 
 def test_closure_and_float64():

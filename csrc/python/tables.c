@@ -240,8 +240,55 @@ static PyObject *host_tables(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(disjoint_table_doc,
+"disjoint_table(table, itemsize) -> bool\n\n"
+"For a pointer table built by the caller (int64, C-contiguous, shape (roles + 1, N):\n"
+"row r < roles the data addresses of role r, 0 for a buffer the call does not\n"
+"use; the last row the element counts):\n"
+"True when every address is aligned to itemsize and no two non-empty arrays\n"
+"share a byte (the proof host_tables makes of ndarrays, for callers that hold\n"
+"tensors and checked everything else themselves, as fastopt.torch does).");
+
+static PyObject *disjoint_table(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyArrayObject *table;
+    Py_ssize_t itemsize;
+    if (!PyArg_ParseTuple(args, "O!n:disjoint_table", &PyArray_Type, &table, &itemsize))
+        return NULL;
+    if (PyArray_TYPE(table) != NPY_INT64 || PyArray_NDIM(table) != 2 || !PyArray_IS_C_CONTIGUOUS(table)
+        || PyArray_DIMS(table)[0] < 2 || itemsize < 1) {
+        PyErr_SetString(PyExc_TypeError, "table must be a C-contiguous int64 array of shape (roles + 1, N)");
+        return NULL;
+    }
+    const npy_intp roles = PyArray_DIMS(table)[0] - 1, count = PyArray_DIMS(table)[1];
+    const int64_t *t = PyArray_DATA(table), *sizes = t + roles * count;
+    span *spans = malloc((size_t)(roles * count + 1) * sizeof *spans);
+    if (!spans)
+        return PyErr_NoMemory();
+    size_t n = 0;
+    int ok = 1;
+    for (npy_intp r = 0; r < roles && ok; r++)
+        for (npy_intp i = 0; i < count; i++) {
+            const uintptr_t lo = (uintptr_t)t[r * count + i];
+            if (sizes[i] < 0 || lo % (uintptr_t)itemsize) {
+                ok = 0;
+                break;
+            }
+            if (sizes[i] > 0 && lo) /* (a null address: a row of a buffer the call does not use) */
+                spans[n++] = (span){lo, lo + (uintptr_t)sizes[i] * (uintptr_t)itemsize};
+        }
+    if (ok)
+        ok = disjoint(spans, n);
+    free(spans);
+    if (ok < 0)
+        return PyErr_NoMemory();
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"host_tables", host_tables, METH_VARARGS, host_tables_doc},
+    {"disjoint_table", disjoint_table, METH_VARARGS, disjoint_table_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import native
 
-__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "host_tables", "device_interface", "is_device_array"]
+__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "host_tables", "disjoint_table", "device_interface", "is_device_array"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE_NAMES = "float32 or float64"
@@ -287,15 +287,30 @@ def host_tables(lists: Sequence[Sequence[Any]], grad_index: int = 1) -> Optional
     case: not plain aligned host arrays, or something is wrong with them (the
     Python checks then name it).
     """
+    tables = _tables if _tables is not None else _extension()
+    if not tables:
+        return None
+    return tables.host_tables(lists if type(lists) is tuple else tuple(lists), grad_index)
+
+
+def _extension() -> Any:
+    """fastopt._tables, loaded at the first use; False when it is not built."""
     global _tables
     if _tables is None:
         try:
             _tables = native.load_extension("_tables")
         except ImportError:
             _tables = False
-    if not _tables:
-        return None
-    return _tables.host_tables(lists if type(lists) is tuple else tuple(lists), grad_index)
+    return _tables
+
+
+def disjoint_table(table: np.ndarray, itemsize: int) -> bool:
+    """Whether a caller-built pointer table (int64 ``(roles + 1, N)``: addresses by
+    role, 0 for an unused buffer; then element counts) has every address aligned to ``itemsize`` and no two
+    non-empty ranges overlapping; False also when the compiled extension is missing
+    (the caller then takes the checked path)."""
+    tables = _tables if _tables is not None else _extension()
+    return bool(tables) and tables.disjoint_table(table, itemsize)
 
 
 def _host_lists_ok(lists: Sequence[Sequence[Any]], grad_index: int) -> bool:

@@ -65,6 +65,25 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
     return extra
 
 
+def _run_table(rule: Rule, hyper: dict, step: Any, params: Sequence[Array], states: tuple, table: Any,
+               backend: Optional[str] = None) -> Any:
+    """A host list call from a pointer table the caller built and proved (every
+    address, size, dtype and contiguity, and :func:`fastopt.buffers.disjoint_table`),
+    on a backend with ``runs_from_table`` (see :func:`table_backend`): what
+    fastopt.torch's replayed steps run, with no array per gradient. The
+    hyperparameters are validated as in every call. Returns the rule's extra result."""
+    t = step_count(step) if rule.takes_step or step is not None else 1
+    flat, _ = rule.prepared(hyper)
+    scalars, extra = rule.scalars_at(flat, t)
+    dispatch.select(backend, False).run_list(rule.kernel, params, (), states, scalars, None, table)
+    return extra
+
+
+def table_backend(backend: Optional[str] = None) -> bool:
+    """Whether the host backend ``backend`` selects runs list calls from a pointer table alone."""
+    return getattr(dispatch.select(backend, False), "runs_from_table", False)
+
+
 def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = None, *, step: int, lr: float,
          momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
          maximize: bool = False, backend: Optional[str] = None, stream: Any = None) -> None:

@@ -14,7 +14,10 @@ Each backend module defines ``name``, ``device`` (``"cpu"`` or ``"cuda"``) and
   :func:`fastopt.buffers.check_lists` in the kernel's order: int64 rows of
   data addresses for param, grad and each state buffer (a row whose buffer
   is None is not to be read), then a row of element counts; a backend may
-  run from it instead of from the arrays.
+  run from it instead of from the arrays. A backend with ``runs_from_table =
+  True`` reads nothing of a call with a table but the table, ``len(params)``,
+  ``params[0].itemsize`` and which ``states`` are None (so a caller that
+  built and proved its own table, as fastopt.torch does, need not make arrays).
 
 Buffers arrive already validated (:mod:`fastopt.buffers`): C-contiguous, of
 any shape, one dtype. A backend may define ``unavailable_reason() -> str``

@@ -29,6 +29,8 @@ from .. import denormals, environment, native, threads
 
 name = "c"
 device = "cpu"
+#: run_list with a table reads only the table, len(params), params[0].itemsize and which states are None.
+runs_from_table = True
 
 _ext = None  # the loaded extension module
 _reason: str | None = None  # why it could not load ("" once loaded)

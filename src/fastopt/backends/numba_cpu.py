@@ -33,6 +33,8 @@ from ..kernels.numba_loops import LIST_LOOPS, LOOPS, N_FLOATS
 
 name = "numba"
 device = "cpu"
+#: run_list with a table reads only the table, len(params), params[0].itemsize and which states are None.
+runs_from_table = True
 
 #: Bytes an update must move (reads + writes of every buffer) to use the
 #: parallel loop. Measured serial/parallel crossover on 2 threads, fp32, cache

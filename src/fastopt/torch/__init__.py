@@ -43,15 +43,12 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
-from .algorithm import Algorithm, one_class_per_rule
-from .checks import flag
-from .finite import all_finite
-from .rules import RULES
-
-try:  # FSDP2's parameters; torch builds without distributed have none
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()
+from ..algorithm import Algorithm, one_class_per_rule
+from ..checks import flag
+from ..finite import all_finite
+from ..functional import table_backend
+from ..rules import RULES
+from .steps import PLAIN, Call, Plan, Record, grad_view, local, pointer, run, view
 
 __all__ = ["Optimizer"]
 
@@ -59,25 +56,11 @@ __all__ = ["Optimizer"]
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
 IGNORED_TORCH_OPTIONS = ("foreach", "fused")
 _DTYPES = (torch.float32, torch.float64)
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # (an exact type test is 4x cheaper than isinstance on DTensor)
 
 
 def _scalar_dtype() -> torch.dtype:
     # torch.optim keeps per-parameter scalars (step, mu_product) in this dtype.
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The memory a kernel writes: a DTensor's local shard, else the tensor itself."""
-    return t.to_local() if type(t) not in _PLAIN and isinstance(t, DTensor) else t
-
-
-def _view(t: torch.Tensor) -> Any:
-    """The array the functional API takes for a tensor (sharing its memory)."""
-    t = _local(t)
-    if t.requires_grad:
-        t = t.detach()
-    return t if t.is_cuda else t.numpy()  # CUDA tensors export __cuda_array_interface__
 
 
 def _torch_group_keys(cls: type) -> dict[str, Any]:
@@ -93,36 +76,8 @@ def _torch_group_keys(cls: type) -> dict[str, Any]:
     return keys
 
 
-def _pointer(t: torch.Tensor) -> int:
-    return _local(t).data_ptr()
-
-
 def _where(group: int, index: int) -> str:
     return f"param_groups[{group}]['params'][{index}]"
-
-
-class _Record:
-    """What a step needs of one parameter, kept for the next step while it still holds.
-
-    ``Tensor.numpy()`` costs ~2 us and checking a state buffer's dtype and
-    device ~1 us: kept from step to step, a parameter costs a few lookups. The
-    record holds while the parameter's memory is the same (``model.to(...)``
-    gives the same Parameter new memory), ``state[p]`` is the same dict, and it
-    holds the same tensors (replacing an entry takes effect). Gradients are not
-    kept: with ``zero_grad(set_to_none=True)`` each step has new ones, and
-    holding the old ones would keep their memory alive.
-    """
-
-    __slots__ = ("param", "pointer", "needs", "state", "tensors", "param_view", "views", "step", "carry", "key")
-
-    def holds(self, p: torch.Tensor, needs: Mapping[str, str], state: Any) -> bool:
-        if self.param is not p or self.state is not state or self.pointer != _pointer(p) or (
-                self.needs is not needs and self.needs != needs):
-            return False
-        for k, t in self.tensors:
-            if state.get(k) is not t:
-                return False
-        return True
 
 
 class Optimizer(torch.optim.Optimizer):
@@ -165,7 +120,8 @@ class Optimizer(torch.optim.Optimizer):
                  **hyper: Any) -> None:
         self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps, self.last_step_skipped = 0, False
-        self._records: dict[int, _Record] = {}
+        self._records: dict[int, Record] = {}
+        self._plans: dict[int, Plan] = {}
         if lr is not None:
             hyper["lr"] = lr
         options = {k: hyper.pop(k) for k in list(hyper) if k in self.torch_options}
@@ -199,10 +155,10 @@ class Optimizer(torch.optim.Optimizer):
             group = self.param_groups[i]
             self._check_group(group, f"param_groups[{i}]")
             for j, p in enumerate(group["params"]):
-                local = _local(p)
-                if local.dtype not in _DTYPES or local.device.type not in ("cpu", "cuda") or local.is_sparse:
-                    raise TypeError(f"{_where(i, j)} is a {local.dtype} tensor on {local.device} "
-                                    f"({local.layout}); fastopt.torch needs dense float32 or float64 "
+                shard = local(p)
+                if shard.dtype not in _DTYPES or shard.device.type not in ("cpu", "cuda") or shard.is_sparse:
+                    raise TypeError(f"{_where(i, j)} is a {shard.dtype} tensor on {shard.device} "
+                                    f"({shard.layout}); fastopt.torch needs dense float32 or float64 "
                                     "parameters on the CPU or a CUDA device")
         except (TypeError, ValueError):
             self.param_groups.pop()
@@ -235,7 +191,7 @@ class Optimizer(torch.optim.Optimizer):
         return state
 
     def _record(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str],
-                old: dict[int, _Record]) -> tuple[_Record, bool]:
+                old: dict[int, Record]) -> tuple[Record, bool]:
         """``p``'s record (the last step's while it holds, else a new one, making any
         missing state), and whether ``p`` has stepped before (for rules whose state
         has no count: whether it had its buffers)."""
@@ -246,35 +202,34 @@ class Optimizer(torch.optim.Optimizer):
         keys = self.core.state_keys()
         stepped = state is not None and all(keys[name] in state for name in needs)
         state = self._state_of(p, group, needs)
-        rec = _Record()
-        rec.param, rec.pointer, rec.needs, rec.state, rec.param_view = p, _pointer(p), needs, state, _view(p)
+        rec = Record()
+        rec.param, rec.pointer, rec.needs, rec.state, rec.param_view = p, pointer(p), needs, state, view(p)
         rec.key = (p.dtype, p.get_device())
-        rec.views = tuple(_view(state[keys[name]]) if name in needs else None for name in self.core.rule.state)
+        rec.views = tuple(view(state[keys[name]]) if name in needs else None for name in self.core.rule.state)
         scalars = ("step", *self.core.carry) if self.saves_step else ()
         rec.tensors = tuple((k, state[k]) for k in (*scalars, *(keys[name] for name in needs)))
-        rec.step = _view(state["step"]) if self.saves_step else None
-        rec.carry = tuple(_view(state[c]) for c in self.core.carry)
+        rec.step = view(state["step"]) if self.saves_step else None
+        rec.carry = tuple(view(state[c]) for c in self.core.carry)
         return rec, stepped
 
-    def _checked(self) -> list[list[tuple[int, int, torch.Tensor, Any]]]:
+    def _checked(self, groups: Iterable[int]) -> list[list[tuple[int, int, torch.Tensor, Any]]]:
         """Check every group and every gradient before anything is written; return the
         parameters that have a gradient as (group, index, param, grad's array), in
         rounds: a parameter listed twice is stepped twice, as torch steps it, the
         second time in the next round."""
         rounds: list[list] = [[]]
-        seen: dict[int, int] = {}
         carry = self.core.carry
-        for i, group in enumerate(self.param_groups):
-            self._check_group(group, f"param_groups[{i}]")
-            for j, p in enumerate(group["params"]):
+        for i in groups:
+            params = self.param_groups[i]["params"]
+            seen: dict[int, int] | None = {} if len(set(map(id, params))) != len(params) else None
+            for j, p in enumerate(params):
                 g = p.grad
                 if g is None:
                     continue
-                if g.layout is not torch.strided or g.dtype is not p.dtype or g.shape != p.shape \
-                        or g.get_device() != p.get_device():
-                    raise TypeError(f"the gradient of {_where(i, j)} is a {g.dtype} {g.layout} tensor of shape "
-                                    f"{tuple(g.shape)} on {g.device}; expected a dense one like the parameter "
-                                    f"({p.dtype}, {tuple(p.shape)}, {p.device})")
+                # (torch itself keeps a gradient's shape and device the parameter's)
+                if g.layout is not torch.strided or g.dtype is not p.dtype:
+                    raise TypeError(f"the gradient of {_where(i, j)} is a {g.dtype} {g.layout} tensor; expected "
+                                    f"a dense {p.dtype} one, like the parameter")
                 if p.dtype not in _DTYPES:
                     raise TypeError(f"{_where(i, j)} is {p.dtype} (the model was cast after the optimizer was "
                                     "made?); fastopt.torch needs float32 or float64 parameters")
@@ -284,19 +239,23 @@ class Optimizer(torch.optim.Optimizer):
                 if carry:
                     state = self.state.get(p)
                     if state and state.keys() >= carry.keys():
-                        self.core.check_step(group, {c: float(state[c]) for c in carry}, f"the state of {_where(i, j)}")
-                k = seen[id(p)] = seen.get(id(p), -1) + 1
-                if k == len(rounds):
-                    rounds.append([])
-                rounds[k].append((i, j, p, _view(g)))
+                        self.core.check_step(self.param_groups[i], {c: float(state[c]) for c in carry},
+                                             f"the state of {_where(i, j)}")
+                k = 0
+                if seen is not None:
+                    k = seen[id(p)] = seen.get(id(p), -1) + 1
+                    if k == len(rounds):
+                        rounds.append([])
+                rounds[k].append((i, j, p, grad_view(g)))
         return rounds
 
-    def _buckets(self, members: list[tuple[int, int, torch.Tensor, Any]], old: dict[int, _Record],
-                 new: dict[int, _Record]) -> list[tuple[dict, list[tuple[_Record, Any, int]]]]:
+    def _buckets(self, members: list[tuple[int, int, torch.Tensor, Any]], old: dict[int, Record],
+                 new: dict[int, Record]) -> list[tuple[int, dict, list[tuple[Record, Any, int]]]]:
         """Bucket the parameters by (group, dtype, device, step, carried value): one
         kernel call each, with the group's hyperparameters and that step and value.
-        Each member is (record, grad's array, its step count after this step)."""
-        buckets: dict[tuple, tuple[dict, list]] = {}
+        Returns (group index, hyperparameters, members), each member (record, grad's
+        array, its step count after this step)."""
+        buckets: dict[tuple, tuple[int, dict, list]] = {}
         carry, by_step = list(self.core.carry), self.core.rule.takes_step
         needs: dict[int, Mapping[str, str]] = {}
         for i, j, p, g in members:
@@ -311,8 +270,8 @@ class Optimizer(torch.optim.Optimizer):
             key = (i, rec.key, t if by_step else 0, values)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = ({**group, "step": t + 1, **dict(zip(carry, values))}, [])
-            bucket[1].append((rec, g, t + 1))
+                bucket = buckets[key] = (i, {**group, "step": t + 1, **dict(zip(carry, values))}, [])
+            bucket[2].append((rec, g, t + 1))
         return list(buckets.values())
 
     @torch.no_grad()
@@ -324,31 +283,54 @@ class Optimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        rounds = self._checked()
+        calls, general = [], []
+        tables = not self.skip_nonfinite and bool(self._plans) and table_backend()
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group, f"param_groups[{i}]")
+            plan = self._plans.get(i)
+            call = plan.replay(group, self._core_of(group), self.state, tables) if plan else None
+            calls.append(call) if call is not None else general.append(i)
+        rounds = self._checked(general)
         if self.skip_nonfinite:
-            self.last_step_skipped = not all(all_finite(g) for r in rounds for _, _, _, g in r)
+            grads = [g for call in calls for g in call.grads] + [g for r in rounds for _, _, _, g in r]
+            self.last_step_skipped = not all(map(all_finite, grads))
             if self.last_step_skipped:
                 self.skipped_steps += 1
                 return loss
         old, new = self._records, {}
-        for members in rounds:
-            for hyper, bucket in self._buckets(members, old, new):
-                core = self._core_of(hyper)
-                state = [[rec.views[k] for rec, _, _ in bucket] if rec0 is not None else None
-                         for k, rec0 in enumerate(bucket[0][0].views)]
-                kwargs = {k: hyper[k] for k in core.rule.defaults}
-                if core.rule.takes_step:
-                    kwargs["step"] = hyper["step"]
-                out = core.update([rec.param_view for rec, _, _ in bucket], [g for _, g, _ in bucket], *state,
-                                  **kwargs)
-                for rec, _, t in bucket:  # counted through the tensors' own memory: no torch op per parameter
-                    if rec.step is not None:
-                        rec.step[()] = t
-                    for v in rec.carry:
-                        v[()] = out
-            old = {**old, **new}  # (a parameter listed twice: its second round sees its first)
-        self._records = new
+        calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
+        for call in calls:
+            run(call)
+        for members in rounds[1:]:  # a parameter listed twice: its second round sees its first
+            for call in self._calls(members, {**old, **new}, new, plan=False):
+                run(call)
+        self._records = new  # (a group on its plan keeps none: it makes them again if it leaves it)
         return loss
+
+    def _calls(self, members: list, old: dict[int, Record], new: dict[int, Record], plan: bool) -> list[Call]:
+        """The kernel calls of the general path, one per bucket; with ``plan``, a group
+        that makes one call on host tensors keeps it as its plan for the next step."""
+        calls, by_group = [], {}
+        for i, hyper, bucket in self._buckets(members, old, new):
+            core = self._core_of(hyper)
+            records = [rec for rec, _, _ in bucket]
+            state = [[rec.views[k] for rec in records] if view is not None else None
+                     for k, view in enumerate(records[0].views)]
+            call = Call(core, hyper, [rec.param_view for rec in records], [g for _, g, _ in bucket], state,
+                         [rec.step for rec in records if rec.step is not None], [t for _, _, t in bucket],
+                         [v for rec in records for v in rec.carry])
+            calls.append(call)
+            by_group.setdefault(i, []).append((call, records))
+        if plan:
+            for i, made in by_group.items():
+                self._plans.pop(i, None)
+                params = self.param_groups[i]["params"]
+                if len(made) == 1 and all(type(rec.param) in PLAIN and rec.param.device.type == "cpu"
+                                          for rec in made[0][1]):
+                    call, records = made[0]
+                    has_grad = [p.grad is not None for p in params]
+                    self._plans[i] = Plan(params, has_grad, call._replace(grads=[]), records)
+        return calls
 
     # ---- state dicts ------------------------------------------------------------
 
@@ -371,7 +353,7 @@ class Optimizer(torch.optim.Optimizer):
                     state[key] = value.detach().to(device="cpu", dtype=_scalar_dtype())
                 elif value is not None and not isinstance(value, torch.Tensor):
                     state[key] = torch.tensor(float(value), dtype=_scalar_dtype())
-        self._records = {}
+        self._records, self._plans = {}, {}
 
     def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for key in ("state", "param_groups"):
@@ -411,7 +393,7 @@ class Optimizer(torch.optim.Optimizer):
         state.setdefault("skipped_steps", 0)
         state.setdefault("last_step_skipped", False)
         super().__setstate__(state)
-        self._records = {}
+        self._records, self._plans = {}, {}
 
 
 def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:

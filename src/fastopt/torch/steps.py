@@ -1,0 +1,223 @@
+"""One step of fastopt.torch, as kernel calls: the tensors' arrays, records and plans.
+
+A step of :class:`fastopt.torch.Optimizer` is one :class:`Call` per group
+(and dtype, device, step count): the arrays of the parameters, gradients and
+state buffers, the hyperparameters, and where to count the step. Making it is
+the adapter's whole cost, so it is made once and then *replayed*:
+
+* a :class:`Record` keeps what a parameter needs (its array, its state's
+  arrays) from step to step while it holds;
+* a :class:`Plan` keeps a whole group's call, and replays it while the group
+  is unchanged, checked with ``map`` over C callables; on the C and Numba
+  backends a replayed call runs from a pointer table, so a gradient costs its
+  address, not an array.
+
+Anything a plan cannot vouch for goes back to the general path in
+:mod:`fastopt.torch`, which checks each parameter and names what is wrong.
+"""
+from __future__ import annotations
+
+import operator
+from itertools import compress, repeat
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from ..algorithm import Algorithm
+from ..buffers import disjoint_table
+from ..functional import _run_table
+
+try:  # FSDP2's parameters; torch builds without distributed have none
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = ()
+
+__all__ = ["Call", "Record", "Plan", "run", "view", "grad_view", "pointer", "local", "PLAIN"]
+
+PLAIN = (torch.Tensor, torch.nn.Parameter)  # (an exact type test is 4x cheaper than isinstance on DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The memory a kernel writes: a DTensor's local shard, else the tensor itself."""
+    return t.to_local() if type(t) not in PLAIN and isinstance(t, DTensor) else t
+
+
+def view(t: torch.Tensor) -> Any:
+    """The array the functional API takes for a tensor (sharing its memory)."""
+    t = local(t)
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.is_cuda else t.numpy()  # CUDA tensors export __cuda_array_interface__
+
+
+def grad_view(g: torch.Tensor) -> Any:
+    """``view`` of a gradient, taking the short way for the usual one (a plain CPU tensor)."""
+    if type(g) is torch.Tensor:
+        try:
+            return g.numpy()
+        except (TypeError, RuntimeError):  # a CUDA tensor, or one that requires grad
+            pass
+    return view(g)
+
+
+def pointer(t: torch.Tensor) -> int:
+    return local(t).data_ptr()
+
+
+class Record:
+    """What a step needs of one parameter, kept for the next step while it still holds.
+
+    ``Tensor.numpy()`` costs ~2 us and checking a state buffer's dtype and
+    device ~1 us: kept from step to step, a parameter costs a few lookups. The
+    record holds while the parameter's memory is the same (``model.to(...)``
+    gives the same Parameter new memory), ``state[p]`` is the same dict, and it
+    holds the same tensors (replacing an entry takes effect). Gradients are not
+    kept: with ``zero_grad(set_to_none=True)`` each step has new ones, and
+    holding the old ones would keep their memory alive.
+    """
+
+    __slots__ = ("param", "pointer", "needs", "state", "tensors", "param_view", "views", "step", "carry", "key")
+
+    def holds(self, p: torch.Tensor, needs: Mapping[str, str], state: Any) -> bool:
+        if self.param is not p or self.state is not state or self.pointer != pointer(p) or (
+                self.needs is not needs and self.needs != needs):
+            return False
+        for k, t in self.tensors:
+            if state.get(k) is not t:
+                return False
+        return True
+
+
+class Call(NamedTuple):
+    """One kernel call of a step, checked and ready: nothing is written until it runs."""
+
+    core: Algorithm
+    hyper: dict  # the group's hyperparameters, with "step" (after this step) and any carried value
+    params: list  # arrays
+    grads: list
+    state: list  # one list of arrays per state buffer of the rule, None where unused
+    steps: list  # the 0-d arrays of the members' step counts (empty for torch.optim.SGD)
+    counts: list  # each member's step count after this call
+    carry: list  # the 0-d arrays of the members' carried values
+    table: Any = None  # the pointer table, when the call runs from one (fastopt.functional._run_table)
+
+
+_GRAD, _DTYPE, _LAYOUT = operator.attrgetter("grad"), operator.attrgetter("dtype"), operator.attrgetter("layout")
+_VALUE = operator.itemgetter(())  # of a 0-d array
+
+
+def _same(a: Iterable[Any], b: Iterable[Any]) -> bool:
+    return all(map(operator.is_, a, b))
+
+
+class Plan:
+    """A group's last step, replayed while nothing it was made from has changed.
+
+    The usual step of a group is the last one again: the same parameters in the
+    same memory, the same state entries, one dtype, one step count, gradients on
+    the same parameters. That is checked here with ``map`` over C callables
+    (about 1 us per parameter, where the general path takes ~10 us), and only the
+    gradients' arrays are new. Anything else (a parameter without a gradient that
+    had one, an edited state entry, a moved model, differing step counts) makes
+    :meth:`replay` return None and the step take the general path, which makes
+    a new plan.
+    """
+
+    __slots__ = ("params", "has_grad", "members", "pointers", "sizes", "dtype", "needs", "states", "tensors",
+                 "call", "table")
+
+    def __init__(self, params: list, has_grad: list, call: Call, records: list[Record]) -> None:
+        self.params, self.has_grad, self.call = list(params), has_grad, call
+        self.members = [rec.param for rec in records]
+        self.pointers = [rec.pointer for rec in records]
+        self.sizes = [p.numel() for p in self.members]
+        self.dtype = records[0].param.dtype
+        self.needs = records[0].needs
+        self.states = [rec.state for rec in records]
+        self.tensors = [(k, [t for _, t in (rec.tensors[n] for rec in records)]) for n, (k, _) in
+                        enumerate(records[0].tensors)]
+        # The pointer table in the kernel's order, less the gradients' row (kernel-order
+        # rows of unused state buffers stay 0: they are not read).
+        self.table = np.zeros((3 + len(call.state), len(records)), dtype=np.int64)
+        self.table[0] = self.pointers
+        for k, arrays in enumerate(call.state):
+            if arrays is not None:
+                self.table[2 + k] = [a.__array_interface__["data"][0] for a in arrays]
+        self.table[-1] = self.sizes
+
+    def replay(self, group: Mapping[str, Any], core: Algorithm, state: Mapping, tables: bool) -> Optional[Call]:
+        """The group's call for this step, or None when the plan no longer holds. With
+        ``tables``, the call runs from a pointer table (the gradients' addresses, where
+        an array per gradient would cost ~1 us each, and ~2 us more to check)."""
+        params = group["params"]
+        if (core is not self.call.core or len(params) != len(self.params) or not _same(params, self.params)
+                or core.needs(group) != self.needs):
+            return None
+        grads = list(map(_GRAD, params))
+        if list(map(operator.is_not, grads, repeat(None))) != self.has_grad:
+            return None
+        if len(grads) != len(self.members):
+            grads = list(compress(grads, self.has_grad))
+        members, dtype = self.members, self.dtype
+        if not (_same(map(type, grads), repeat(torch.Tensor)) and _same(map(_LAYOUT, grads), repeat(torch.strided))
+                and _same(map(_DTYPE, grads), repeat(dtype)) and _same(map(_DTYPE, members), repeat(dtype))
+                and all(map(torch.Tensor.is_contiguous, grads)) and all(map(torch.Tensor.is_contiguous, members))
+                and list(map(torch.Tensor.data_ptr, members)) == self.pointers):
+            return None
+        states = list(map(state.get, members))
+        if not _same(states, self.states):
+            return None
+        for key, tensors in self.tensors:
+            if not _same(map(dict.get, states, repeat(key)), tensors):
+                return None
+        call = self.call
+        hyper = group
+        if call.steps:
+            counts = list(map(_VALUE, call.steps))
+            if counts.count(counts[0]) != len(counts):
+                return None
+            hyper = {**group, "step": int(counts[0]) + 1}
+        elif call.core.rule.takes_step:  # torch.optim.SGD: every member has its buffers, so it has stepped
+            hyper = {**group, "step": 2}
+        if call.carry:
+            values = list(map(_VALUE, call.carry))
+            if values.count(values[0]) != len(values):
+                return None
+            name = call.core.rule.carry[0]
+            hyper = {**hyper, name: float(values[0])}
+            call.core.check_step(group, {name: hyper[name]}, "the state of the group's parameters")
+        counts = [hyper.get("step", 0)] * len(members)
+        if tables:
+            if list(map(torch.Tensor.numel, grads)) != self.sizes:  # (g.data = ... can resize a gradient)
+                return None
+            table = self.table.copy()
+            table[1] = list(map(torch.Tensor.data_ptr, grads))
+            if not disjoint_table(table, self.call.params[0].itemsize):
+                return None  # (the general path names the overlap)
+            return call._replace(hyper=hyper, grads=grads, counts=counts, table=table)
+        try:
+            arrays = list(map(torch.Tensor.numpy, grads))
+        except (TypeError, RuntimeError):  # a gradient that requires grad, say
+            return None
+        return call._replace(hyper=hyper, grads=arrays, counts=counts)
+
+
+def run(call: Call) -> None:
+    """Run one checked kernel call, then count the step through the state's own memory
+    (no torch op per parameter)."""
+    core, hyper = call.core, call.hyper
+    kwargs = {k: hyper[k] for k in core.rule.defaults}
+    if core.rule.takes_step:
+        kwargs["step"] = hyper["step"]
+    if call.table is not None:
+        out = _run_table(core.rule, {k: hyper[k] for k in core.rule.defaults}, kwargs.pop("step", None),
+                         call.params, tuple(call.state), call.table)
+    else:
+        out = core.update(call.params, call.grads, *call.state, **kwargs)
+    for view, t in zip(call.steps, call.counts):
+        view[()] = t
+    for view in call.carry:
+        view[()] = out
+
+
