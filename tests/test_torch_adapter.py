@@ -683,3 +683,55 @@ def test_a_scheduler_that_sets_lr_to_zero_stops_the_updates():
     train(model, opt, 3, start=1)
     for a, b in zip(before, params(model)):
         assert torch.equal(a, b)
+
+
+# ---- torch.amp.GradScaler -----------------------------------------------------------
+
+
+def train_scaled(model, opt, scaler, steps, poison=(), unscale_and_clip=False):
+    """Loss-scaled steps through ``scaler``; at the steps in ``poison`` one gradient
+    element is made Inf (an overflow). Returns the scale after each step and, per step,
+    whether the gradients came out of ``scaler.step`` as they went in (no unscaling pass)."""
+    scales, untouched = [], []
+    for t in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(X[BATCHES[t]]), Y[BATCHES[t]])
+        scaler.scale(loss).backward()
+        if t in poison:
+            model[0].weight.grad[0, 0] = float("inf")
+        if unscale_and_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        before = [p.grad.clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        untouched.append(all(torch.equal(b.view(torch.int32), p.grad.view(torch.int32))  # (bits: NaN == NaN)
+                             for b, p in zip(before, model.parameters())))
+        scales.append(scaler.get_scale())
+    return scales, untouched
+
+
+@pytest.mark.parametrize("unscale_and_clip", [False, True], ids=["folded", "unscale_-then-clip"])
+def test_grad_scaler_matches_torch_fused(unscale_and_clip):
+    """The same scale trajectory and skipped steps as torch.optim.AdamW(fused=True),
+    and the same training; the loss scale is folded into the update as the gradients are
+    read (they are never rewritten), or, after the user's own unscale_ and clipping,
+    not applied twice."""
+    poison = {3, 4, 11}
+    runs = []
+    for make in (lambda m: ft.AdamW(m.parameters(), lr=3e-3),
+                 lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3, fused=True)):
+        model = mlp()
+        opt = make(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=4)
+        runs.append((model, opt, *train_scaled(model, opt, scaler, 30, poison, unscale_and_clip)))
+    (ours, opt, scales, untouched), (theirs, ref, ref_scales, ref_untouched) = runs
+    assert scales == ref_scales and len(set(scales)) > 2  # backed off at the Infs, grew in between
+    # The gradients come out of our step as they went in; torch's fused kernel writes them
+    # back unscaled in its pass (but for the skipped steps), unless unscale_ already did.
+    assert all(untouched)
+    assert ref_untouched == [unscale_and_clip or t in poison for t in range(30)]
+    assert_same_params(ours, theirs, moved_from=params(mlp()))
+    steps = [int(opt.state[p]["step"]) for p in ours.parameters()]
+    assert steps == [int(ref.state[p]["step"]) for p in theirs.parameters()] == [30 - len(poison)] * 6
+    assert opt.skipped_steps == len(poison)

@@ -15,14 +15,22 @@ a GPU, float32 or float64, one dtype for the whole call; in list form,
 position i of every list has one shape, and every list has one length. ``backend=None`` means
 ``FASTOPT_BACKEND`` (read at the first update) or ``auto``; ``stream`` is a
 CUDA stream for the ``cuda`` backend (ignored on the host).
+
+``grad_multiplier`` (default 1) multiplies the gradient as the kernel reads
+it, leaving the gradient buffer untouched: fold a loss scale's ``1/scale``
+or a clipping coefficient into the update instead of a separate pass over the
+gradients (``adamw_(p, g, m, v, step=t, grad_multiplier=clip / scale)`` is
+bitwise ``adamw_(p, g * (clip / scale), m, v, step=t)``, in the arrays' dtype).
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple, Union
 
+import math
+
 from . import dispatch
 from .buffers import check_buffers, check_lists
-from .checks import step_count
+from .checks import real, step_count
 from .rule import Rule
 from .rules import RULES
 
@@ -35,11 +43,13 @@ Betas = Tuple[float, float]
 
 
 def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict,
-            step: Any, backend: Optional[str], stream: Any) -> Any:
+            step: Any, backend: Optional[str], stream: Any, grad_multiplier: Any = 1.0) -> Any:
     """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result."""
     t = step_count(step) if rule.takes_step or step is not None else 1
     flat, needed = rule.prepared(hyper)
     scalars, extra = rule.scalars_at(flat, t)
+    if type(grad_multiplier) is not float or grad_multiplier != 1.0:  # (the default: no check, no copy)
+        scalars = _multiplied(scalars, grad_multiplier)
     names, arrays, used, rows = ["param", "grad"], [param, grad], [], [0, 1]
     for name, buf in zip(rule.state, state):
         if buf is None:
@@ -65,8 +75,19 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
     return extra
 
 
+def _multiplied(scalars: Any, grad_multiplier: Any) -> Any:
+    """``scalars`` with the gradient multiplied by ``grad_multiplier`` as it is read:
+    every rule reads ``g = grad*grad_sign`` first, so the factor joins ``grad_sign``
+    (``grad*(±m)`` is bitwise ``±(grad*m)``: the same as a separate pass that
+    multiplied the gradient, without the pass)."""
+    m = real("grad_multiplier", grad_multiplier)
+    if not math.isfinite(m):
+        raise ValueError(f"grad_multiplier must be finite, got {grad_multiplier!r}")
+    return scalars._replace(grad_sign=scalars.grad_sign * m)
+
+
 def _run_table(rule: Rule, hyper: dict, step: Any, params: Sequence[Array], states: tuple, table: Any,
-               backend: Optional[str] = None) -> Any:
+               backend: Optional[str] = None, grad_multiplier: Any = 1.0) -> Any:
     """A host list call from a pointer table the caller built and proved (every
     address, size, dtype and contiguity, and :func:`fastopt.buffers.disjoint_table`),
     on a backend with ``runs_from_table`` (see :func:`table_backend`): what
@@ -75,6 +96,8 @@ def _run_table(rule: Rule, hyper: dict, step: Any, params: Sequence[Array], stat
     t = step_count(step) if rule.takes_step or step is not None else 1
     flat, _ = rule.prepared(hyper)
     scalars, extra = rule.scalars_at(flat, t)
+    if type(grad_multiplier) is not float or grad_multiplier != 1.0:
+        scalars = _multiplied(scalars, grad_multiplier)
     dispatch.select(backend, False).run_list(rule.kernel, params, (), states, scalars, None, table)
     return extra
 
@@ -86,7 +109,7 @@ def table_backend(backend: Optional[str] = None) -> bool:
 
 def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = None, *, step: int, lr: float,
          momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-         maximize: bool = False, backend: Optional[str] = None, stream: Any = None) -> None:
+         maximize: bool = False, grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """SGD with optional momentum, dampening and Nesterov momentum (``torch.optim.SGD``).
 
     ``g = ±grad + wd*p``; with momentum: ``buf = g`` at step 1, else
@@ -96,24 +119,24 @@ def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = Non
     """
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                  nesterov=nesterov, maximize=maximize)
-    _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream)
+    _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream, grad_multiplier)
 
 
 def adagrad_(param: Buffers, grad: Buffers, state_sum: Buffers, *, step: int, lr: float = 1e-2,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
-             backend: Optional[str] = None, stream: Any = None) -> None:
+             grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """AdaGrad (Duchi et al., 2011; ``torch.optim.Adagrad``).
 
     ``clr = lr/(1+(step-1)*lr_decay)``; ``sum += g*g``; ``p -= clr*g/(sqrt(sum)+eps)``.
     """
     hyper = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize)
-    _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream)
+    _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream, grad_multiplier)
 
 
 def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer: Optional[Buffers] = None,
              grad_avg: Optional[Buffers] = None, *, step: int, lr: float = 1e-2, alpha: float = 0.99,
              eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-             maximize: bool = False, backend: Optional[str] = None, stream: Any = None) -> None:
+             maximize: bool = False, grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """RMSProp (Hinton's lecture 6e; centered variant of Graves 2013; ``torch.optim.RMSprop``).
 
     ``sq = alpha*sq + (1-alpha)*g*g``; centered: ``ga = lerp(ga, g, 1-alpha)``,
@@ -123,25 +146,25 @@ def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer
     """
     hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
                  centered=centered, maximize=maximize)
-    _update(RULES["rmsprop"], param, grad, (square_avg, momentum_buffer, grad_avg), hyper, step, backend, stream)
+    _update(RULES["rmsprop"], param, grad, (square_avg, momentum_buffer, grad_avg), hyper, step, backend, stream, grad_multiplier)
 
 
 def adadelta_(param: Buffers, grad: Buffers, square_avg: Buffers, acc_delta: Buffers, *, step: int, lr: float = 1.0,
               rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0, maximize: bool = False,
-              backend: Optional[str] = None, stream: Any = None) -> None:
+              grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """Adadelta (Zeiler, 2012; ``torch.optim.Adadelta``).
 
     ``sq = rho*sq + (1-rho)*g*g``; ``d = sqrt(acc+eps)/sqrt(sq+eps)*g``;
     ``acc = rho*acc + (1-rho)*d*d``; ``p -= lr*d``.
     """
     hyper = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["adadelta"], param, grad, (square_avg, acc_delta), hyper, step, backend, stream)
+    _update(RULES["adadelta"], param, grad, (square_avg, acc_delta), hyper, step, backend, stream, grad_multiplier)
 
 
 def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, max_exp_avg_sq: Optional[Buffers] = None,
           *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
           weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-          backend: Optional[str] = None, stream: Any = None) -> None:
+          grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """Adam (Kingma & Ba, 2015) with optional AMSGrad (Reddi et al., 2018); ``torch.optim.Adam``.
 
     ``g = ±grad + wd*p``; ``m = lerp(m, g, 1-b1)``; ``v = b2*v + (1-b2)*g*g``;
@@ -150,36 +173,36 @@ def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, 
     ``max_exp_avg_sq`` is required when ``amsgrad``.
     """
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-    _update(RULES["adam"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream)
+    _update(RULES["adam"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
 
 
 def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, max_exp_avg_sq: Optional[Buffers] = None,
            *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
            weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
-           backend: Optional[str] = None, stream: Any = None) -> None:
+           grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019); ``torch.optim.AdamW``.
 
     First ``p *= 1 - lr*weight_decay``, then the Adam update with no L2 term.
     """
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-    _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream)
+    _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
 
 
 def adamax_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_inf: Buffers, *, step: int, lr: float = 2e-3,
             betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-            backend: Optional[str] = None, stream: Any = None) -> None:
+            grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """Adamax, Adam's infinity-norm variant (Kingma & Ba, 2015, sec. 7); ``torch.optim.Adamax``.
 
     ``m = lerp(m, g, 1-b1)``; ``u = max(b2*u, |g|+eps)``; ``p -= lr/(1-b1**t) * m/u``.
     """
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["adamax"], param, grad, (exp_avg, exp_inf), hyper, step, backend, stream)
+    _update(RULES["adamax"], param, grad, (exp_avg, exp_inf), hyper, step, backend, stream, grad_multiplier)
 
 
 def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, mu_product: float,
            lr: float = 2e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
            momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False, maximize: bool = False,
-           backend: Optional[str] = None, stream: Any = None) -> float:
+           grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> float:
     """NAdam: Adam with Nesterov momentum (Dozat, 2016); ``torch.optim.NAdam``.
 
     ``mu_t = b1*(1-0.5*0.96**(t*md))``, ``mu_next`` likewise at ``t+1``,
@@ -191,12 +214,12 @@ def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     """
     hyper = dict(mu_product=mu_product, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                  momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    return _update(RULES["nadam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream)
+    return _update(RULES["nadam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
 
 
 def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, lr: float = 1e-3,
            betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-           decoupled_weight_decay: bool = False, maximize: bool = False, backend: Optional[str] = None,
+           decoupled_weight_decay: bool = False, maximize: bool = False, grad_multiplier: Any = 1.0, backend: Optional[str] = None,
            stream: Any = None) -> None:
     """RAdam: Adam with the variance of the adaptive step rectified (Liu et al., 2020); ``torch.optim.RAdam``.
 
@@ -209,12 +232,12 @@ def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     """
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                  decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream)
+    _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
 
 
 def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int] = None, lr: float = 1e-4,
           betas: Betas = (0.9, 0.99), weight_decay: float = 0.0, maximize: bool = False,
-          backend: Optional[str] = None, stream: Any = None) -> None:
+          grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """Lion, evolved sign momentum (Chen et al., 2023, Algorithm 2).
 
     ``c = b1*m + (1-b1)*g``; ``p = p*(1-lr*wd) - lr*sign(c)``; ``m = b2*m + (1-b2)*g``.
@@ -222,12 +245,12 @@ def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int
     when given), so every update function takes the same call.
     """
     hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream)
+    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream, grad_multiplier)
 
 
 def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, step: Optional[int] = None,
            etas: Betas = (0.5, 1.2), step_sizes: Tuple[float, float] = (1e-6, 50.0), maximize: bool = False,
-           backend: Optional[str] = None, stream: Any = None) -> None:
+           grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
     """Rprop, resilient backpropagation (Riedmiller & Braun, 1993); ``torch.optim.Rprop``.
 
     Per element, with ``g`` the gradient (negated for ``maximize``): where
@@ -239,4 +262,4 @@ def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, 
     step count: ``step`` is optional (checked when given).
     """
     hyper = dict(etas=etas, step_sizes=step_sizes, maximize=maximize)
-    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream)
+    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream, grad_multiplier)

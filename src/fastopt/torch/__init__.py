@@ -291,21 +291,36 @@ class Optimizer(torch.optim.Optimizer):
             call = plan.replay(group, self._core_of(group), self.state, tables) if plan else None
             calls.append(call) if call is not None else general.append(i)
         rounds = self._checked(general)
-        if self.skip_nonfinite:
+        multiplier, skip = self._amp_scaling()
+        if self.skip_nonfinite and not skip:
             grads = [g for call in calls for g in call.grads] + [g for r in rounds for _, _, _, g in r]
-            self.last_step_skipped = not all(map(all_finite, grads))
-            if self.last_step_skipped:
-                self.skipped_steps += 1
-                return loss
+            skip = not all(map(all_finite, grads))
+        self.last_step_skipped = skip
+        if skip:
+            self.skipped_steps += 1
+            return loss
         old, new = self._records, {}
         calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
         for call in calls:
-            run(call)
+            run(call, multiplier)
         for members in rounds[1:]:  # a parameter listed twice: its second round sees its first
             for call in self._calls(members, {**old, **new}, new, plan=False):
-                run(call)
+                run(call, multiplier)
         self._records = new  # (a group on its plan keeps none: it makes them again if it leaves it)
         return loss
+
+    #: torch.amp.GradScaler sets ``grad_scale`` (the loss scale, None once unscaled) and
+    #: ``found_inf`` on the optimizer before calling step(), instead of unscaling the
+    #: gradients in a pass of its own (as for torch's fused optimizers).
+    _step_supports_amp_scaling = True
+
+    def _amp_scaling(self) -> tuple[float, bool]:
+        """(the factor the gradients are read with, whether to skip this step) from
+        GradScaler's ``grad_scale`` and ``found_inf``; (1.0, False) without them."""
+        found_inf, scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        if found_inf is not None and float(found_inf) != 0.0:
+            return 1.0, True  # torch's fused step then changes nothing, step counts included
+        return (1.0, False) if scale is None else (1.0 / float(scale), False)
 
     def _calls(self, members: list, old: dict[int, Record], new: dict[int, Record], plan: bool) -> list[Call]:
         """The kernel calls of the general path, one per bucket; with ``plan``, a group

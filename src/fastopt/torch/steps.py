@@ -203,18 +203,19 @@ class Plan:
         return call._replace(hyper=hyper, grads=arrays, counts=counts)
 
 
-def run(call: Call) -> None:
-    """Run one checked kernel call, then count the step through the state's own memory
-    (no torch op per parameter)."""
+def run(call: Call, grad_multiplier: float = 1.0) -> None:
+    """Run one checked kernel call (the gradients multiplied by ``grad_multiplier`` as
+    they are read), then count the step through the state's own memory (no torch op
+    per parameter)."""
     core, hyper = call.core, call.hyper
     kwargs = {k: hyper[k] for k in core.rule.defaults}
     if core.rule.takes_step:
         kwargs["step"] = hyper["step"]
     if call.table is not None:
         out = _run_table(core.rule, {k: hyper[k] for k in core.rule.defaults}, kwargs.pop("step", None),
-                         call.params, tuple(call.state), call.table)
+                         call.params, tuple(call.state), call.table, grad_multiplier=grad_multiplier)
     else:
-        out = core.update(call.params, call.grads, *call.state, **kwargs)
+        out = core.update(call.params, call.grads, *call.state, grad_multiplier=grad_multiplier, **kwargs)
     for view, t in zip(call.steps, call.counts):
         view[()] = t
     for view in call.carry:
