@@ -519,6 +519,27 @@ def test_denormal_mode_runs_and_reports_three_configurations(capsys):
     assert case.options["betas"] == (0.999, 0.9999)
 
 
+def test_training_step_mode_times_both_ways_on_the_same_buffers(capsys, tmp_path):
+    pytest.importorskip("torch")
+    import json
+
+    from fastopt.bench import cli, training_step
+
+    path = tmp_path / "steps.json"
+    rc = cli.main(["--training-step", "--quick", "--sizes", "2^12", "--backends", "c", "--quiet", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "unscale_ + clip_grad_norm_ + AdamW(fused=True)" in out
+    rows = json.loads(path.read_text())
+    assert [(r["layout"], r["backend"]) for r in rows] == [("flat", "c"), ("gpt", "c")]
+    assert rows[1]["tensors"] == 76 and all(r["speedup"] == pytest.approx(r["torch_s"] / r["fastopt_s"]) for r in rows)
+    # The two steps share memory: each moves the same parameter arrays.
+    torch_step, fastopt_step, params = training_step._steps(((8, 4), (3,)), "c")
+    for step in (torch_step, fastopt_step):
+        before = [p.copy() for p in params]
+        step()
+        assert all(not np.array_equal(a, b) for a, b in zip(before, params))
+
+
 def test_interleaved_blocks_run_inside_their_context():
     """``around``: each block of timed calls (warmup and calibration included)
     runs inside its callable's context, entered per block, not per call."""

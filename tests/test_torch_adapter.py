@@ -735,3 +735,69 @@ def test_grad_scaler_matches_torch_fused(unscale_and_clip):
     steps = [int(opt.state[p]["step"]) for p in ours.parameters()]
     assert steps == [int(ref.state[p]["step"]) for p in theirs.parameters()] == [30 - len(poison)] * 6
     assert opt.skipped_steps == len(poison)
+
+
+# ---- clip_grad_norm_, folded into the next step ---------------------------------------
+
+
+@pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "GradScaler"])
+def test_clip_grad_norm_folded_matches_torchs_clip_then_step(with_scaler):
+    """fastopt.torch.clip_grad_norm_ returns torch's total norm (to 1e-6) and the next
+    step equals torch's clip + step (to round-off), without writing the gradients; with
+    a GradScaler it also does unscale_'s job (scale trajectory and skipped steps as torch)."""
+    poison = {6, 13} if with_scaler else set()
+    max_norm = 0.2
+    results = []
+    for ours in (True, False):
+        model = mlp()
+        opt = (ft.AdamW(model.parameters(), lr=3e-3) if ours else
+               torch.optim.AdamW(model.parameters(), lr=3e-3, foreach=False))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=5) if with_scaler else None
+        norms, scales, untouched = [], [], []
+        for t in range(30):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(X[BATCHES[t]]), Y[BATCHES[t]])
+            (scaler.scale(loss) if scaler else loss).backward()
+            if t in poison:
+                model[2].weight.grad[1, 1] = float("inf")
+            before = [p.grad.clone() for p in model.parameters()]
+            if ours:
+                norms.append(ft.clip_grad_norm_(opt, max_norm, scaler=scaler).item())
+            else:
+                if scaler:
+                    scaler.unscale_(opt)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+            untouched.append(all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters())))
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+                scales.append(scaler.get_scale())
+            else:
+                opt.step()
+        results.append((model, opt, norms, scales, untouched))
+    (ours, opt, norms, scales, untouched), (theirs, ref, ref_norms, ref_scales, ref_untouched) = results
+    finite = [t for t in range(30) if t not in poison]
+    for t in finite:
+        assert norms[t] == pytest.approx(ref_norms[t], rel=1e-6), f"step {t}"
+    assert sum(n > max_norm for n in norms) > 10, "the norm rarely exceeded max_norm: clipping went untested"
+    assert all(untouched) and not all(ref_untouched)  # folded: our gradients are never rewritten
+    assert scales == ref_scales
+    assert_same_params(ours, theirs, moved_from=params(mlp()))
+    assert [int(opt.state[p]["step"]) for p in ours.parameters()] == [30 - len(poison)] * 6
+
+
+def test_clip_grad_norm_errors():
+    model = mlp()
+    opt = ft.AdamW(model.parameters())
+    with pytest.raises(TypeError, match="must be a fastopt.torch optimizer"):
+        ft.clip_grad_norm_(torch.optim.AdamW(model.parameters()), 1.0)
+    model(X).sum().backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        ft.clip_grad_norm_(opt, 1.0, error_if_nonfinite=True)
+    scaler = torch.amp.GradScaler("cpu")
+    opt.zero_grad()
+    scaler.scale(model(X).sum()).backward()
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="unscale_.. or step.. was already called"):
+        ft.clip_grad_norm_(opt, 1.0, scaler=scaler)

@@ -25,6 +25,8 @@ checked by the tests), so there is one piece of code for every rule.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import denormals, environment, native, threads
 
 name = "c"
@@ -181,3 +183,23 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
         rc = fn(*tables, new("int64_t[]", [a.size for a in params]), len(params), new(struct, scalars))
     if rc:
         raise RuntimeError(f"fastopt_{kernel}_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
+
+
+def sumsq_list(arrays) -> float:
+    """The sum of squares of every element of ``arrays`` (validated host arrays of
+    one dtype): ``fastopt_sumsq_list_f32/_f64``, bitwise reproducible."""
+    if _load():
+        raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
+    if not arrays:
+        return 0.0
+    ffi, lib = _ext.ffi, _ext.lib
+    f32 = arrays[0].itemsize == 4
+    ptrs = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.int64)
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    out = ffi.new("double *")
+    fn = lib.fastopt_sumsq_list_f32 if f32 else lib.fastopt_sumsq_list_f64
+    rc = fn(ffi.cast("float **" if f32 else "double **", ptrs.ctypes.data), ffi.cast("int64_t *", sizes.ctypes.data),
+            len(arrays), out)
+    if rc != 0:
+        raise RuntimeError(f"fastopt_sumsq_list failed: {ffi.string(lib.fastopt_strerror(rc)).decode()}")
+    return out[0]

@@ -157,3 +157,21 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
         parallel(*args, _threads)
     finally:
         _pool.release()
+
+
+def sumsq_list(arrays) -> float:
+    """The sum of squares of every element of ``arrays`` (validated host arrays of
+    one dtype), in the order of :mod:`fastopt.kernels.numba_norms`."""
+    from ..kernels.numba_norms import SUMSQ, block_starts
+    if not arrays:
+        return 0.0
+    table = np.array([[a.__array_interface__["data"][0] for a in arrays], [a.size for a in arrays]], dtype=np.int64)
+    first = block_starts(table[1])
+    tiny = _TINY[arrays[0].itemsize]
+    serial, parallel = SUMSQ
+    if not _on_pool(arrays[0].itemsize * int(table[1].sum())):
+        return float(serial(table, first, tiny))
+    try:
+        return float(parallel(table, first, tiny))
+    finally:
+        _pool.release()

@@ -10,6 +10,7 @@ Examples::
     python -m fastopt bench --lists                           # adamw_: list of tensors vs one flat buffer
     python -m fastopt bench --lists --rules adamw,lion --layouts gpt,1000x1024 --sizes 2^20,2^24
     python -m fastopt bench --denormal                        # subnormal state, flush off and on
+    python -m fastopt bench --training-step                   # unscale + clip + AdamW: torch's way vs folded
 """
 from __future__ import annotations
 
@@ -67,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
                     help="time normal state against subnormal state (1e-39, zero gradients) without and with "
                          "fastopt.set_flush_denormal(True) (torch: torch.set_flush_denormal), in one run "
                          "(default rule adamw, size 2^20)")
+    ap.add_argument("--training-step", action="store_true",
+                    help="time torch's unscale_ + clip_grad_norm_ + AdamW(fused=True) against fastopt's folded "
+                         "step (norm pass + adamw_ with grad_multiplier), on a flat buffer and a small GPT's "
+                         "tensors (--sizes, default 2^24 and 50M), on each CPU backend (--backends, default c,numba)")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -133,6 +138,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_lists(args, cases, sizes, timer, progress)
     if args.denormal:
         return _main_denormal(args, timer, progress, competitors)
+    if args.training_step:
+        return _main_training_step(args, timer, progress)
     config = runner.Config(cases=cases, sizes=sizes, dtype=args.dtype, device=args.device,
                            backends=_comma_list(args.backends) if args.backends else None,
                            competitors=competitors, threads=args.threads, timer=timer, progress=progress)
@@ -183,6 +190,37 @@ def _main_denormal(args, timer, progress, competitors) -> int:
             progress.close()
     print(f"threads: {fastopt.get_num_threads()}; subnormal state = {denormal.SUBNORMAL:g}, zero gradients")
     print(denormal.table(rows, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
+def _main_training_step(args, timer, progress) -> int:
+    """``--training-step``: unscale + clip + AdamW, torch's way and folded (:mod:`.training_step`)."""
+    import json
+
+    import fastopt
+    from . import training_step
+
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error("--training-step runs float32 on the CPU backends")
+    sizes = parse_sizes(args.sizes) if args.sizes else [1 << 24, 50_000_000]
+    available = [n for n, i in fastopt.backends().items() if i.available and i.device == "cpu"]
+    backends = _comma_list(args.backends) if args.backends else [b for b in ("c", "numba") if b in available]
+    if args.threads is not None:
+        fastopt.set_num_threads(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
+    try:
+        rows = training_step.run(["flat", "gpt"], sizes, backends, timer, progress)
+    finally:
+        if progress:
+            progress.close()
+    print(f"threads: {fastopt.get_num_threads()}; torch: unscale_ + clip_grad_norm_ + AdamW(fused=True) "
+          f"({training_step.TORCH_BYTES} B/elem); fastopt: total_norm + adamw_(grad_multiplier=) "
+          f"({training_step.FASTOPT_BYTES} B/elem)")
+    print(training_step.table(rows, args.markdown), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1)

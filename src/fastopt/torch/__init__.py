@@ -39,18 +39,21 @@ This module imports torch; ``import fastopt`` does not import it.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from ..algorithm import Algorithm, one_class_per_rule
 from ..checks import flag
 from ..finite import all_finite
 from ..functional import table_backend
+from ..norms import total_norm
 from ..rules import RULES
 from .steps import PLAIN, Call, Plan, Record, grad_view, local, pointer, run, view
 
-__all__ = ["Optimizer"]
+__all__ = ["Optimizer", "clip_grad_norm_"]
 
 #: torch options that choose torch's own implementation: accepted, kept in the
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
@@ -316,11 +319,13 @@ class Optimizer(torch.optim.Optimizer):
 
     def _amp_scaling(self) -> tuple[float, bool]:
         """(the factor the gradients are read with, whether to skip this step) from
-        GradScaler's ``grad_scale`` and ``found_inf``; (1.0, False) without them."""
+        GradScaler's ``grad_scale`` and ``found_inf`` and a pending
+        :func:`clip_grad_norm_`; (1.0, False) without them."""
+        clip = self.__dict__.pop("_clip_multiplier", 1.0)  # (consumed by this step, skipped or not)
         found_inf, scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         if found_inf is not None and float(found_inf) != 0.0:
             return 1.0, True  # torch's fused step then changes nothing, step counts included
-        return (1.0, False) if scale is None else (1.0 / float(scale), False)
+        return (clip, False) if scale is None else (clip / float(scale), False)
 
     def _calls(self, members: list, old: dict[int, Record], new: dict[int, Record], plan: bool) -> list[Call]:
         """The kernel calls of the general path, one per bucket; with ``plan``, a group
@@ -409,6 +414,57 @@ class Optimizer(torch.optim.Optimizer):
         state.setdefault("last_step_skipped", False)
         super().__setstate__(state)
         self._records, self._plans = {}, {}
+
+
+def clip_grad_norm_(optimizer: Optimizer, max_norm: float, *, scaler: Any = None,
+                    error_if_nonfinite: bool = False) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a fastopt.torch optimizer, folded into its next step.
+
+    Returns the total L2 norm of the gradients of the optimizer's parameters, as
+    torch's does, in one read of the gradients (:func:`fastopt.total_norm` on the
+    CPU, in double; torch's norm on CUDA), but writes nothing: the optimizer's next
+    ``step()`` reads the gradients multiplied by torch's coefficient
+    ``min(1, max_norm / (norm + 1e-6))`` (computed in float32, as torch does).
+    So the gradients still hold their unclipped values after this call.
+
+    With ``scaler`` (a ``torch.amp.GradScaler``), the gradients are taken to be
+    loss-scaled and not yet unscaled: the norm returned is the unscaled one, the
+    scaler is told what ``scaler.unscale_(optimizer)`` would tell it (the same
+    found-Inf record and stage; its per-optimizer state is private to torch, so
+    this is pinned to the torch this release is tested with), and the next step
+    reads the gradients times ``coefficient / scale``: unscaling and clipping
+    cost one read pass, where ``unscale_`` + ``clip_grad_norm_`` cost three.
+    """
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastopt.torch optimizer, got {type(optimizer).__name__}")
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    locals_ = [local(g) for g in grads]
+    if all(not g.is_cuda for g in locals_):
+        norm = total_norm([grad_view(g) for g in locals_])
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                           for g in locals_])))
+    scale = 1.0
+    if scaler is not None:
+        from torch.amp.grad_scaler import OptState
+        state = scaler._per_optimizer_states[id(optimizer)]
+        if state["stage"] is not OptState.READY:
+            raise RuntimeError("clip_grad_norm_(..., scaler=) unscales: unscale_() or step() was already called "
+                               "on this optimizer since the last update()")
+        scale = float(scaler.get_scale())
+        found_inf = torch.tensor(0.0 if math.isfinite(norm) else 1.0)
+        state["found_inf_per_device"] = {found_inf.device: found_inf}
+        state["stage"] = OptState.UNSCALED
+        norm /= scale
+    if error_if_nonfinite and not math.isfinite(norm):
+        raise RuntimeError(f"The total norm of the gradients is non-finite ({norm}), so it cannot be clipped; "
+                           "set error_if_nonfinite=False to skip this check")
+    norm32 = np.float32(norm)
+    coefficient = min(np.float32(1.0), np.float32(max_norm) / (norm32 + np.float32(1e-6)))
+    optimizer._clip_multiplier = float(coefficient) / scale
+    return torch.tensor(norm32, dtype=grads[0].dtype)
 
 
 def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""The sum of squares of many tensors in Numba, in the C library's order.
+
+Each tensor is cut into blocks of :data:`BLOCK` elements; a block is summed in
+double in :data:`LANES` interleaved lanes (element i to lane i mod 8, each lane
+in index order) combined by a fixed tree, and the blocks' sums are added in
+order, tensor by tensor (csrc/src/norm.c says why: the order depends only on
+the sizes, so the result is bitwise the same for any thread count, and the
+same as C's and the NumPy reference's). The tensors come as a pointer table
+(row 0 the addresses, row 1 the element counts), read through the list loops'
+views.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .numba_loops import _view
+
+__all__ = ["BLOCK", "LANES", "block_starts", "SUMSQ"]
+
+BLOCK, LANES = 4096, 8
+_JIT = dict(error_model="numpy", cache=True)
+
+
+@numba.njit(**_JIT)
+def _block_sum(x):
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    n = x.size
+    i = 0
+    while i + LANES <= n:
+        v0, v1, v2, v3 = np.float64(x[i]), np.float64(x[i + 1]), np.float64(x[i + 2]), np.float64(x[i + 3])
+        v4, v5, v6, v7 = np.float64(x[i + 4]), np.float64(x[i + 5]), np.float64(x[i + 6]), np.float64(x[i + 7])
+        a0 += v0 * v0
+        a1 += v1 * v1
+        a2 += v2 * v2
+        a3 += v3 * v3
+        a4 += v4 * v4
+        a5 += v5 * v5
+        a6 += v6 * v6
+        a7 += v7 * v7
+        i += LANES
+    acc = np.array([a0, a1, a2, a3, a4, a5, a6, a7])
+    for lane in range(n - i):
+        v = np.float64(x[i + lane])
+        acc[lane] += v * v
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+def block_starts(sizes: np.ndarray) -> np.ndarray:
+    """first[t]: the index of tensor t's first block (first[count]: the number of blocks)."""
+    first = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum((sizes + BLOCK - 1) // BLOCK, out=first[1:])
+    return first
+
+
+def _make(rng):
+    def sumsq(table, first, tiny):
+        sizes = table[1]
+        blocks = first[first.size - 1]
+        sums = np.empty(blocks)
+        for b in rng(blocks):
+            t = np.searchsorted(first, b, side="right") - 1
+            lo = (b - first[t]) * BLOCK
+            n = min(BLOCK, sizes[t] - lo)
+            sums[b] = _block_sum(_view(table, 0, t, lo, n, tiny))
+        total = 0.0
+        for b in range(blocks):
+            total += sums[b]
+        return total
+    return sumsq
+
+
+# Module attributes (not closures in a dict) so that their on-disk cache keys are stable.
+_sumsq_serial = numba.njit(**_JIT)(_make(range))
+_sumsq_parallel = numba.njit(parallel=True, **_JIT)(_make(numba.prange))
+#: (serial, parallel): ``f(table, first, tiny) -> float``, ``tiny`` a 1-element array of the dtype.
+SUMSQ = (_sumsq_serial, _sumsq_parallel)
