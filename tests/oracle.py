@@ -8,6 +8,8 @@ the same inputs; ``run_lion_published`` is Lion as published (Chen et al.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import fastopt
@@ -20,7 +22,7 @@ def _varied(h: Hyper):
     d, check = h.default, h.check
     if check is flag:
         return not d
-    if getattr(check, "arity", 1) == 2:
+    if getattr(check, "arity", 1) > 1:
         one = check_of_pair(check)
         if one is nonneg:  # (a gentle change: pairs such as Rprop's etas are ordered around 1)
             return tuple(1.5 * x for x in d)
@@ -37,8 +39,8 @@ def _varied(h: Hyper):
 
 
 def check_of_pair(check):
-    # pair(unit) and pair(closed_unit) carry the C predicate of their element check
-    return {c.c: c for c in (unit, closed_unit, nonneg)}[check.c]
+    """The element check of a tuple check (pair(unit), AdEMAMix's triple of betas)."""
+    return check.element
 
 
 def _required(rule) -> dict:
@@ -195,8 +197,34 @@ def run_lion_published(options: dict, p0, grads):
     return p.numpy(), {"exp_avg": m.numpy()}
 
 
+def run_ademamix_published(options: dict, p0, grads):
+    """AdEMAMix as its authors' PyTorch reference (apple/ml-ademamix, warmups off) steps it:
+    m1 = m1*b1 + (1-b1)*g; m2 = m2*b3 + (1-b3)*g; nu = nu*b2 + (1-b2)*g*g;
+    u = (m1/(1-b1^t) + alpha*m2)/(sqrt(nu)/sqrt(1-b2^t) + eps) + wd*p; p -= lr*u.
+    (Their decay adds wd*p to the update, fastopt multiplies p by 1 - lr*wd first: the same
+    step to round-off.) ``maximize`` negates the gradient. Written with torch tensor ops."""
+    import torch
+
+    h = hyper("ademamix", options)
+    lr, (b1, b2, b3), alpha, eps, wd = h["lr"], h["betas"], h["alpha"], h["eps"], h["weight_decay"]
+    p = torch.from_numpy(p0.copy())
+    m1, m2, nu = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = torch.from_numpy(g)
+        if h["maximize"]:
+            g = -g
+        m1.mul_(b1).add_(g, alpha=1 - b1)
+        m2.mul_(b3).add_(g, alpha=1 - b3)
+        nu.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (nu.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+        update = (m1.div(1 - b1 ** t) + alpha * m2) / denom
+        update.add_(p, alpha=wd)
+        p.add_(-lr * update)
+    return p.numpy(), {"exp_avg_fast": m1.numpy(), "exp_avg_slow": m2.numpy(), "exp_avg_sq": nu.numpy()}
+
+
 #: Oracles for the rules torch.optim does not have: the published algorithm, written with torch ops.
-PUBLISHED = {"lion": run_lion_published}
+PUBLISHED = {"lion": run_lion_published, "ademamix": run_ademamix_published}
 
 
 def gpt_shapes(vocab: int = 16, d: int = 8, layers: int = 6) -> list[tuple[int, ...]]:

@@ -128,13 +128,15 @@ def test_missing_state(rule, option, why, backend):
 def _bad_values(h):
     """(bad value, exception, words in the message) for one hyperparameter, from its check."""
     name, check = h.name, h.check
-    if getattr(check, "arity", 1) == 2:  # a pair (betas): each bad value of its element check, in turn at [0] and [1]
+    arity = getattr(check, "arity", 1)
+    if arity > 1:  # a pair or triple (betas): each bad value of its element check, in turn at [0], [1], ...
         out = []
         for k, (bad, exc, words) in enumerate(_bad_values(Hyper(name, h.default[0], check_of_pair(check)))):
-            at = k % 2
-            value = tuple(bad if j == at else h.default[j] for j in range(2))
+            at = k % arity
+            value = tuple(bad if j == at else h.default[j] for j in range(arity))
             out.append((value, exc, [f"{name}[{at}]", *words[1:]]))
-        return out + [(h.default[0], TypeError, [name, "pair"])]
+        kind = "pair" if arity == 2 else "triple"
+        return out + [(h.default[0], TypeError, [name, kind]), (h.default[:-1], TypeError, [name, kind])]
     if check is flag:
         return [("yes", TypeError, [name, "bool"]), (2, TypeError, [name, "bool"])]
     common = [(float("nan"), ValueError, [name, "finite"]), (float("inf"), ValueError, [name, "finite"]),

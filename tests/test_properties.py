@@ -45,9 +45,9 @@ _VALUES = {
 
 
 def _strategy(h):
-    if getattr(h.check, "arity", 1) == 2:
-        element = next(c for c in _VALUES if getattr(c, "c", None) == h.check.c)
-        return st.tuples(_VALUES[element], _VALUES[element])
+    arity = getattr(h.check, "arity", 1)
+    if arity > 1:  # a pair or triple (betas): each value from its element check's strategy
+        return st.tuples(*[_VALUES[h.check.element]] * arity)
     return _VALUES[h.check]
 
 

@@ -208,6 +208,43 @@ def test_lion_trains_like_the_published_algorithm():
     assert_same_params(ours, theirs, moved_from=start)
 
 
+class PublishedAdEMAMix(torch.optim.Optimizer):
+    """AdEMAMix as its authors' PyTorch reference steps it (apple/ml-ademamix, warmups off)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999, 0.9999), alpha=2.0, eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, (b1, b2, b3), alpha, eps, wd = (group[k] for k in ("lr", "betas", "alpha", "eps", "weight_decay"))
+            for p in group["params"]:
+                st = self.state[p]
+                if not st:
+                    st.update(step=0, m1=torch.zeros_like(p), m2=torch.zeros_like(p), nu=torch.zeros_like(p))
+                st["step"] += 1
+                t, g = st["step"], p.grad
+                st["m1"].mul_(b1).add_(g, alpha=1 - b1)
+                st["m2"].mul_(b3).add_(g, alpha=1 - b3)
+                st["nu"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (st["nu"].sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+                update = (st["m1"].div(1 - b1 ** t) + alpha * st["m2"]) / denom
+                update.add_(p, alpha=wd)
+                p.add_(-lr * update)
+
+
+@pytest.mark.parametrize("options", [{}, {"lr": 3e-3, "betas": (0.8, 0.99, 0.999), "alpha": 5.0, "weight_decay": 0.1}],
+                         ids=["defaults", "all-varied"])
+def test_ademamix_trains_like_the_published_algorithm(options):
+    ours, theirs = mlp(), mlp()
+    start = params(theirs)
+    train(theirs, PublishedAdEMAMix(theirs.parameters(), **options), STEPS)
+    opt = ft.AdEMAMix(ours.parameters(), **options)
+    train(ours, opt, STEPS)
+    assert_same_params(ours, theirs, moved_from=start)
+    assert set(opt.state[next(ours.parameters())]) == {"step", "exp_avg_fast", "exp_avg_slow", "exp_avg_sq"}
+
+
 # ---- torch.optim semantics --------------------------------------------------------
 
 

@@ -422,6 +422,54 @@ FASTOPT_API int fastopt_rprop_list_f64(double *const *param, const double *const
                                        double *const *step_size, const int64_t *n, int64_t count,
                                        const fastopt_rprop_scalars *s);
 
+/* ---- AdEMAMix (ademamix) ------------------------------------------------------------------------
+ *
+ * AdEMAMix: Adam with a second, slow average of the gradient mixed in (Pagliardini, Ablin &
+ *     Grangier, 2024; apple/ml-ademamix), without its alpha and beta3 warmups.
+ *
+ * p *= 1 - lr*weight_decay; g = grad*grad_sign; m1 = beta1*m1 + (1-beta1)*g; m2 = beta3*m2 +
+ *     (1-beta3)*g;
+ * nu = beta2*nu + (1-beta2)*g*g; p -= lr*(m1/(1-beta1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-beta2**t) +
+ *     eps).
+ */
+typedef struct {
+    double beta1;
+    double one_minus_beta1;
+    double beta2;
+    double one_minus_beta2;
+    double beta3;
+    double one_minus_beta3;
+    double alpha;
+    double bias_correction1; /* 1 - beta1**step (the fast average only: the slow one is not corrected) */
+    double bias_correction2_sqrt; /* sqrt(1 - beta2**step) */
+    double eps;
+    double lr;
+    double param_decay; /* decoupled 1 - lr*wd */
+    double grad_sign;
+} fastopt_ademamix_scalars;
+
+/* Checks: lr, alpha, eps, weight_decay finite and >= 0; beta1, beta2, beta3 in [0, 1); step >= 1. */
+FASTOPT_API int fastopt_ademamix_prepare(fastopt_ademamix_scalars *out, double lr, double beta1, double beta2,
+                                         double beta3, double alpha, double eps, double weight_decay,
+                                         int maximize, int64_t step);
+
+/* State buffers: exp_avg_fast, exp_avg_slow, exp_avg_sq.  _list_: count tensors in one call (see
+ * fastopt.h). */
+FASTOPT_API int fastopt_ademamix_f32(float *param, const float *grad, float *exp_avg_fast,
+                                     float *exp_avg_slow, float *exp_avg_sq, int64_t n,
+                                     const fastopt_ademamix_scalars *s);
+FASTOPT_API int fastopt_ademamix_f64(double *param, const double *grad, double *exp_avg_fast,
+                                     double *exp_avg_slow, double *exp_avg_sq, int64_t n,
+                                     const fastopt_ademamix_scalars *s);
+FASTOPT_API int fastopt_ademamix_list_f32(float *const *param, const float *const *grad,
+                                          float *const *exp_avg_fast, float *const *exp_avg_slow,
+                                          float *const *exp_avg_sq, const int64_t *n, int64_t count,
+                                          const fastopt_ademamix_scalars *s);
+FASTOPT_API int fastopt_ademamix_list_f64(double *const *param, const double *const *grad,
+                                          double *const *exp_avg_fast, double *const *exp_avg_slow,
+                                          double *const *exp_avg_sq, const int64_t *n, int64_t count,
+                                          const fastopt_ademamix_scalars *s);
+
 /* ---- cffi: end ---- */
 
 #ifdef __cplusplus

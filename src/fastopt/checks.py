@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Check", "real", "nonneg", "unit", "closed_unit", "flag", "pair", "step_count"]
+__all__ = ["Check", "real", "nonneg", "unit", "closed_unit", "flag", "pair", "fixed_tuple", "step_count"]
 
 Check = Callable[[str, Any], Any]
 
@@ -129,13 +129,17 @@ def flag(name: str, value: Any) -> bool:
     raise TypeError(f"{name} must be a bool (True, False, 0 or 1), got {_show(value)} ({type(value).__name__})")
 
 
-def pair(check: Check) -> Check:
-    """A check for a pair ``(a, b)`` whose two values each pass ``check`` (betas).
+def fixed_tuple(check: Check, arity: int) -> Check:
+    """A check for an ordered tuple of ``arity`` values each passing ``check``
+    (betas: a pair, or AdEMAMix's triple).
 
-    A pair is ordered: a tuple, a list or a 1-D array or tensor of length 2.
+    Ordered means a tuple, a list or a 1-D array or tensor of that length.
     Sets, dicts, strings and iterators are refused.
     """
-    def check_pair(name: str, value: Any) -> tuple:
+    kind = {2: "pair", 3: "triple"}.get(arity, f"{arity}-tuple")
+
+    def items_of(name: str, value: Any) -> tuple:
+        slots = ", ".join(f"{name}[{k}]" for k in range(arity))
         if isinstance(value, (tuple, list)):
             items = value
         else:
@@ -146,17 +150,21 @@ def pair(check: Check) -> Check:
                 dims = None
             if dims is None or len(dims) != 1:
                 what = f"an array of shape {dims}" if dims is not None else f"{_show(value)} ({type(value).__name__})"
-                raise TypeError(f"{name} must be a pair ({name}[0], {name}[1]): a tuple, a list or a 1-D array "
-                                f"of length 2, got {what}")
+                raise TypeError(f"{name} must be a {kind} ({slots}): a tuple, a list or a 1-D array "
+                                f"of length {arity}, got {what}")
             items = value
-        if len(items) != 2:
-            raise TypeError(f"{name} must be a pair ({name}[0], {name}[1]), got {len(items)} values: "
-                            f"{_show(value)}")
-        a, b = items
-        return check(f"{name}[0]", a), check(f"{name}[1]", b)
-    check_pair.c = check.c
-    check_pair.arity = 2
-    return check_pair
+        if len(items) != arity:
+            raise TypeError(f"{name} must be a {kind} ({slots}), got {len(items)} values: {_show(value)}")
+        return tuple(check(f"{name}[{k}]", x) for k, x in enumerate(items))
+    items_of.c = check.c
+    items_of.arity = arity
+    items_of.element = check
+    return items_of
+
+
+def pair(check: Check) -> Check:
+    """A check for a pair ``(a, b)`` whose two values each pass ``check`` (betas)."""
+    return fixed_tuple(check, 2)
 
 
 #: The largest step count: the C library's step is an int64_t.

@@ -34,7 +34,7 @@ from .checks import real, step_count
 from .rule import Rule
 from .rules import RULES
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "radam_", "lion_", "rprop_"]
+__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "radam_", "lion_", "rprop_", "ademamix_"]
 
 Array = Any  # numpy.ndarray or an object with __cuda_array_interface__
 #: Every buffer argument is one array or a list/tuple of arrays (one per tensor).
@@ -186,6 +186,24 @@ def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     """
     hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
     _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
+
+
+def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow: Buffers, exp_avg_sq: Buffers, *,
+              step: int, lr: float = 1e-3, betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
+              alpha: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
+              grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+    """AdEMAMix: Adam plus a slow average of the gradient (Pagliardini, Ablin & Grangier, 2024,
+    "The AdEMAMix Optimizer: Better, Faster, Older"; apple/ml-ademamix).
+
+    ``p *= 1 - lr*wd``; ``m1 = b1*m1 + (1-b1)*g`` (fast, bias-corrected);
+    ``m2 = b3*m2 + (1-b3)*g`` (slow, not corrected); ``nu = b2*nu + (1-b2)*g*g``;
+    ``p -= lr*(m1/(1-b1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-b2**t) + eps)``. The
+    paper's warmups of ``alpha`` and ``beta3`` are schedules of these
+    hyperparameters: pass this step's values.
+    """
+    hyper = dict(lr=lr, betas=betas, alpha=alpha, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    _update(RULES["ademamix"], param, grad, (exp_avg_fast, exp_avg_slow, exp_avg_sq), hyper, step, backend, stream,
+            grad_multiplier)
 
 
 def adamax_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_inf: Buffers, *, step: int, lr: float = 2e-3,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .checks import closed_unit, flag, nonneg, pair, real, unit
+from .checks import closed_unit, fixed_tuple, flag, nonneg, pair, real, unit
 from .rule import Hyper, Rule, State
 
 __all__ = ["RULES", "KERNEL_SCALARS"]
@@ -210,6 +210,43 @@ ADAMW = Rule(
     "p *= 1 - lr*weight_decay first, then Adam with no L2 term:\n" + _ADAM_MATH,
     (_LR, _BETAS, _EPS, Hyper("weight_decay", 1e-2, nonneg), *_ADAM_HYPER[4:]), _ADAM_STATE, AdamScalars, _adam,
     element="adam", constants={"decoupled": True})
+
+
+# ---- AdEMAMix -------------------------------------------------------------
+
+class AdEMAMixScalars(NamedTuple):
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    beta3: float
+    one_minus_beta3: float
+    alpha: float
+    bias_correction1: float  # 1 - beta1**step (the fast average only: the slow one is not corrected)
+    bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
+    eps: float
+    lr: float
+    param_decay: float  # decoupled 1 - lr*wd
+    grad_sign: float
+
+
+def _ademamix(lr, beta1, beta2, beta3, alpha, eps, weight_decay, maximize, step):
+    return AdEMAMixScalars(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+                           beta3=beta3, one_minus_beta3=1.0 - beta3, alpha=alpha,
+                           bias_correction1=1.0 - beta1 ** step, bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step),
+                           eps=eps, lr=lr, param_decay=1.0 - lr * weight_decay, grad_sign=-1.0 if maximize else 1.0)
+
+
+ADEMAMIX = Rule(
+    "ademamix", "AdEMAMix",
+    "AdEMAMix: Adam with a second, slow average of the gradient mixed in (Pagliardini, Ablin & Grangier, 2024; "
+    "apple/ml-ademamix), without its alpha and beta3 warmups.",
+    "p *= 1 - lr*weight_decay; g = grad*grad_sign; m1 = beta1*m1 + (1-beta1)*g; m2 = beta3*m2 + (1-beta3)*g;\n"
+    "nu = beta2*nu + (1-beta2)*g*g; p -= lr*(m1/(1-beta1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-beta2**t) + eps).",
+    (_LR, Hyper("betas", (0.9, 0.999, 0.9999), fixed_tuple(unit, 3), ("beta1", "beta2", "beta3")),
+     Hyper("alpha", 2.0, nonneg), _EPS, _WD, _MAXIMIZE),
+    (State("exp_avg_fast"), State("exp_avg_slow"), State("exp_avg_sq", signed=False)),
+    AdEMAMixScalars, _ademamix)
 
 
 # ---- Adamax --------------------------------------------------------------
@@ -391,7 +428,7 @@ RPROP = Rule(
 
 #: Every rule, by name, in the order of the docs.
 RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
-                                               LION, RPROP)}
+                                               LION, RPROP, ADEMAMIX)}
 
 #: The element kernels backends implement, with the scalars type each takes.
 KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in RULES.values()}

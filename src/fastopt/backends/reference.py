@@ -90,6 +90,16 @@ def adam(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, s: rules.AdamScalars)
     param -= s.step_size * (exp_avg / denom)
 
 
+def ademamix(param, grad, exp_avg_fast, exp_avg_slow, exp_avg_sq, s: rules.AdEMAMixScalars):
+    param *= s.param_decay  # decoupled decay (exactly 1 without it)
+    g = grad * s.grad_sign
+    exp_avg_fast[...] = s.beta1 * exp_avg_fast + s.one_minus_beta1 * g
+    exp_avg_slow[...] = s.beta3 * exp_avg_slow + s.one_minus_beta3 * g
+    exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    denom = np.sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
+    param -= s.lr * ((exp_avg_fast / s.bias_correction1 + s.alpha * exp_avg_slow) / denom)
+
+
 def adamax(param, grad, exp_avg, exp_inf, s: rules.AdamaxScalars):
     g = _grad(param, grad, s)
     exp_avg[...] = _lerp(exp_avg, g, s.exp_avg_weight, s.exp_avg_from_end)

@@ -91,6 +91,17 @@ def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, s):
     return p - s.step_size * (exp_avg / denom), exp_avg, exp_avg_sq, max_exp_avg_sq
 
 
+def ademamix(p, g, exp_avg_fast, exp_avg_slow, exp_avg_sq, s):
+    p = p * s.param_decay  # decoupled decay first (exactly 1 without it)
+    g = g * s.grad_sign
+    exp_avg_fast = s.beta1 * exp_avg_fast + s.one_minus_beta1 * g
+    exp_avg_slow = s.beta3 * exp_avg_slow + s.one_minus_beta3 * g
+    exp_avg_sq = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    denom = math.sqrt(exp_avg_sq) / s.bias_correction2_sqrt + s.eps
+    update = (exp_avg_fast / s.bias_correction1 + s.alpha * exp_avg_slow) / denom
+    return p - s.lr * update, exp_avg_fast, exp_avg_slow, exp_avg_sq
+
+
 def adamax(p, g, exp_avg, exp_inf, s):
     g = g * s.grad_sign
     if s.weight_decay != 0:
