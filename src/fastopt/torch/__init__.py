@@ -27,7 +27,10 @@ The classes subclass ``torch.optim.Optimizer`` and keep its semantics:
 * moving or casting the model after making the optimizer works: the state
   follows the parameter (cast as ``load_state_dict`` casts it) at the next step;
 * DTensor parameters (FSDP2 ``fully_shard``) are stepped on each rank's local
-  shard; the state is made of DTensors like the parameters, as torch's is.
+  shard; the state is made of DTensors like the parameters, as torch's is;
+* ``torch.amp.GradScaler`` hands the step its scale and Inf flag, as for
+  torch's fused optimizers (no unscaling pass), and ``opt.clip_grad_norm_``
+  (optionally with ``grad_scaler=``) folds clipping into the next step.
 
 Differences: parameters must be float32 or float64 on the CPU or a CUDA
 device, dense and contiguous; ``capturable=True`` and ``differentiable=True``
@@ -53,7 +56,7 @@ from ..norms import total_norm
 from ..rules import RULES
 from .steps import PLAIN, Call, Plan, Record, grad_view, local, pointer, run, view
 
-__all__ = ["Optimizer", "clip_grad_norm_"]
+__all__ = ["Optimizer"]
 
 #: torch options that choose torch's own implementation: accepted, kept in the
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
@@ -352,6 +355,57 @@ class Optimizer(torch.optim.Optimizer):
                     self._plans[i] = Plan(params, has_grad, call._replace(grads=[]), records)
         return calls
 
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        grad_scaler: Any = None) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's gradients, folded into the next step.
+
+        Returns the total L2 norm of the gradients of the optimizer's parameters, as
+        torch's does, in one read of the gradients (:func:`fastopt.total_norm` on the
+        CPU, in double; torch's norm on CUDA), but writes nothing: the next
+        ``step()`` reads the gradients multiplied by torch's coefficient
+        ``min(1, max_norm / (norm + 1e-6))`` (computed in float32, as torch does).
+        So the gradients still hold their unclipped values after this call.
+
+        With ``grad_scaler`` (a ``torch.amp.GradScaler``), the gradients are taken to
+        be loss-scaled and not yet unscaled, and no ``scaler.unscale_(opt)`` is
+        needed: the norm returned is the unscaled one, the scaler is told what
+        ``unscale_`` would tell it (the same found-Inf record and stage; its
+        per-optimizer state is private to torch, so this is pinned to the torch
+        this release is tested with), and the next step reads the gradients times
+        ``coefficient / scale``: unscaling and clipping cost one read pass, where
+        ``unscale_`` + ``clip_grad_norm_`` cost three. Only the 2-norm for now.
+        """
+        if norm_type != 2.0:
+            raise ValueError(f"norm_type must be 2.0 (the only norm fastopt.torch clips with), got {norm_type!r}")
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        shards = [local(g) for g in grads]
+        if all(not g.is_cuda for g in shards):
+            norm = total_norm([grad_view(g) for g in shards])
+        else:
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                                                               for g in shards])))
+        scale = 1.0
+        if grad_scaler is not None:
+            from torch.amp.grad_scaler import OptState
+            state = grad_scaler._per_optimizer_states[id(self)]
+            if state["stage"] is not OptState.READY:
+                raise RuntimeError("clip_grad_norm_(..., grad_scaler=) unscales: unscale_() or step() was already "
+                                   "called on this optimizer since the last update()")
+            scale = float(grad_scaler.get_scale())
+            found_inf = torch.tensor(0.0 if math.isfinite(norm) else 1.0)
+            state["found_inf_per_device"] = {found_inf.device: found_inf}
+            state["stage"] = OptState.UNSCALED
+            norm /= scale
+        if error_if_nonfinite and not math.isfinite(norm):
+            raise RuntimeError(f"The total norm of the gradients is non-finite ({norm}), so it cannot be clipped; "
+                               "set error_if_nonfinite=False to skip this check")
+        norm32 = np.float32(norm)
+        coefficient = min(np.float32(1.0), np.float32(max_norm) / (norm32 + np.float32(1e-6)))
+        self._clip_multiplier = float(coefficient) / scale
+        return torch.tensor(norm32, dtype=grads[0].dtype)
+
     # ---- state dicts ------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -414,57 +468,6 @@ class Optimizer(torch.optim.Optimizer):
         state.setdefault("last_step_skipped", False)
         super().__setstate__(state)
         self._records, self._plans = {}, {}
-
-
-def clip_grad_norm_(optimizer: Optimizer, max_norm: float, *, scaler: Any = None,
-                    error_if_nonfinite: bool = False) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a fastopt.torch optimizer, folded into its next step.
-
-    Returns the total L2 norm of the gradients of the optimizer's parameters, as
-    torch's does, in one read of the gradients (:func:`fastopt.total_norm` on the
-    CPU, in double; torch's norm on CUDA), but writes nothing: the optimizer's next
-    ``step()`` reads the gradients multiplied by torch's coefficient
-    ``min(1, max_norm / (norm + 1e-6))`` (computed in float32, as torch does).
-    So the gradients still hold their unclipped values after this call.
-
-    With ``scaler`` (a ``torch.amp.GradScaler``), the gradients are taken to be
-    loss-scaled and not yet unscaled: the norm returned is the unscaled one, the
-    scaler is told what ``scaler.unscale_(optimizer)`` would tell it (the same
-    found-Inf record and stage; its per-optimizer state is private to torch, so
-    this is pinned to the torch this release is tested with), and the next step
-    reads the gradients times ``coefficient / scale``: unscaling and clipping
-    cost one read pass, where ``unscale_`` + ``clip_grad_norm_`` cost three.
-    """
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a fastopt.torch optimizer, got {type(optimizer).__name__}")
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    locals_ = [local(g) for g in grads]
-    if all(not g.is_cuda for g in locals_):
-        norm = total_norm([grad_view(g) for g in locals_])
-    else:
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
-                                                           for g in locals_])))
-    scale = 1.0
-    if scaler is not None:
-        from torch.amp.grad_scaler import OptState
-        state = scaler._per_optimizer_states[id(optimizer)]
-        if state["stage"] is not OptState.READY:
-            raise RuntimeError("clip_grad_norm_(..., scaler=) unscales: unscale_() or step() was already called "
-                               "on this optimizer since the last update()")
-        scale = float(scaler.get_scale())
-        found_inf = torch.tensor(0.0 if math.isfinite(norm) else 1.0)
-        state["found_inf_per_device"] = {found_inf.device: found_inf}
-        state["stage"] = OptState.UNSCALED
-        norm /= scale
-    if error_if_nonfinite and not math.isfinite(norm):
-        raise RuntimeError(f"The total norm of the gradients is non-finite ({norm}), so it cannot be clipped; "
-                           "set error_if_nonfinite=False to skip this check")
-    norm32 = np.float32(norm)
-    coefficient = min(np.float32(1.0), np.float32(max_norm) / (norm32 + np.float32(1e-6)))
-    optimizer._clip_multiplier = float(coefficient) / scale
-    return torch.tensor(norm32, dtype=grads[0].dtype)
 
 
 def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:
