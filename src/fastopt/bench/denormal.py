@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from ..rules import RULES
 from .cases import Case, format_size, fastopt_call, make_buffers
+from .report import simple_table
 from .timing import DEFAULT, TimerSettings, measure_interleaved
 
 __all__ = ["DenormalRow", "run", "table"]
@@ -132,10 +133,4 @@ def table(rows: Sequence[DenormalRow], markdown: bool = False) -> str:
     body = [[r.case, format_size(r.size), r.impl, f"{r.normal / r.size * 1e9:.3f}",
              f"{r.subnormal / r.size * 1e9:.3f}", f"{r.subnormal / r.normal:.2f}x",
              f"{r.flushed / r.size * 1e9:.3f}", f"{r.flushed / r.normal:.2f}x"] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [head, *body]]
-    return "\n".join(lines) + "\n"
+    return simple_table(head, body, markdown)

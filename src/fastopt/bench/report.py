@@ -72,6 +72,18 @@ def _render(rows: list[list[str]], markdown: bool, columns: Sequence[str] = COLU
     return out
 
 
+def simple_table(head: Sequence[str], body: Sequence[Sequence[str]], markdown: bool = False) -> str:
+    """A table of the modes with a fixed set of columns (``--denormal``,
+    ``--training-step``): right-aligned text, or Markdown."""
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [head, *body]]
+    return "\n".join(lines) + "\n"
+
+
 def tables(results: Sequence[Result], meta: dict[str, Any], markdown: bool = False) -> str:
     """One table per case, rows grouped by size, in the order they ran."""
     out: list[str] = []

@@ -25,6 +25,7 @@ import numpy as np
 
 from .cases import format_size
 from .lists import gpt_layout
+from .report import simple_table
 from .timing import DEFAULT, TimerSettings, measure_interleaved
 
 __all__ = ["StepRow", "run", "table", "TORCH_BYTES", "FASTOPT_BYTES"]
@@ -106,10 +107,4 @@ def table(rows: Sequence[StepRow], markdown: bool = False) -> str:
     body = [[r.layout, format_size(r.size), str(r.tensors), r.backend, f"{r.torch_s * 1e3:.2f}",
              f"{r.torch_s / r.size * 1e9:.3f}", f"{r.fastopt_s * 1e3:.2f}", f"{r.fastopt_s / r.size * 1e9:.3f}",
              f"{r.torch_s / r.fastopt_s:.2f}x"] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        lines = ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in [head, *body]]
-    return "\n".join(lines) + "\n"
+    return simple_table(head, body, markdown)
