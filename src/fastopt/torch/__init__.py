@@ -172,10 +172,10 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---- one step ---------------------------------------------------------------
 
-    def _state_of(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str]) -> tuple[dict, int]:
+    def _state_of(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str]) -> dict:
         """``state[p]`` with every buffer the group's options need (made now, as
-        torch makes them at a parameter's first step, on its device and dtype), and
-        the step count before this step."""
+        torch makes them at a parameter's first step, on its device and dtype) and,
+        for rules whose state counts steps, its ``step`` (and carried value)."""
         keys = self.core.state_keys()
         state = self.state.get(p)
         if state is None:  # (not self.state[p]: torch.optim.SGD without momentum saves no empty entries)
