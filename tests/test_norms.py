@@ -45,6 +45,21 @@ def test_every_backend_and_thread_count_gives_the_reference_bits(dtype, threads)
     assert fastopt.total_norm(xs, backend="c") == math.sqrt(want)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_per_tensor_sums_are_each_tensors_own_in_the_same_order(dtype, threads):
+    """sums_of_squares: the same total, and each tensor's sum bitwise that tensor's own
+    sum_of_squares (its blocks added in order), on every backend and thread count."""
+    xs = arrays(dtype, seed=3)
+    want_each = [fastopt.sum_of_squares([a], backend="numpy") for a in xs]
+    want = fastopt.sum_of_squares(xs, backend="numpy")
+    for n in (1, 2):
+        fastopt.set_num_threads(n)
+        for backend in BACKENDS:
+            total, each = fastopt.sums_of_squares(xs, backend=backend)
+            assert total.hex() == want.hex() and each.dtype == np.float64, f"{backend}, {n} threads"
+            assert [v.hex() for v in each] == [v.hex() for v in want_each], f"{backend}, {n} threads"
+
+
 def test_one_array_and_empty_lists():
     x = np.arange(10, dtype=np.float32)
     assert fastopt.sum_of_squares(x) == 285.0

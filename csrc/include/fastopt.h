@@ -134,14 +134,19 @@ FASTOPT_API int fastopt_get_flush_denormal(void);
 
 /* The sum of squares of count tensors (x[i]: n[i] elements), in double, into
  * *out: the reduction behind a gradient norm (sqrt(*out) is the L2 norm of all
- * of them together). Bitwise reproducible: the order of the additions depends
- * only on the sizes (blocks of 4096 elements, each summed in 8 interleaved
- * lanes and a fixed tree, blocks added in order), never on the thread count or
- * the CPU path. A NaN gives NaN; an Inf and no NaN, +Inf. Returns FASTOPT_OK,
- * FASTOPT_ERR_NULL (out NULL; x or n NULL with count > 0; x[i] NULL with
- * n[i] > 0) or FASTOPT_ERR_LENGTH (count or an n[i] < 0), then *out untouched. */
-FASTOPT_API int fastopt_sumsq_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out);
-FASTOPT_API int fastopt_sumsq_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out);
+ * of them together); and, when each is not NULL, each tensor's own sum into
+ * each[i] (LAMB's and LARS's per-tensor norms). Bitwise reproducible: the
+ * order of the additions depends only on the sizes (blocks of 4096 elements,
+ * each summed in 8 interleaved lanes and a fixed tree; blocks added in order,
+ * all of them for *out, a tensor's own for each[i]), never on the thread count
+ * or the CPU path. A NaN gives NaN; an Inf and no NaN, +Inf. Returns
+ * FASTOPT_OK, FASTOPT_ERR_NULL (out NULL; x or n NULL with count > 0; x[i]
+ * NULL with n[i] > 0) or FASTOPT_ERR_LENGTH (count or an n[i] < 0), then *out
+ * and each untouched. */
+FASTOPT_API int fastopt_sumsq_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out,
+                                       double *each);
+FASTOPT_API int fastopt_sumsq_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out,
+                                       double *each);
 
 /* The CPU path the kernels use: "avx512", "avx2" or "baseline". Decided at
  * the first update (or call of this function) from the CPU's features and the

@@ -9,7 +9,8 @@
  * which block. Squares are exact in double and no multiply-add is contracted
  * (-ffp-contract=off), so the NumPy reference (fastopt.backends.reference)
  * reproduces every bit. A NaN anywhere gives NaN, an Inf (and no NaN) +Inf:
- * the same call tells a loss scaler that a gradient overflowed. */
+ * the same call tells a loss scaler that a gradient overflowed. Each tensor's own
+ * sum (for LAMB's and LARS's trust ratios) is its blocks' sums added in order. */
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -58,7 +59,8 @@ static int64_t fo_tensor_of(const int64_t *first, int64_t count, int64_t b)
     return lo;
 }
 
-static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64_t esize, double *out)
+static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64_t esize, double *out,
+                    double *each)
 {
     if (!out || (count > 0 && (!x || !n)))
         return FASTOPT_ERR_NULL;
@@ -80,12 +82,18 @@ static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64
     double total = 0.0;
     if (!sums) { /* one thread (or no memory for the partial sums): the same order, serially */
         free(first);
-        for (int64_t t = 0; t < count; t++)
+        for (int64_t t = 0; t < count; t++) {
+            double mine = 0.0;
             for (int64_t lo = 0; lo < n[t]; lo += FO_NORM_BLOCK) {
                 const int64_t len = n[t] - lo < FO_NORM_BLOCK ? n[t] - lo : FO_NORM_BLOCK;
-                total += esize == 4 ? fo_block_f32((const float *)x[t] + lo, len)
-                                    : fo_block_f64((const double *)x[t] + lo, len);
+                const double b = esize == 4 ? fo_block_f32((const float *)x[t] + lo, len)
+                                            : fo_block_f64((const double *)x[t] + lo, len);
+                total += b;
+                mine += b;
             }
+            if (each)
+                each[t] = mine;
+        }
         *out = total;
         return FASTOPT_OK;
     }
@@ -102,18 +110,25 @@ static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64
     }
     for (int64_t b = 0; b < blocks; b++)
         total += sums[b];
+    if (each)
+        for (int64_t t = 0; t < count; t++) {
+            double mine = 0.0;
+            for (int64_t b = first[t]; b < first[t + 1]; b++)
+                mine += sums[b];
+            each[t] = mine;
+        }
     free(sums);
     free(first);
     *out = total;
     return FASTOPT_OK;
 }
 
-int fastopt_sumsq_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out)
+int fastopt_sumsq_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out, double *each)
 {
-    return fo_sumsq((const void *const *)x, n, count, 4, out);
+    return fo_sumsq((const void *const *)x, n, count, 4, out, each);
 }
 
-int fastopt_sumsq_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out)
+int fastopt_sumsq_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out, double *each)
 {
-    return fo_sumsq((const void *const *)x, n, count, 8, out);
+    return fo_sumsq((const void *const *)x, n, count, 8, out, each);
 }

@@ -601,16 +601,20 @@ FO_T_FLUSH_TEST(double, _f64, DBL_MIN)
 /* fastopt_sumsq_list: the reference order written out (4096-element blocks, 8
  * lanes, a fixed tree, blocks in order) must give the same bits, for 1 and 2
  * threads; a NaN propagates; bad arguments are refused without writing *out. */
-static double sumsq_reference(const float *const *x, const int64_t *n, int64_t count)
+static double sumsq_reference(const float *const *x, const int64_t *n, int64_t count, double *each)
 {
     double total = 0.0;
-    for (int64_t t = 0; t < count; t++)
+    for (int64_t t = 0; t < count; t++) {
+        each[t] = 0.0;
         for (int64_t lo = 0; lo < n[t]; lo += 4096) {
             double acc[8] = {0};
             for (int64_t i = lo; i < n[t] && i < lo + 4096; i++)
                 acc[(i - lo) % 8] += (double)x[t][i] * (double)x[t][i];
-            total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            const double b = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+            total += b;
+            each[t] += b;
         }
+    }
     return total;
 }
 
@@ -627,23 +631,29 @@ static void test_sumsq(void)
             x[t][i] = (float)((int32_t)seed) / 2147483648.0f;
         }
     }
-    const double want = sumsq_reference((const float *const *)x, n, COUNT);
+    double want_each[COUNT];
+    const double want = sumsq_reference((const float *const *)x, n, COUNT, want_each);
     for (int threads = 1; threads <= 2; threads++) {
         fastopt_set_num_threads(threads);
-        double got = -1.0;
-        CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, COUNT, &got) == FASTOPT_OK, "sumsq: return code");
+        double got = -1.0, each[COUNT];
+        CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, COUNT, &got, each) == FASTOPT_OK,
+              "sumsq: return code");
         CHECK(!memcmp(&got, &want, sizeof got), "sumsq, %d threads: %.17g, expected %.17g", threads, got, want);
+        CHECK(!memcmp(each, want_each, sizeof each), "sumsq, %d threads: the per-tensor sums differ", threads);
+        CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, COUNT, &got, NULL) == FASTOPT_OK
+              && !memcmp(&got, &want, sizeof got), "sumsq without per-tensor sums, %d threads", threads);
     }
     fastopt_set_num_threads(0);
     x[3][123] = NAN;
     double got = 0.0;
-    CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, COUNT, &got) == FASTOPT_OK && isnan(got), "sumsq: NaN");
+    CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, COUNT, &got, NULL) == FASTOPT_OK && isnan(got),
+          "sumsq: NaN");
     got = 7.0;
     const int64_t bad[2] = {3, -1};
-    CHECK(fastopt_sumsq_list_f32((const float *const *)x, bad, 2, &got) == FASTOPT_ERR_LENGTH && got == 7.0,
+    CHECK(fastopt_sumsq_list_f32((const float *const *)x, bad, 2, &got, NULL) == FASTOPT_ERR_LENGTH && got == 7.0,
           "sumsq: n < 0");
-    CHECK(fastopt_sumsq_list_f32(NULL, n, 2, &got) == FASTOPT_ERR_NULL && got == 7.0, "sumsq: NULL x");
-    CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, 2, NULL) == FASTOPT_ERR_NULL, "sumsq: NULL out");
+    CHECK(fastopt_sumsq_list_f32(NULL, n, 2, &got, NULL) == FASTOPT_ERR_NULL && got == 7.0, "sumsq: NULL x");
+    CHECK(fastopt_sumsq_list_f32((const float *const *)x, n, 2, NULL, NULL) == FASTOPT_ERR_NULL, "sumsq: NULL out");
     for (int t = 0; t < COUNT; t++)
         free(x[t]);
 }

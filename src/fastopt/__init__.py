@@ -18,7 +18,7 @@ from .denormals import get_flush_denormal, set_flush_denormal
 from .dispatch import BackendInfo
 from .finite import all_finite
 from .flat import FlatParams
-from .norms import sum_of_squares, total_norm
+from .norms import sum_of_squares, sums_of_squares, total_norm
 from . import functional, optim
 from .functional import *  # noqa: F401,F403  (sgd_ ... lion_: one update function per rule)
 from .optim import *  # noqa: F401,F403  (SGD ... Lion: one stateful class per rule, and Optimizer)
@@ -27,5 +27,5 @@ from .threads import get_num_threads, set_num_threads
 __version__ = "0.1.0"
 
 __all__ = [*functional.__all__, *optim.__all__,
-           "FlatParams", "all_finite", "sum_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
+           "FlatParams", "all_finite", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
            "get_flush_denormal", "set_flush_denormal", "__version__"]

@@ -24,7 +24,7 @@ import numpy as np
 from . import dispatch
 from .buffers import SUPPORTED_DTYPES, is_device_array
 
-__all__ = ["total_norm", "sum_of_squares"]
+__all__ = ["total_norm", "sum_of_squares", "sums_of_squares"]
 
 Arrays = Union[Any, Sequence[Any]]
 
@@ -50,6 +50,16 @@ def sum_of_squares(arrays: Arrays, *, backend: Optional[str] = None) -> float:
     or tuple of arrays of one float dtype), in double, in the reproducible order."""
     items = _checked(arrays)
     return dispatch.select(backend, False).sumsq_list(items)
+
+
+def sums_of_squares(arrays: Arrays, *, backend: Optional[str] = None) -> tuple[float, np.ndarray]:
+    """(the total, as :func:`sum_of_squares`; each array's own sum of squares, a
+    float64 array): the per-tensor norms LAMB's and LARS's trust ratios need, from
+    the same single pass, each in its own reproducible order."""
+    items = _checked(arrays)
+    each = np.zeros(len(items))
+    total = dispatch.select(backend, False).sumsq_list(items, each)
+    return total, each
 
 
 def total_norm(arrays: Arrays, *, backend: Optional[str] = None) -> float:

@@ -185,9 +185,10 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
         raise RuntimeError(f"fastopt_{kernel}_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
 
 
-def sumsq_list(arrays) -> float:
+def sumsq_list(arrays, each=None) -> float:
     """The sum of squares of every element of ``arrays`` (validated host arrays of
-    one dtype): ``fastopt_sumsq_list_f32/_f64``, bitwise reproducible."""
+    one dtype): ``fastopt_sumsq_list_f32/_f64``, bitwise reproducible; each
+    array's own into ``each`` (a float64 array, one per array) when given."""
     if _load():
         raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
     if not arrays:
@@ -199,7 +200,7 @@ def sumsq_list(arrays) -> float:
     out = ffi.new("double *")
     fn = lib.fastopt_sumsq_list_f32 if f32 else lib.fastopt_sumsq_list_f64
     rc = fn(ffi.cast("float **" if f32 else "double **", ptrs.ctypes.data), ffi.cast("int64_t *", sizes.ctypes.data),
-            len(arrays), out)
+            len(arrays), out, ffi.NULL if each is None else ffi.cast("double *", each.ctypes.data))
     if rc != 0:
         raise RuntimeError(f"fastopt_sumsq_list failed: {ffi.string(lib.fastopt_strerror(rc)).decode()}")
     return out[0]

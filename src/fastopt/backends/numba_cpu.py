@@ -159,9 +159,13 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
         _pool.release()
 
 
-def sumsq_list(arrays) -> float:
+_NO_EACH = np.empty(0)  # sumsq_list without per-tensor sums
+
+
+def sumsq_list(arrays, each=None) -> float:
     """The sum of squares of every element of ``arrays`` (validated host arrays of
-    one dtype), in the order of :mod:`fastopt.kernels.numba_norms`."""
+    one dtype), in the order of :mod:`fastopt.kernels.numba_norms`; each array's
+    own into ``each`` (float64, one per array) when given."""
     from ..kernels.numba_norms import SUMSQ, block_starts
     if not arrays:
         return 0.0
@@ -169,9 +173,10 @@ def sumsq_list(arrays) -> float:
     first = block_starts(table[1])
     tiny = _TINY[arrays[0].itemsize]
     serial, parallel = SUMSQ
+    out = each if each is not None else _NO_EACH
     if not _on_pool(arrays[0].itemsize * int(table[1].sum())):
-        return float(serial(table, first, tiny))
+        return float(serial(table, first, tiny, out))
     try:
-        return float(parallel(table, first, tiny))
+        return float(parallel(table, first, tiny, out))
     finally:
         _pool.release()

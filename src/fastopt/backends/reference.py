@@ -186,18 +186,23 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
 NORM_BLOCK, NORM_LANES = 4096, 8
 
 
-def sumsq_list(arrays) -> float:
+def sumsq_list(arrays, each=None) -> float:
     """The sum of squares of every element of ``arrays``, in double, in the one
     order every backend uses: per tensor, per block of 4096 elements, element i
     added to lane i mod 8 (in index order: a reduction over the rows of an
     (m, 8) array adds row after row), the lanes combined by a fixed tree, the
     block sums added in order. (The zeros padding the last row add nothing.)"""
     total = 0.0
-    for a in arrays:
+    for t, a in enumerate(arrays):
         x = a.reshape(-1)
+        mine = 0.0
         for lo in range(0, x.size, NORM_BLOCK):
             block = x[lo:lo + NORM_BLOCK].astype(np.float64)
             block = np.concatenate([block, np.zeros(-block.size % NORM_LANES)]).reshape(-1, NORM_LANES)
             acc = np.add.reduce(block * block, axis=0)
-            total += ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+            b = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+            total += b
+            mine += b
+        if each is not None:
+            each[t] = mine  # (each array's blocks added in order, as the total adds all of them)
     return float(total)

@@ -54,7 +54,7 @@ def block_starts(sizes: np.ndarray) -> np.ndarray:
 
 
 def _make(rng):
-    def sumsq(table, first, tiny):
+    def sumsq(table, first, tiny, each):
         sizes = table[1]
         blocks = first[first.size - 1]
         sums = np.empty(blocks)
@@ -66,6 +66,11 @@ def _make(rng):
         total = 0.0
         for b in range(blocks):
             total += sums[b]
+        for t in range(each.size):  # (each is empty when the per-tensor sums are not wanted)
+            mine = 0.0
+            for b in range(first[t], first[t + 1]):
+                mine += sums[b]
+            each[t] = mine
         return total
     return sumsq
 
@@ -73,5 +78,6 @@ def _make(rng):
 # Module attributes (not closures in a dict) so that their on-disk cache keys are stable.
 _sumsq_serial = numba.njit(**_JIT)(_make(range))
 _sumsq_parallel = numba.njit(parallel=True, **_JIT)(_make(numba.prange))
-#: (serial, parallel): ``f(table, first, tiny) -> float``, ``tiny`` a 1-element array of the dtype.
+#: (serial, parallel): ``f(table, first, tiny, each) -> float``, ``tiny`` a scalar of the dtype, ``each``
+#: a float64 array for the per-tensor sums (empty: not wanted).
 SUMSQ = (_sumsq_serial, _sumsq_parallel)
