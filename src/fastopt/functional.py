@@ -45,11 +45,7 @@ Betas = Tuple[float, float]
 def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict,
             step: Any, backend: Optional[str], stream: Any, grad_multiplier: Any = 1.0) -> Any:
     """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result."""
-    t = step_count(step) if rule.takes_step or step is not None else 1
-    flat, needed = rule.prepared(hyper)
-    scalars, extra = rule.scalars_at(flat, t)
-    if type(grad_multiplier) is not float or grad_multiplier != 1.0:  # (the default: no check, no copy)
-        scalars = _multiplied(scalars, grad_multiplier)
+    scalars, extra, needed = _scalars(rule, hyper, step, grad_multiplier)
     names, arrays, used, rows = ["param", "grad"], [param, grad], [], [0, 1]
     for name, buf in zip(rule.state, state):
         if buf is None:
@@ -75,6 +71,17 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
     return extra
 
 
+def _scalars(rule: Rule, hyper: dict, step: Any, grad_multiplier: Any) -> tuple[Any, Any, dict[str, str]]:
+    """(the kernel scalars of this call, the rule's extra result, the state buffers it
+    needs), every hyperparameter, the step and the multiplier validated."""
+    t = step_count(step) if rule.takes_step or step is not None else 1
+    flat, needed = rule.prepared(hyper)
+    scalars, extra = rule.scalars_at(flat, t)
+    if type(grad_multiplier) is not float or grad_multiplier != 1.0:  # (the default: no check, no copy)
+        scalars = _multiplied(scalars, grad_multiplier)
+    return scalars, extra, needed
+
+
 def _multiplied(scalars: Any, grad_multiplier: Any) -> Any:
     """``scalars`` with the gradient multiplied by ``grad_multiplier`` as it is read:
     every rule reads ``g = grad*grad_sign`` first, so the factor joins ``grad_sign``
@@ -93,11 +100,7 @@ def _run_table(rule: Rule, hyper: dict, step: Any, params: Sequence[Array], stat
     on a backend with ``runs_from_table`` (see :func:`table_backend`): what
     fastopt.torch's replayed steps run, with no array per gradient. The
     hyperparameters are validated as in every call. Returns the rule's extra result."""
-    t = step_count(step) if rule.takes_step or step is not None else 1
-    flat, _ = rule.prepared(hyper)
-    scalars, extra = rule.scalars_at(flat, t)
-    if type(grad_multiplier) is not float or grad_multiplier != 1.0:
-        scalars = _multiplied(scalars, grad_multiplier)
+    scalars, extra, _ = _scalars(rule, hyper, step, grad_multiplier)
     dispatch.select(backend, False).run_list(rule.kernel, params, (), states, scalars, None, table)
     return extra
 
