@@ -208,14 +208,14 @@ def run(call: Call, grad_multiplier: float = 1.0) -> None:
     they are read), then count the step through the state's own memory (no torch op
     per parameter)."""
     core, hyper = call.core, call.hyper
-    kwargs = {k: hyper[k] for k in core.rule.defaults}
-    if core.rule.takes_step:
-        kwargs["step"] = hyper["step"]
+    values = {k: hyper[k] for k in core.rule.defaults}  # (the functional update's keywords)
+    step = hyper["step"] if core.rule.takes_step else None
     if call.table is not None:
-        out = _run_table(core.rule, {k: hyper[k] for k in core.rule.defaults}, kwargs.pop("step", None),
-                         call.params, tuple(call.state), call.table, grad_multiplier=grad_multiplier)
+        out = _run_table(core.rule, values, step, call.params, tuple(call.state), call.table,
+                         grad_multiplier=grad_multiplier)
     else:
-        out = core.update(call.params, call.grads, *call.state, grad_multiplier=grad_multiplier, **kwargs)
+        out = core.update(call.params, call.grads, *call.state, step=step, grad_multiplier=grad_multiplier,
+                          **values)
     for view, t in zip(call.steps, call.counts):
         view[()] = t
     for view in call.carry:
