@@ -263,30 +263,6 @@ def test_parameters_keep_their_own_storage_and_state_is_per_parameter():
         assert st["exp_avg"].shape == p.shape and st["exp_avg"].untyped_storage().nbytes() == p.numel() * 4
 
 
-def both(make, **options):
-    """(model, optimizer) made the same way for fastopt.torch and torch.optim."""
-    out = []
-    for module in (ft, torch.optim):
-        model = mlp()
-        extra = {} if module is ft or name_of(make) not in TORCH_HAS_FOREACH else {"foreach": False}
-        out.append((model, make(module, model, **extra, **options)))
-    return out
-
-
-TORCH_HAS_FOREACH = {"Adam", "AdamW", "SGD"}
-
-
-def name_of(make):
-    return make.__name__
-
-
-def step_both(pairs, loss_of):
-    for model, opt in pairs:
-        opt.zero_grad()
-        loss_of(model).backward()
-        opt.step()
-
-
 def assert_states_equal(a, b, params_a, params_b):
     for pa, pb in zip(params_a, params_b):
         sa, sb = a.state.get(pa, {}), b.state.get(pb, {})
