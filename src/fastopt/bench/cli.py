@@ -168,6 +168,17 @@ def _report(args, results, meta, tables) -> int:
     return 1 if any(r.error for r in results) else 0
 
 
+def _compiled_cpu_backends(args) -> list[str]:
+    """``--backends``, or the compiled CPU backends that load here (c, numba): what the
+    ``--denormal`` and ``--training-step`` modes time."""
+    import fastopt
+
+    if args.backends:
+        return _comma_list(args.backends)
+    available = [n for n, i in fastopt.backends().items() if i.available and i.device == "cpu"]
+    return [b for b in ("c", "numba") if b in available]
+
+
 def _main_denormal(args, timer, progress, competitors) -> int:
     """``--denormal``: subnormal state with and without flushing (:mod:`.denormal`)."""
     import json
@@ -179,8 +190,7 @@ def _main_denormal(args, timer, progress, competitors) -> int:
         parser().error("--denormal runs float32 on the CPU backends")
     cases = select_cases(args.rules) if args.rules else [CASES["adamw"]]
     size = parse_sizes(args.sizes)[0] if args.sizes else 1 << 20
-    available = [n for n, i in fastopt.backends().items() if i.available and i.device == "cpu"]
-    backends = _comma_list(args.backends) if args.backends else [b for b in ("c", "numba") if b in available]
+    backends = _compiled_cpu_backends(args)
     if args.threads is not None:
         fastopt.set_num_threads(args.threads)
     try:
@@ -206,8 +216,7 @@ def _main_training_step(args, timer, progress) -> int:
     if args.device != "cpu" or args.dtype != "float32":
         parser().error("--training-step runs float32 on the CPU backends")
     sizes = parse_sizes(args.sizes) if args.sizes else [1 << 24, 50_000_000]
-    available = [n for n, i in fastopt.backends().items() if i.available and i.device == "cpu"]
-    backends = _comma_list(args.backends) if args.backends else [b for b in ("c", "numba") if b in available]
+    backends = _compiled_cpu_backends(args)
     if args.threads is not None:
         fastopt.set_num_threads(args.threads)
         import torch
