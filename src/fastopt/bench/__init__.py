@@ -11,5 +11,6 @@ NumPy reference backend and ``torch.optim``. Modules, one job each:
 * :mod:`.timing`      the timer: warmup, adaptive call count, repeats, median and min
 * :mod:`.runner`      the matrix case x size x implementation, and the ratios
 * :mod:`.report`      the tables (terminal or Markdown) and the JSON document
+* :mod:`.plot`        ``--plot``: ns/elem against size as a figure (matplotlib, optional)
 * :mod:`.cli`         ``python -m fastopt bench [options]``
 """

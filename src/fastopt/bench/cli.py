@@ -7,6 +7,7 @@ Examples::
     python -m fastopt bench --rules adam-amsgrad,sgd --threads 1 --json out.json
     python -m fastopt bench --device cuda --sizes 2^24,2^26   # copy roofline, torch CUDA
     python -m fastopt bench --quick --markdown                # few repeats, paste-able tables
+    python -m fastopt bench --rules adamw --plot adamw.svg    # also ns/elem against size as a figure
     python -m fastopt bench --lists                           # adamw_: list of tensors vs one flat buffer
     python -m fastopt bench --lists --rules adamw,lion --layouts gpt,1000x1024 --sizes 2^20,2^24
     python -m fastopt bench --denormal                        # subnormal state, flush off and on
@@ -56,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every measurement as JSON")
+    ap.add_argument("--plot", default=None, metavar="FILE",
+                    help="also draw ns/elem against size, a line per implementation and the roofline dashed, "
+                         "one panel per case (.svg, .png or .pdf; needs matplotlib: pip install \"fastopt[plot]\")")
     ap.add_argument("--quick", action="store_true", help="few, short repeats (a smoke run, noisier numbers)")
     ap.add_argument("--repeats", type=int, default=None, metavar="N", help="measurements per row (default 7)")
     ap.add_argument("--lists", action="store_true",
@@ -114,6 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser().error(str(exc))
     if args.layouts and not args.lists:
         parser().error("--layouts needs --lists")
+    if args.plot:  # before anything is timed: a missing matplotlib must not cost a run
+        from . import plot
+        if args.lists or args.denormal or args.training_step:
+            parser().error("--plot draws the size sweep; not with --lists, --denormal or --training-step")
+        try:
+            plot.check(args.plot)
+        except plot.PlotError as exc:
+            parser().error(str(exc))
     if (args.huge or os.environ.get("FASTOPT_BENCH_HUGE") == "1") and HUGE_SIZE not in sizes:
         sizes.append(HUGE_SIZE)
     timer = QUICK if args.quick else DEFAULT
@@ -150,7 +162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if progress:
             progress.close()
-    return _report(args, results, meta, report.tables)
+    status = _report(args, results, meta, report.tables)
+    if args.plot:
+        plot.write(results, meta, args.plot)
+        if not args.quiet:
+            print(f"wrote {args.plot}", file=sys.stderr)
+    return status
 
 
 def _report(args, results, meta, tables) -> int:
