@@ -15,7 +15,7 @@ import pytest
 
 from fastopt.codegen import c_library, translate
 from fastopt.codegen.__main__ import main as codegen_main
-from fastopt.rules import RULES
+from fastopt.rules import RULES, TWO_PASS_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +52,21 @@ def test_every_rule_and_kernel_is_emitted():
     files = c_library.generate()
     header, api, kernels = (files["csrc/include/fastopt_rules.h"], files["csrc/src/rules_api.inc"],
                             files["csrc/src/rules_kernels.inc"])
-    for r in RULES.values():
+    every = (*RULES.values(), *TWO_PASS_RULES.values())
+    for r in every:
         for fn in (f"fastopt_{r.name}_prepare(", f"fastopt_{r.name}_f32(", f"fastopt_{r.name}_list_f64("):
             assert fn in header and fn in api, fn
         assert f"N({r.kernel}_run_)" in kernels
-    assert kernels.count("_run_)(void *param") == len({r.kernel for r in RULES.values()})
+    assert kernels.count("_run_)(void *param") == len({r.kernel for r in every})
+    # the two-pass rules: pass 1 per kernel, the ratio and both entry points per rule
+    for r in TWO_PASS_RULES.values():
+        for fn in (f"fastopt_{r.name}_ratio(", f"fastopt_{r.name}_norms_list_f32(", f"fastopt_{r.name}_trust_f64(",
+                   f"fastopt_{r.name}_trust_list_f32("):
+            assert fn in header and fn in api, fn
+        assert f"N({r.kernel}_sums_)" in kernels
+    internal = files["csrc/src/rules_internal.h"]
+    assert "#define FO_TRUST_LIST(X) " + " ".join(f"X({r.kernel}, FO_{r.kernel.upper()})"
+                                                  for r in TWO_PASS_RULES.values()) in internal
 
 
 # ---- the translator -------------------------------------------------------------
@@ -196,3 +206,33 @@ def test_sgd_relation_and_checks_are_generated():
     nadam = api.split("int fastopt_nadam_prepare", 1)[1].split("return FASTOPT_OK", 1)[0]
     assert "fo_unit_closed(*mu_product)" in nadam and "*mu_product = product;" in nadam
     assert "(double)fo_add_i64(step, 1) * momentum_decay" in nadam
+
+
+def test_trust_ratios_are_translated():
+    """A two-pass rule's ratio (Rule.trust.ratio) becomes C with Python's operation order,
+    the scalars' fields read through s->."""
+    api = c_library.generate()["csrc/src/rules_api.inc"]
+    lamb = api.split("static void fo_ratio_lamb", 1)[1].split("\n}", 1)[0]
+    assert "double param_norm = sqrt(param_sumsq);" in lamb
+    assert ("->step_size = ((param_norm != 0.0 && update_norm != 0.0) ? (s->step_size * (param_norm / update_norm))"
+            " : (s->step_size));") in lamb
+    lars = api.split("static void fo_ratio_lars", 1)[1].split("\n}", 1)[0]
+    assert "? (s->eta * param_norm / update_norm) : (1.0)" in lars
+    assert "static int fo_trusted_lamb(const fastopt_lamb_scalars *s) { return s->trust; }" in api
+
+
+def test_value_translation_errors(tmp_path):
+    path = tmp_path / "val.py"
+    path.write_text("import math\n\ndef f(a, b):\n    if a > 0.0:\n        a = 1.0\n    return a\n\n"
+                    "def g(a, b):\n    return a > b\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("val", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env = {"a": ("a", translate.DOUBLE), "b": ("b", translate.DOUBLE)}
+    with pytest.raises(translate.TranslationError, match=r"line 4: If statements"):
+        translate.translate_value(mod.f, "rule test, ratio f", env)
+    with pytest.raises(translate.TranslationError, match="must be a number, not a bool"):
+        translate.translate_value(mod.g, "rule test, ratio g", env)
+    with pytest.raises(translate.TranslationError, match=r"parameter 'b' is not one of the function's inputs"):
+        translate.translate_value(mod.g, "rule test, ratio g", {"a": env["a"]})

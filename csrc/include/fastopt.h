@@ -56,6 +56,27 @@
  *     small tensors use the threads as one large buffer would. Results are
  *     bitwise those of one flat call per tensor, for any thread count.
  *
+ * Two-pass rules (LAMB, LARS: fastopt_rules.h): the step of each tensor is
+ * scaled by a trust ratio of two of its norms, ||param|| and ||u||, u being the
+ * update the rule would apply. fastopt_<rule>_trust_list_f32 / _f64 (and the
+ * flat fastopt_<rule>_trust_*, a list of one) take the arguments of
+ * fastopt_<rule>_list_* and run, per call:
+ *   1. a read-only pass over param, grad and the state: per tensor, the sums of
+ *      squares of param and of u in double, in the order of fastopt_sumsq_list
+ *      (blocks of 4096, 8 lanes, a fixed tree, blocks in order; bitwise
+ *      reproducible); fastopt_<rule>_norms[_list]_* is this pass alone;
+ *   2. the update, tensor i with a copy of *s whose trust field is the ratio
+ *      of tensor i's two sums (fastopt_<rule>_ratio gives that copy): the
+ *      threads spread over all the elements as in a list call, results bitwise
+ *      those of fastopt_<rule>_norms_list_*, fastopt_<rule>_ratio and one
+ *      fastopt_<rule>_* call per tensor, for any thread count.
+ * When the ratio does not apply (each rule says when: LAMB without weight decay
+ * or use_nvlamb, LARS without adaptation) it is exactly fastopt_<rule>_list_*,
+ * one pass. The contract of list calls holds; also FASTOPT_ERR_MEMORY when the
+ * per-tensor tables (count scalars structs and sums) cannot be allocated,
+ * before any buffer is written. The scalars' `measure` flag is pass 1's: every
+ * entry point ignores the value in *s (prepare sets it to 0).
+ *
  * Threads: the kernels split large buffers into one contiguous static chunk
  * per OpenMP thread (small buffers run on the calling thread); see
  * fastopt_set_num_threads. CPU path: chosen once at the first call from the
@@ -95,7 +116,8 @@ enum {
     FASTOPT_ERR_NULL = -1,     /* a required pointer is NULL */
     FASTOPT_ERR_LENGTH = -2,   /* n < 0 */
     FASTOPT_ERR_HYPER = -3,    /* a hyperparameter or step is out of range (prepare) */
-    FASTOPT_ERR_THREADS = -4   /* fastopt_set_num_threads: n < 0 */
+    FASTOPT_ERR_THREADS = -4,  /* fastopt_set_num_threads: n < 0 */
+    FASTOPT_ERR_MEMORY = -5    /* a two-pass update could not allocate its per-tensor tables */
 };
 
 /* Library version as "MAJOR.MINOR.PATCH"; a static string, never NULL. */
@@ -147,6 +169,23 @@ FASTOPT_API int fastopt_sumsq_list_f32(const float *const *x, const int64_t *n, 
                                        double *each);
 FASTOPT_API int fastopt_sumsq_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out,
                                        double *each);
+
+/* The largest magnitude max |x[i][j]| of count tensors (x[i]: n[i] elements),
+ * as a double (exact: every float is a double), into *out: the inf norm of all
+ * of them together; and, when each is not NULL, each tensor's own into each[i]
+ * (0.0 for an empty tensor, and *out is 0.0 when there are no elements). The
+ * same blocks and thread split as fastopt_sumsq_list (a maximum is exact in any
+ * order, so the result never depends on the thread count or the CPU path). A
+ * NaN anywhere gives NaN (sticky: an Inf does not hide it), always the quiet
+ * NaN of NAN (bits 0x7ff8000000000000, whatever the input NaN's sign and
+ * payload), so results are bitwise comparable; an Inf and no NaN, +Inf. The
+ * same checks and return codes as fastopt_sumsq_list: FASTOPT_OK,
+ * FASTOPT_ERR_NULL (out NULL; x or n NULL with count > 0; x[i] NULL with n[i] >
+ * 0) or FASTOPT_ERR_LENGTH (count or an n[i] < 0), then *out and each untouched. */
+FASTOPT_API int fastopt_maxabs_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out,
+                                        double *each);
+FASTOPT_API int fastopt_maxabs_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out,
+                                        double *each);
 
 /* The CPU path the kernels use: "avx512", "avx2" or "baseline". Decided at
  * the first update (or call of this function) from the CPU's features and the

@@ -470,6 +470,160 @@ FASTOPT_API int fastopt_ademamix_list_f64(double *const *param, const double *co
                                           double *const *exp_avg_sq, const int64_t *n, int64_t count,
                                           const fastopt_ademamix_scalars *s);
 
+/* ---- LAMB (lamb) --------------------------------------------------------------------------------
+ *
+ * LAMB, layer-wise adaptive moments (You et al., 2020, "Large Batch Optimization for Deep Learning:
+ *     Training BERT in 76 minutes"), as NVIDIA apex's FusedLAMB computes it.
+ *
+ * g = grad*grad_sign (+ weight_decay*p, adam_w_mode=False); m = beta1*m + beta3*g;
+ * v = beta2*v + (1-beta2)*g*g; u = m*inv_bc1/(sqrt(v*inv_bc2) + eps) (+ decay*p), inv_bc =
+ *     1/(1-beta**t);
+ * pass 1: ||p|| and ||u|| per tensor; pass 2: p -= step_size*u with step_size = lr*||p||/||u||
+ * when trust (weight_decay != 0 or use_nvlamb) and both norms are nonzero, else lr.
+ * apex's max_grad_norm clipping (fastopt.lamb_ does it): grad_sign *= max_grad_norm/global_norm
+ * when the global gradient norm (sqrt of fastopt_sumsq_list over every gradient) exceeds it.
+ */
+typedef struct {
+    double beta1;
+    double beta2;
+    double beta3; /* 1 - beta1 with grad_averaging, else 1 (apex's beta3) */
+    double one_minus_beta2;
+    double inv_bias_correction1; /* 1/(1 - beta1**step) with bias_correction, else 1 */
+    double inv_bias_correction2; /* 1/(1 - beta2**step) with bias_correction, else 1 */
+    double eps;
+    double weight_decay; /* L2 term added to the gradient (adam_w_mode=False), else 0 */
+    double decay; /* decoupled: weight_decay*p added to the update (adam_w_mode=True), else 0 */
+    double step_size; /* lr; in pass 2 lr*||p||/||u|| of the tensor (see _lamb_ratio) */
+    double grad_sign;
+    int trust; /* the trust ratio applies: weight_decay != 0 or use_nvlamb (apex); 0 or 1 */
+    int measure; /* pass 1: the element gives the update u itself, and nothing is stored; 0 or 1 */
+} fastopt_lamb_scalars;
+
+/* Checks: lr, eps, weight_decay finite and >= 0; beta1, beta2 in [0, 1); step >= 1. */
+FASTOPT_API int fastopt_lamb_prepare(fastopt_lamb_scalars *out, double lr, double beta1, double beta2,
+                                     double eps, double weight_decay, int bias_correction, int adam_w_mode,
+                                     int grad_averaging, int use_nvlamb, int maximize, int64_t step);
+
+/* State buffers: exp_avg, exp_avg_sq.  _list_: count tensors in one call (see fastopt.h). */
+FASTOPT_API int fastopt_lamb_f32(float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
+                                 int64_t n, const fastopt_lamb_scalars *s);
+FASTOPT_API int fastopt_lamb_f64(double *param, const double *grad, double *exp_avg, double *exp_avg_sq,
+                                 int64_t n, const fastopt_lamb_scalars *s);
+FASTOPT_API int fastopt_lamb_list_f32(float *const *param, const float *const *grad, float *const *exp_avg,
+                                      float *const *exp_avg_sq, const int64_t *n, int64_t count,
+                                      const fastopt_lamb_scalars *s);
+FASTOPT_API int fastopt_lamb_list_f64(double *const *param, const double *const *grad, double *const *exp_avg,
+                                      double *const *exp_avg_sq, const int64_t *n, int64_t count,
+                                      const fastopt_lamb_scalars *s);
+
+/* Two passes (see fastopt.h, "Two-pass rules"). fastopt_lamb_ratio: the scalars of pass 2 for one
+ * tensor, s with step_size replaced by the trust ratio's value of the tensor's sums of squares
+ * (unchanged when !(s->trust); out may be s). fastopt_lamb_norms[_list]_*: pass 1 alone, read-
+ * only: per tensor sum(param^2) into param_sumsq[i] and sum(u^2) into update_sumsq[i] (u: the
+ * update these scalars give), in double, bitwise reproducible (param_sumsq[i] is
+ * fastopt_sumsq_list's each[i]); it reads param, grad and exp_avg, exp_avg_sq (another state table
+ * may be NULL). fastopt_lamb_trust[_list]_*: the update with the tensors' ratios: both passes when
+ * s->trust, else exactly fastopt_lamb_[list_]* (one pass). */
+FASTOPT_API int fastopt_lamb_ratio(fastopt_lamb_scalars *out, const fastopt_lamb_scalars *s,
+                                   double param_sumsq, double update_sumsq);
+FASTOPT_API int fastopt_lamb_norms_f32(const float *param, const float *grad, const float *exp_avg,
+                                       const float *exp_avg_sq, int64_t n, const fastopt_lamb_scalars *s,
+                                       double *param_sumsq, double *update_sumsq);
+FASTOPT_API int fastopt_lamb_norms_f64(const double *param, const double *grad, const double *exp_avg,
+                                       const double *exp_avg_sq, int64_t n, const fastopt_lamb_scalars *s,
+                                       double *param_sumsq, double *update_sumsq);
+FASTOPT_API int fastopt_lamb_norms_list_f32(const float *const *param, const float *const *grad,
+                                            const float *const *exp_avg, const float *const *exp_avg_sq,
+                                            const int64_t *n, int64_t count, const fastopt_lamb_scalars *s,
+                                            double *param_sumsq, double *update_sumsq);
+FASTOPT_API int fastopt_lamb_norms_list_f64(const double *const *param, const double *const *grad,
+                                            const double *const *exp_avg, const double *const *exp_avg_sq,
+                                            const int64_t *n, int64_t count, const fastopt_lamb_scalars *s,
+                                            double *param_sumsq, double *update_sumsq);
+FASTOPT_API int fastopt_lamb_trust_f32(float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
+                                       int64_t n, const fastopt_lamb_scalars *s);
+FASTOPT_API int fastopt_lamb_trust_f64(double *param, const double *grad, double *exp_avg, double *exp_avg_sq,
+                                       int64_t n, const fastopt_lamb_scalars *s);
+FASTOPT_API int fastopt_lamb_trust_list_f32(float *const *param, const float *const *grad,
+                                            float *const *exp_avg, float *const *exp_avg_sq, const int64_t *n,
+                                            int64_t count, const fastopt_lamb_scalars *s);
+FASTOPT_API int fastopt_lamb_trust_list_f64(double *const *param, const double *const *grad,
+                                            double *const *exp_avg, double *const *exp_avg_sq,
+                                            const int64_t *n, int64_t count, const fastopt_lamb_scalars *s);
+
+/* ---- LARS (lars) --------------------------------------------------------------------------------
+ *
+ * LARS, layer-wise adaptive rate scaling (You, Gitman & Ginsburg, 2017, "Large Batch Training of
+ *     Convolutional Networks"), as facebookresearch/vicreg's and barlowtwins' LARS computes it.
+ *
+ * u = grad*grad_sign (+ weight_decay*p); pass 1: ||p|| and ||u|| per tensor;
+ * pass 2: q = eta*||p||/||u|| when adapt and both norms are > 0, else 1;
+ * with momentum: mu = momentum*mu + q*u, p -= lr*mu; else p -= lr*q*u.
+ */
+typedef struct {
+    double lr;
+    double momentum;
+    double weight_decay;
+    double eta; /* the trust coefficient (read by _lars_ratio, not by the element) */
+    double trust_ratio; /* 1; in pass 2 eta*||p||/||u|| of the tensor (see _lars_ratio) */
+    double grad_sign;
+    int use_momentum; /* momentum != 0; 0 or 1 */
+    int adapt; /* lars_adaptation: the trust ratio applies; 0 or 1 */
+    int measure; /* pass 1: the element gives the update u itself, and nothing is stored; 0 or 1 */
+} fastopt_lars_scalars;
+
+/* Checks: lr, momentum, weight_decay, eta finite and >= 0. LARS has no step count. */
+FASTOPT_API int fastopt_lars_prepare(fastopt_lars_scalars *out, double lr, double momentum,
+                                     double weight_decay, double eta, int lars_adaptation, int maximize);
+
+/* State buffers: momentum_buffer. momentum_buffer: optional, used (and required) only when
+ * s->use_momentum (momentum != 0). _list_: count tensors in one call (see fastopt.h). */
+FASTOPT_API int fastopt_lars_f32(float *param, const float *grad, float *momentum_buffer, int64_t n,
+                                 const fastopt_lars_scalars *s);
+FASTOPT_API int fastopt_lars_f64(double *param, const double *grad, double *momentum_buffer, int64_t n,
+                                 const fastopt_lars_scalars *s);
+FASTOPT_API int fastopt_lars_list_f32(float *const *param, const float *const *grad,
+                                      float *const *momentum_buffer, const int64_t *n, int64_t count,
+                                      const fastopt_lars_scalars *s);
+FASTOPT_API int fastopt_lars_list_f64(double *const *param, const double *const *grad,
+                                      double *const *momentum_buffer, const int64_t *n, int64_t count,
+                                      const fastopt_lars_scalars *s);
+
+/* Two passes (see fastopt.h, "Two-pass rules"). fastopt_lars_ratio: the scalars of pass 2 for one
+ * tensor, s with trust_ratio replaced by the trust ratio's value of the tensor's sums of squares
+ * (unchanged when !(s->adapt); out may be s). fastopt_lars_norms[_list]_*: pass 1 alone, read-
+ * only: per tensor sum(param^2) into param_sumsq[i] and sum(u^2) into update_sumsq[i] (u: the
+ * update these scalars give), in double, bitwise reproducible (param_sumsq[i] is
+ * fastopt_sumsq_list's each[i]); it reads param, grad and no state buffer (another state table may
+ * be NULL). fastopt_lars_trust[_list]_*: the update with the tensors' ratios: both passes when
+ * s->adapt, else exactly fastopt_lars_[list_]* (one pass). */
+FASTOPT_API int fastopt_lars_ratio(fastopt_lars_scalars *out, const fastopt_lars_scalars *s,
+                                   double param_sumsq, double update_sumsq);
+FASTOPT_API int fastopt_lars_norms_f32(const float *param, const float *grad, const float *momentum_buffer,
+                                       int64_t n, const fastopt_lars_scalars *s, double *param_sumsq,
+                                       double *update_sumsq);
+FASTOPT_API int fastopt_lars_norms_f64(const double *param, const double *grad, const double *momentum_buffer,
+                                       int64_t n, const fastopt_lars_scalars *s, double *param_sumsq,
+                                       double *update_sumsq);
+FASTOPT_API int fastopt_lars_norms_list_f32(const float *const *param, const float *const *grad,
+                                            const float *const *momentum_buffer, const int64_t *n,
+                                            int64_t count, const fastopt_lars_scalars *s, double *param_sumsq,
+                                            double *update_sumsq);
+FASTOPT_API int fastopt_lars_norms_list_f64(const double *const *param, const double *const *grad,
+                                            const double *const *momentum_buffer, const int64_t *n,
+                                            int64_t count, const fastopt_lars_scalars *s, double *param_sumsq,
+                                            double *update_sumsq);
+FASTOPT_API int fastopt_lars_trust_f32(float *param, const float *grad, float *momentum_buffer, int64_t n,
+                                       const fastopt_lars_scalars *s);
+FASTOPT_API int fastopt_lars_trust_f64(double *param, const double *grad, double *momentum_buffer, int64_t n,
+                                       const fastopt_lars_scalars *s);
+FASTOPT_API int fastopt_lars_trust_list_f32(float *const *param, const float *const *grad,
+                                            float *const *momentum_buffer, const int64_t *n, int64_t count,
+                                            const fastopt_lars_scalars *s);
+FASTOPT_API int fastopt_lars_trust_list_f64(double *const *param, const double *const *grad,
+                                            double *const *momentum_buffer, const int64_t *n, int64_t count,
+                                            const fastopt_lars_scalars *s);
+
 /* ---- cffi: end ---- */
 
 #ifdef __cplusplus

@@ -23,6 +23,7 @@ const char *fastopt_strerror(int code)
     case FASTOPT_ERR_LENGTH: return "n < 0";
     case FASTOPT_ERR_HYPER: return "a hyperparameter or the step is out of range";
     case FASTOPT_ERR_THREADS: return "the thread count is < 0";
+    case FASTOPT_ERR_MEMORY: return "out of memory (a two-pass update's per-tensor tables)";
     default: return "unknown fastopt error code";
     }
 }
@@ -211,7 +212,8 @@ typedef struct {
     const void *param, *grad;
     const void *const *state; /* FO_MAX_STATE tables (NULL: unused) */
     const int64_t *n;
-    const void *scalars;
+    const void *scalars; /* tensor i's: (const char *)scalars + i * stride */
+    int64_t stride;      /* 0: one struct for every tensor */
     int flush; /* fastopt_get_flush_denormal(), read once per call */
 } fo_list;
 
@@ -230,17 +232,19 @@ static void fo_list_range(const fo_list *L, int64_t lo, int64_t hi)
             st[k] = fo_at(L->state[k], i, L->dtype);
         const int64_t head = n * L->esize >= FO_LIST_ALIGN_MIN_BYTES ? fo_head(p, n, L->esize) : 0;
         const int64_t a = fo_cut(lo - offset, n, head, L->align), b = fo_cut(hi - offset, n, head, L->align);
+        const void *scalars = (const char *)L->scalars + i * L->stride;
         if (a < head && a < b) /* the head on its own, as fo_run runs it */
-            fo_loop_range(L->loop, p, g, st, a, (b < head ? b : head) - a, L->esize, L->scalars, L->flush);
+            fo_loop_range(L->loop, p, g, st, a, (b < head ? b : head) - a, L->esize, scalars, L->flush);
         const int64_t from = a > head ? a : head;
         if (from < b)
-            fo_loop_range(L->loop, p, g, st, from, b - from, L->esize, L->scalars, L->flush);
+            fo_loop_range(L->loop, p, g, st, from, b - from, L->esize, scalars, L->flush);
     }
 }
 
-static int fo_run_list(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
-                       unsigned need, const int64_t *n, int64_t count, const void *scalars)
+int fo_list_check(int dtype, const void *param, const void *grad, const void *const *state, unsigned need,
+                  const int64_t *n, int64_t count, const void *scalars, int64_t *total)
 {
+    *total = 0;
     if (!scalars)
         return FASTOPT_ERR_NULL;
     if (count < 0)
@@ -253,9 +257,9 @@ static int fo_run_list(int kernel, int dtype, const void *param, const void *gra
         if ((need >> k & 1u) && !state[k])
             return FASTOPT_ERR_NULL;
     const int64_t esize = dtype == FO_F32 ? 4 : 8;
-    int64_t total = 0;
+    int64_t sum = 0;
     for (int64_t i = 0; i < count; i++) {
-        if (n[i] < 0 || n[i] > INT64_MAX / esize - total)
+        if (n[i] < 0 || n[i] > INT64_MAX / esize - sum)
             return FASTOPT_ERR_LENGTH;
         if (n[i] == 0)
             continue;
@@ -264,10 +268,28 @@ static int fo_run_list(int kernel, int dtype, const void *param, const void *gra
         for (int k = 0; k < FO_MAX_STATE; k++)
             if ((need >> k & 1u) && !fo_at(state[k], i, dtype))
                 return FASTOPT_ERR_NULL;
-        total += n[i];
+        sum += n[i];
     }
+    *total = sum;
+    return FASTOPT_OK;
+}
+
+static int fo_run_list(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
+                       unsigned need, const int64_t *n, int64_t count, const void *scalars)
+{
+    return fo_run_list_each(kernel, dtype, param, grad, state, need, n, count, scalars, 0);
+}
+
+int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
+                     unsigned need, const int64_t *n, int64_t count, const void *scalars, int64_t stride)
+{
+    int64_t total;
+    const int rc = fo_list_check(dtype, param, grad, state, need, n, count, scalars, &total);
+    if (rc != FASTOPT_OK || count == 0)
+        return rc;
+    const int64_t esize = dtype == FO_F32 ? 4 : 8;
     const fo_list L = {fo_kernels_selected()->loop[kernel][dtype], dtype, esize, FO_ALIGN_BYTES / esize, count,
-                       param, grad, state, n, scalars, fo_flush_denormal};
+                       param, grad, state, n, scalars, stride, fo_flush_denormal};
     const int64_t threads = fo_threads_for(total, esize);
     if (threads <= 1) {
         fo_list_range(&L, 0, total);

@@ -22,9 +22,23 @@ enum { FO_F32, FO_F64, FO_NDTYPES };
 typedef void (*fo_loop)(void *param, const void *grad, void *const *state, int64_t n, const void *scalars,
                         int flush);
 
+/* Pass 1 of a two-pass kernel (LAMB, LARS) over one block of n <= FO_TRUST_BLOCK
+ * elements: the sums of squares, in double, of param and of the update u the
+ * kernel would apply (its element function with the measure flag on), each in
+ * 8 lanes and a fixed tree (the order of norm.c's blocks). Nothing is written but
+ * the two sums. trust.c schedules the blocks. */
+#define FO_TRUST_BLOCK 4096
+/* <kernel>_sums_ works through a block in pieces of this many elements (the update
+ * of a piece into a scratch array, then its squares into the lanes): memory and
+ * arithmetic alternate finely enough for the prefetchers to keep streaming. */
+#define FO_TRUST_PIECE 512
+typedef void (*fo_sums)(const void *param, const void *grad, const void *const *state, int64_t n,
+                        const void *scalars, double *param_sumsq, double *update_sumsq);
+
 typedef struct {
     const char *name;  /* "avx512", "avx2", "baseline" */
     fo_loop loop[FO_NKERNELS][FO_NDTYPES];
+    fo_sums sums[FO_NKERNELS][FO_NDTYPES]; /* the two-pass kernels' (FO_TRUST_LIST); NULL for the others */
 } fo_kernels;
 
 /* One table per CPU path, each from its own translation unit compiled with
@@ -37,6 +51,25 @@ extern const fo_kernels fo_kernels_avx512;
 
 /* The table chosen for this CPU (and FASTOPT_ISA), decided once. */
 const fo_kernels *fo_kernels_selected(void);
+
+/* api.c, for trust.c: the argument checks of a list call (fastopt.h's contract;
+ * FASTOPT_OK with *total the element count), and a list call whose tensor i
+ * takes the scalars at (const char *)scalars + i * stride (stride 0: one
+ * struct for every tensor, as fastopt_<rule>_list_*). */
+int fo_list_check(int dtype, const void *param, const void *grad, const void *const *state, unsigned need,
+                  const int64_t *n, int64_t count, const void *scalars, int64_t *total);
+int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
+                     unsigned need, const int64_t *n, int64_t count, const void *scalars, int64_t stride);
+
+/* trust.c: the two-pass entry points' drivers. fo_ratio writes a tensor's value of
+ * the rule's trust field into the scalars at out (a copy of *scalars). */
+typedef void (*fo_ratio)(void *out, const void *scalars, double param_sumsq, double update_sumsq);
+int fo_trust_sums(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
+                  unsigned need, const int64_t *n, int64_t count, const void *scalars, double *param_sumsq,
+                  double *update_sumsq);
+int fo_trust_run(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
+                 unsigned need, const int64_t *n, int64_t count, const void *scalars, int64_t size, int trusted,
+                 fo_ratio ratio);
 
 #define FO_CAT_(a, b) a##b
 #define FO_CAT(a, b) FO_CAT_(a, b)

@@ -10,7 +10,14 @@
  * (-ffp-contract=off), so the NumPy reference (fastopt.backends.reference)
  * reproduces every bit. A NaN anywhere gives NaN, an Inf (and no NaN) +Inf:
  * the same call tells a loss scaler that a gradient overflowed. Each tensor's own
- * sum (for LAMB's and LARS's trust ratios) is its blocks' sums added in order. */
+ * sum (for LAMB's and LARS's trust ratios) is its blocks' sums added in order.
+ *
+ * The largest magnitude (the inf norm) takes the same blocks and the same
+ * thread split: a block's max |x| (any order: a maximum is exact), the blocks'
+ * maxima combined in order. NaN is sticky (a NaN anywhere gives NaN) and every
+ * NaN returned is the canonical quiet NaN of NAN (0x7ff8000000000000), whatever
+ * the input's payload or sign, so the bits equal the other backends'. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -45,6 +52,112 @@
 FO_BLOCK_SUM(fo_block_f32, float)
 FO_BLOCK_SUM(fo_block_f64, double)
 
+/* max(m, a) with NaN sticky: a NaN a replaces m, and a NaN m stays (a > NaN is false). */
+#define FO_MAX_NAN(m, a) (((a) > (m) || (a) != (a)) ? (a) : (m))
+
+/* A block's max |x|. GCC does not vectorize a float max that keeps NaN, and
+ * the scalar loop runs at ~0.4 ns an element (3x sumsq's), so on x86-64 the
+ * bulk of a block goes through SSE2 (every x86-64 CPU has it): four running
+ * maxima (maxps(a, m) = a > m ? a : m, which skips a NaN a), and, to find
+ * NaNs, two running sums of the same |x|: terms >= 0 never make Inf - Inf, so
+ * a sum is NaN exactly when a NaN was added (an overflow only makes +Inf). The
+ * tail, and other CPUs, take the scalar loop. Any split gives the same result:
+ * a maximum is exact, and every NaN becomes the canonical NAN. */
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define FO_MAX_SSE2 1
+#endif
+
+static double fo_block_max_f32(const float *x, int64_t n)
+{
+    float m = 0.0f;
+    int64_t i = 0;
+#ifdef FO_MAX_SSE2
+    if (n >= 16) {
+        const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+        __m128 m0 = _mm_setzero_ps(), m1 = m0, m2 = m0, m3 = m0, s0 = m0, s1 = m0;
+        for (; i + 16 <= n; i += 16) {
+            const __m128 a0 = _mm_and_ps(_mm_loadu_ps(x + i), abs_mask);
+            const __m128 a1 = _mm_and_ps(_mm_loadu_ps(x + i + 4), abs_mask);
+            const __m128 a2 = _mm_and_ps(_mm_loadu_ps(x + i + 8), abs_mask);
+            const __m128 a3 = _mm_and_ps(_mm_loadu_ps(x + i + 12), abs_mask);
+            m0 = _mm_max_ps(a0, m0);
+            m1 = _mm_max_ps(a1, m1);
+            m2 = _mm_max_ps(a2, m2);
+            m3 = _mm_max_ps(a3, m3);
+            s0 = _mm_add_ps(s0, _mm_add_ps(a0, a1));
+            s1 = _mm_add_ps(s1, _mm_add_ps(a2, a3));
+        }
+        float lane[4], sum[4];
+        _mm_storeu_ps(lane, _mm_max_ps(_mm_max_ps(m0, m1), _mm_max_ps(m2, m3)));
+        _mm_storeu_ps(sum, _mm_add_ps(s0, s1));
+        for (int l = 0; l < 4; l++) {
+            m = FO_MAX_NAN(m, lane[l]);
+            if (sum[l] != sum[l])
+                m = sum[l];
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const float a = fabsf(x[i]);
+        m = FO_MAX_NAN(m, a);
+    }
+    return m != m ? (double)NAN : (double)m;
+}
+
+static double fo_block_max_f64(const double *x, int64_t n)
+{
+    double m = 0.0;
+    int64_t i = 0;
+#ifdef FO_MAX_SSE2
+    if (n >= 8) {
+        const __m128d abs_mask = _mm_castsi128_pd(_mm_set1_epi64x(0x7fffffffffffffffLL));
+        __m128d m0 = _mm_setzero_pd(), m1 = m0, m2 = m0, m3 = m0, s0 = m0, s1 = m0;
+        for (; i + 8 <= n; i += 8) {
+            const __m128d a0 = _mm_and_pd(_mm_loadu_pd(x + i), abs_mask);
+            const __m128d a1 = _mm_and_pd(_mm_loadu_pd(x + i + 2), abs_mask);
+            const __m128d a2 = _mm_and_pd(_mm_loadu_pd(x + i + 4), abs_mask);
+            const __m128d a3 = _mm_and_pd(_mm_loadu_pd(x + i + 6), abs_mask);
+            m0 = _mm_max_pd(a0, m0);
+            m1 = _mm_max_pd(a1, m1);
+            m2 = _mm_max_pd(a2, m2);
+            m3 = _mm_max_pd(a3, m3);
+            s0 = _mm_add_pd(s0, _mm_add_pd(a0, a1));
+            s1 = _mm_add_pd(s1, _mm_add_pd(a2, a3));
+        }
+        double lane[2], sum[2];
+        _mm_storeu_pd(lane, _mm_max_pd(_mm_max_pd(m0, m1), _mm_max_pd(m2, m3)));
+        _mm_storeu_pd(sum, _mm_add_pd(s0, s1));
+        for (int l = 0; l < 2; l++) {
+            m = FO_MAX_NAN(m, lane[l]);
+            if (sum[l] != sum[l])
+                m = sum[l];
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        const double a = fabs(x[i]);
+        m = FO_MAX_NAN(m, a);
+    }
+    return m != m ? (double)NAN : m;
+}
+
+enum { FO_SUMSQ, FO_MAXABS };
+
+/* Block [lo, lo + len) of tensor x: its sum of squares or its max |x|. */
+static double fo_block(int op, int64_t esize, const void *x, int64_t lo, int64_t len)
+{
+    if (op == FO_SUMSQ)
+        return esize == 4 ? fo_block_f32((const float *)x + lo, len) : fo_block_f64((const double *)x + lo, len);
+    return esize == 4 ? fo_block_max_f32((const float *)x + lo, len) : fo_block_max_f64((const double *)x + lo, len);
+}
+
+/* The running result with the next block's: added (in order), or the sticky-NaN maximum. */
+static double fo_combine(int op, double acc, double b)
+{
+    return op == FO_SUMSQ ? acc + b : FO_MAX_NAN(acc, b);
+}
+
 /* The global block b of the call: its tensor (first[t] <= b < first[t + 1]) and offset. */
 static int64_t fo_tensor_of(const int64_t *first, int64_t count, int64_t b)
 {
@@ -59,8 +172,10 @@ static int64_t fo_tensor_of(const int64_t *first, int64_t count, int64_t b)
     return lo;
 }
 
-static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64_t esize, double *out,
-                    double *each)
+/* fastopt_sumsq_list_* (op FO_SUMSQ) and fastopt_maxabs_list_* (FO_MAXABS): the
+ * checks, the blocks, the thread split and the in-order combination they share. */
+static int fo_reduce(int op, const void *const *x, const int64_t *n, int64_t count, int64_t esize, double *out,
+                     double *each)
 {
     if (!out || (count > 0 && (!x || !n)))
         return FASTOPT_ERR_NULL;
@@ -86,10 +201,9 @@ static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64
             double mine = 0.0;
             for (int64_t lo = 0; lo < n[t]; lo += FO_NORM_BLOCK) {
                 const int64_t len = n[t] - lo < FO_NORM_BLOCK ? n[t] - lo : FO_NORM_BLOCK;
-                const double b = esize == 4 ? fo_block_f32((const float *)x[t] + lo, len)
-                                            : fo_block_f64((const double *)x[t] + lo, len);
-                total += b;
-                mine += b;
+                const double b = fo_block(op, esize, x[t], lo, len);
+                total = fo_combine(op, total, b);
+                mine = fo_combine(op, mine, b);
             }
             if (each)
                 each[t] = mine;
@@ -105,16 +219,15 @@ static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64
         const int64_t t = fo_tensor_of(first, count, b);
         const int64_t lo = (b - first[t]) * FO_NORM_BLOCK;
         const int64_t len = n[t] - lo < FO_NORM_BLOCK ? n[t] - lo : FO_NORM_BLOCK;
-        sums[b] = esize == 4 ? fo_block_f32((const float *)x[t] + lo, len)
-                             : fo_block_f64((const double *)x[t] + lo, len);
+        sums[b] = fo_block(op, esize, x[t], lo, len);
     }
     for (int64_t b = 0; b < blocks; b++)
-        total += sums[b];
+        total = fo_combine(op, total, sums[b]);
     if (each)
         for (int64_t t = 0; t < count; t++) {
             double mine = 0.0;
             for (int64_t b = first[t]; b < first[t + 1]; b++)
-                mine += sums[b];
+                mine = fo_combine(op, mine, sums[b]);
             each[t] = mine;
         }
     free(sums);
@@ -125,10 +238,20 @@ static int fo_sumsq(const void *const *x, const int64_t *n, int64_t count, int64
 
 int fastopt_sumsq_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out, double *each)
 {
-    return fo_sumsq((const void *const *)x, n, count, 4, out, each);
+    return fo_reduce(FO_SUMSQ, (const void *const *)x, n, count, 4, out, each);
 }
 
 int fastopt_sumsq_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out, double *each)
 {
-    return fo_sumsq((const void *const *)x, n, count, 8, out, each);
+    return fo_reduce(FO_SUMSQ, (const void *const *)x, n, count, 8, out, each);
+}
+
+int fastopt_maxabs_list_f32(const float *const *x, const int64_t *n, int64_t count, double *out, double *each)
+{
+    return fo_reduce(FO_MAXABS, (const void *const *)x, n, count, 4, out, each);
+}
+
+int fastopt_maxabs_list_f64(const double *const *x, const int64_t *n, int64_t count, double *out, double *each)
+{
+    return fo_reduce(FO_MAXABS, (const void *const *)x, n, count, 8, out, each);
 }

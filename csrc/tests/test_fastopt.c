@@ -621,7 +621,7 @@ static double sumsq_reference(const float *const *x, const int64_t *n, int64_t c
 static void test_sumsq(void)
 {
     enum { COUNT = 5 };
-    static const int64_t n[COUNT] = {1, 4097, 0, 70000, 9};
+    static const int64_t n[COUNT] = {1, 4097, 0, 140000, 9}; /* 39 blocks: 2 threads do split them */
     float *x[COUNT];
     uint32_t seed = 12345;
     for (int t = 0; t < COUNT; t++) {
@@ -658,6 +658,137 @@ static void test_sumsq(void)
         free(x[t]);
 }
 
+/* fastopt_maxabs_list: a plain scalar max |x| (NaN sticky, returned as the
+ * canonical NAN) must give the same bits for 1 and 2 threads (49+ blocks, so 2
+ * threads split them), f32 and f64, with the largest magnitude a negative
+ * value; sizes around the SSE2 body (16 floats, 8 doubles) and its tail; Inf,
+ * NaN of any sign and payload (in a body, in a tail, with an Inf), empty
+ * tensors and calls; bad arguments refused without writing *out or each. */
+#define FO_T_MAXABS_REF(SFX, T, FABS)                                                             \
+    static double maxabs_reference##SFX(const T *const *x, const int64_t *n, int64_t count, double *each) \
+    {                                                                                             \
+        double total = 0.0;                                                                       \
+        int nan_total = 0;                                                                        \
+        for (int64_t t = 0; t < count; t++) {                                                     \
+            double m = 0.0;                                                                       \
+            int nan = 0;                                                                          \
+            for (int64_t i = 0; i < n[t]; i++) {                                                  \
+                const double a = (double)FABS(x[t][i]);                                           \
+                if (a != a)                                                                       \
+                    nan = 1;                                                                      \
+                else if (a > m)                                                                   \
+                    m = a;                                                                        \
+            }                                                                                     \
+            each[t] = nan ? (double)NAN : m;                                                      \
+            nan_total |= nan;                                                                     \
+            if (m > total)                                                                        \
+                total = m;                                                                        \
+        }                                                                                         \
+        return nan_total ? (double)NAN : total;                                                   \
+    }
+FO_T_MAXABS_REF(_f32, float, fabsf)
+FO_T_MAXABS_REF(_f64, double, fabs)
+
+static int same_bits(const double *a, const double *b, size_t count)
+{
+    return !memcmp(a, b, count * sizeof *a);
+}
+
+static void test_maxabs(void)
+{
+    enum { COUNT = 7 };
+    static const int64_t n[COUNT] = {1, 4097, 0, 200000, 9, 17, 16};
+    float *x[COUNT];
+    double *xd[COUNT];
+    uint32_t seed = 777;
+    for (int t = 0; t < COUNT; t++) {
+        x[t] = malloc((size_t)(n[t] ? n[t] : 1) * sizeof(float));
+        xd[t] = malloc((size_t)(n[t] ? n[t] : 1) * sizeof(double));
+        for (int64_t i = 0; i < n[t]; i++) {
+            seed = seed * 1664525u + 1013904223u;
+            x[t][i] = (float)((int32_t)seed) / 2147483648.0f;
+        }
+    }
+    x[3][123456] = -3.5f; /* the largest magnitude: negative, in the SSE2 body of a middle block */
+    x[5][16] = -1.75f;    /* a tensor's largest in a tail */
+    const double canonical = NAN;
+    for (int round = 0; round < 4; round++) {
+        /* 0: finite; 1: an Inf; 2: a NaN (negative, with a payload) in a body and an Inf; 3: a NaN in a tail only */
+        if (round == 1)
+            x[3][5] = -INFINITY;
+        if (round == 2) {
+            uint32_t bits = 0xffc01234u;
+            memcpy(&x[3][77777], &bits, sizeof bits);
+        }
+        if (round == 3) {
+            x[3][5] = 0.5f;
+            x[3][77777] = 0.25f;
+            x[5][16] = NAN;
+        }
+        for (int t = 0; t < COUNT; t++)
+            for (int64_t i = 0; i < n[t]; i++)
+                xd[t][i] = (double)x[t][i];
+        double want_each[COUNT], want_each_d[COUNT];
+        const double want = maxabs_reference_f32((const float *const *)x, n, COUNT, want_each);
+        const double want_d = maxabs_reference_f64((const double *const *)xd, n, COUNT, want_each_d);
+        CHECK(same_bits(&want, &want_d, 1) && same_bits(want_each, want_each_d, COUNT),
+              "maxabs reference, round %d: f32 and f64 differ", round);
+        CHECK(round == 0 ? want == 3.5 : round == 1 ? want == INFINITY : same_bits(&want, &canonical, 1),
+              "maxabs reference, round %d: %g", round, want);
+        for (int threads = 1; threads <= 2; threads++) {
+            fastopt_set_num_threads(threads);
+            double got = -1.0, each[COUNT];
+            CHECK(fastopt_maxabs_list_f32((const float *const *)x, n, COUNT, &got, each) == FASTOPT_OK,
+                  "maxabs f32: return code");
+            CHECK(same_bits(&got, &want, 1), "maxabs f32, round %d, %d threads: %.17g, expected %.17g", round,
+                  threads, got, want);
+            CHECK(same_bits(each, want_each, COUNT), "maxabs f32, round %d, %d threads: per-tensor maxima differ",
+                  round, threads);
+            got = -1.0;
+            CHECK(fastopt_maxabs_list_f32((const float *const *)x, n, COUNT, &got, NULL) == FASTOPT_OK
+                  && same_bits(&got, &want, 1), "maxabs f32 without per-tensor maxima, round %d, %d threads",
+                  round, threads);
+            got = -1.0;
+            CHECK(fastopt_maxabs_list_f64((const double *const *)xd, n, COUNT, &got, each) == FASTOPT_OK,
+                  "maxabs f64: return code");
+            CHECK(same_bits(&got, &want_d, 1), "maxabs f64, round %d, %d threads: %.17g, expected %.17g", round,
+                  threads, got, want_d);
+            CHECK(same_bits(each, want_each_d, COUNT), "maxabs f64, round %d, %d threads: per-tensor maxima differ",
+                  round, threads);
+        }
+    }
+    fastopt_set_num_threads(0);
+    /* empty: no tensors, or only empty ones (NULL pointers allowed), give 0.0 */
+    double got = -1.0, each[3] = {-1.0, -1.0, -1.0};
+    CHECK(fastopt_maxabs_list_f32(NULL, NULL, 0, &got, NULL) == FASTOPT_OK && got == 0.0, "maxabs: no tensors");
+    const float *none[3] = {NULL, NULL, NULL};
+    static const int64_t zeros[3] = {0, 0, 0};
+    got = -1.0;
+    CHECK(fastopt_maxabs_list_f32(none, zeros, 3, &got, each) == FASTOPT_OK && got == 0.0 && each[0] == 0.0
+          && each[1] == 0.0 && each[2] == 0.0, "maxabs: empty tensors");
+    /* errors: *out and each untouched */
+    got = 7.0;
+    each[0] = 7.0;
+    const int64_t bad[2] = {3, -1};
+    CHECK(fastopt_maxabs_list_f32((const float *const *)x, bad, 2, &got, each) == FASTOPT_ERR_LENGTH && got == 7.0
+          && each[0] == 7.0, "maxabs: n < 0");
+    CHECK(fastopt_maxabs_list_f64((const double *const *)xd, n, -1, &got, each) == FASTOPT_ERR_LENGTH && got == 7.0,
+          "maxabs: count < 0");
+    CHECK(fastopt_maxabs_list_f32(NULL, n, 2, &got, NULL) == FASTOPT_ERR_NULL && got == 7.0, "maxabs: NULL x");
+    CHECK(fastopt_maxabs_list_f64((const double *const *)xd, NULL, 2, &got, NULL) == FASTOPT_ERR_NULL && got == 7.0,
+          "maxabs: NULL n");
+    const float *holes[2] = {x[0], NULL};
+    static const int64_t ones[2] = {1, 1};
+    CHECK(fastopt_maxabs_list_f32(holes, ones, 2, &got, each) == FASTOPT_ERR_NULL && got == 7.0 && each[0] == 7.0,
+          "maxabs: NULL x[i] with n[i] > 0");
+    CHECK(fastopt_maxabs_list_f32((const float *const *)x, n, 2, NULL, NULL) == FASTOPT_ERR_NULL,
+          "maxabs: NULL out");
+    for (int t = 0; t < COUNT; t++) {
+        free(x[t]);
+        free(xd[t]);
+    }
+}
+
 int main(void)
 {
     const char *want = getenv("FASTOPT_ISA");
@@ -677,6 +808,7 @@ int main(void)
     test_lists_f32();
     test_lists_f64();
     test_sumsq();
+    test_maxabs();
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);
     return failures != 0;
 }

@@ -18,14 +18,16 @@ from .denormals import get_flush_denormal, set_flush_denormal
 from .dispatch import BackendInfo
 from .finite import all_finite
 from .flat import FlatParams
-from .norms import sum_of_squares, sums_of_squares, total_norm
+from .norms import max_abs, max_abs_each, sum_of_squares, sums_of_squares, total_norm
 from . import functional, optim
 from .functional import *  # noqa: F401,F403  (sgd_ ... lion_: one update function per rule)
 from .optim import *  # noqa: F401,F403  (SGD ... Lion: one stateful class per rule, and Optimizer)
 from .threads import get_num_threads, set_num_threads
+from . import trust
+from .trust import lamb_, lars_  # two-pass rules: a trust ratio per tensor
 
 __version__ = "0.1.0"
 
-__all__ = [*functional.__all__, *optim.__all__,
-           "FlatParams", "all_finite", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
+__all__ = [*functional.__all__, "lamb_", "lars_", *optim.__all__,
+           "FlatParams", "all_finite", "max_abs", "max_abs_each", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
            "get_flush_denormal", "set_flush_denormal", "__version__"]

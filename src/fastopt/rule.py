@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import ast
 import inspect
+import operator
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
@@ -36,7 +38,7 @@ import numpy as np
 
 from .checks import Check
 
-__all__ = ["Hyper", "State", "Rule"]
+__all__ = ["Hyper", "State", "Trust", "Rule"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,140 @@ class State:
         return self.saved_as or self.name
 
 
+def _elementwise(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A restricted function of floats (a trust ratio) rewritten for NumPy arrays:
+    ``a if c else b`` -> ``np.where(c, a, b)``, ``and``/``or``/``not`` -> logical ufuncs,
+    ``math.sqrt`` -> ``np.sqrt``; the arithmetic and comparisons are elementwise as they are."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+
+    def np_call(name: str, args: list) -> ast.Call:
+        return ast.Call(ast.Attribute(ast.Name("_np", ast.Load()), name, ast.Load()), args, [])
+
+    class Rewrite(ast.NodeTransformer):
+        def visit_IfExp(self, node):
+            self.generic_visit(node)
+            return ast.copy_location(np_call("where", [node.test, node.body, node.orelse]), node)
+
+        def visit_BoolOp(self, node):
+            self.generic_visit(node)
+            name = "logical_and" if isinstance(node.op, ast.And) else "logical_or"
+            out = node.values[0]
+            for v in node.values[1:]:
+                out = np_call(name, [out, v])
+            return ast.copy_location(out, node)
+
+        def visit_UnaryOp(self, node):
+            self.generic_visit(node)
+            if isinstance(node.op, ast.Not):
+                return ast.copy_location(np_call("logical_not", [node.operand]), node)
+            return node
+
+        def visit_Attribute(self, node):
+            self.generic_visit(node)
+            if isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr == "sqrt":
+                return ast.copy_location(ast.Attribute(ast.Name("_np", ast.Load()), "sqrt", ast.Load()), node)
+            return node
+
+    tree = ast.fix_missing_locations(Rewrite().visit(tree))
+    namespace = {**fn.__globals__, "_np": np}
+    exec(compile(tree, inspect.getsourcefile(fn) or "<trust ratio>", "exec"), namespace)
+    return namespace[fn.__name__]
+
+
+#: The second pass's inputs, after the scalars' fields, in a trust ratio's parameters.
+TRUST_SUMS = ("param_sumsq", "update_sumsq")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What makes a rule two-pass: a per-tensor trust ratio (LAMB, LARS).
+
+    Such an update scales each tensor's step by a ratio of two norms of that
+    tensor, ``||p||`` and ``||u||``, ``u`` being the update the rule would apply.
+    Pass 1 reads ``p``, ``g`` and the buffers in ``reads`` and reduces, per
+    tensor, ``sum(p*p)`` and ``sum(u*u)`` in double, in the fixed order of
+    :mod:`fastopt.norms` (blocks of 4096, 8 lanes, a fixed tree, blocks in
+    order); ``u`` comes from the rule's own element function with the flag
+    ``measure`` on (it then returns ``u`` in place of the new parameter, and
+    pass 1 stores nothing), so both passes compute the same ``u`` bit for bit.
+    Pass 2 is the ordinary element update, with the scalars' field ``field``
+    replaced, per tensor, by ``ratio`` of the two sums.
+
+    field:   the scalars field that pass 2 takes per tensor (LAMB's step_size).
+    ratio:   restricted Python (as ``compute``; ``math.sqrt``, comparisons and
+             ``a if c else b``): parameters named after scalars fields and
+             ``param_sumsq``, ``update_sumsq``; returns the tensor's value of
+             ``field``. Evaluated in double, in Python and in the generated C.
+    when:    an expression over the scalars' fields: whether the ratio applies
+             at all (LAMB: weight decay or use_nvlamb, as apex). When it does
+             not, the update is the one pass of pass 2 with ``field`` as it is.
+    reads:   the state buffers the update ``u`` depends on (pass 1 reads no
+             other state: LARS's momentum buffer is pass 2's only).
+    measure: the bool field that switches the element function to pass 1.
+    """
+
+    field: str
+    ratio: Callable[..., float]
+    when: str
+    reads: tuple[str, ...] = ()
+    measure: str = "measure"
+    _when: Any = field(default=None, compare=False, repr=False)
+    _args: tuple = field(default=(), compare=False, repr=False)  # per ratio parameter: a field index, or -1/-2
+    _vector: Any = field(default=None, compare=False, repr=False)  # the ratio over NumPy arrays (values)
+
+    def bind(self, scalars: type, state: tuple[str, ...], where: str) -> None:
+        """Check the record against the rule's scalars and state (at table build time)."""
+        fields = list(scalars._fields)
+        hints = typing.get_type_hints(scalars)
+        for name, kind in ((self.field, float), (self.measure, bool)):
+            if hints.get(name) is not kind:
+                raise TypeError(f"{where}: trust needs a {kind.__name__} scalars field {name!r}")
+        missing = [s for s in self.reads if s not in state]
+        if missing:
+            raise TypeError(f"{where}: trust reads {missing}, which are not state buffers of the rule")
+        args = []
+        for p in inspect.signature(self.ratio).parameters:
+            if p in TRUST_SUMS:
+                args.append(-1 - TRUST_SUMS.index(p))
+            elif p in fields:
+                args.append(fields.index(p))
+            else:
+                raise TypeError(f"{where}: the trust ratio's parameter {p!r} is neither a scalars field nor one "
+                                f"of {TRUST_SUMS}")
+        object.__setattr__(self, "_args", tuple(args))
+        object.__setattr__(self, "_vector", _elementwise(self.ratio))
+        # `when` as a function of the fields, positionally (a scalars tuple is splatted into it)
+        when = eval(compile(f"lambda {', '.join(fields)}: bool({self.when})", f"<{where}: trust when>", "eval"), {})
+        object.__setattr__(self, "_when", when)
+
+    def applies(self, scalars: NamedTuple) -> bool:
+        """Whether this step scales by the ratio (``when``): else it is one pass."""
+        return self._when(*scalars)
+
+    def first_pass(self, scalars: NamedTuple) -> NamedTuple:
+        """The scalars of pass 1: ``measure`` on."""
+        return scalars._replace(**{self.measure: True})
+
+    def value(self, scalars: NamedTuple, param_sumsq: float, update_sumsq: float) -> float:
+        """The tensor's value of ``field`` from its two sums of squares."""
+        sums = (update_sumsq, param_sumsq)  # index -1 - k: TRUST_SUMS[k]
+        return float(self.ratio(*[scalars[i] if i >= 0 else sums[i] for i in self._args]))
+
+    def values(self, scalars: NamedTuple, param_sumsq: np.ndarray, update_sumsq: np.ndarray) -> np.ndarray:
+        """:meth:`value` of every tensor at once (float64 arrays of the sums in, one value
+        per tensor out), bitwise the same: the ratio with NumPy's elementwise operations
+        (``a if c else b`` as ``np.where``, ``and`` as ``&``; IEEE double arithmetic, as
+        Python's floats), so a list call costs no Python per tensor."""
+        sums = (update_sumsq, param_sumsq)
+        with np.errstate(all="ignore"):  # (np.where computes both arms)
+            out = self._vector(*[scalars[i] if i >= 0 else sums[i] for i in self._args])
+        return np.array(np.broadcast_to(out, param_sumsq.shape), dtype=np.float64)
+
+    def tensor_scalars(self, scalars: NamedTuple, param_sumsq: float, update_sumsq: float) -> NamedTuple:
+        """The scalars of pass 2 for one tensor."""
+        return scalars._replace(**{self.field: self.value(scalars, param_sumsq, update_sumsq)})
+
+
 # Values immutable enough to key the cache of validated hyperparameters. A
 # tensor (or any other object) can change in place between calls (torch LR
 # schedulers fill a tensor lr), so sets holding one are validated every time.
@@ -94,9 +230,11 @@ _CACHE_LIMIT = 256
 
 def _positional(compute: Callable[..., Any], scalars: type) -> Callable[..., Any]:
     """``compute`` with its ``Scalars(field=value, ...)`` returns rewritten as
-    positional calls in the fields' order: the same function, ~1 us faster per
-    update (a NamedTuple built from keywords goes through keyword matching).
-    The source keeps the keywords, which the reader and the C generator use."""
+    ``tuple.__new__(Scalars, (value, ...))`` in the fields' order: the same
+    function, ~1.2 us faster per update (a NamedTuple built from keywords goes
+    through keyword matching, and even positionally through a Python-level
+    ``__new__``). The source keeps the keywords, which the reader and the C
+    generator use."""
     source = textwrap.dedent(inspect.getsource(compute))
     tree = ast.parse(source)
     fields = list(scalars._fields)
@@ -110,11 +248,12 @@ def _positional(compute: Callable[..., Any], scalars: type) -> Callable[..., Any
                 if sorted(by_name) != sorted(fields):
                     raise TypeError(f"{compute.__name__} builds {scalars.__name__} with fields {sorted(by_name)}, "
                                     f"expected {fields}")
-                return ast.copy_location(ast.Call(node.func, [by_name[f] for f in fields], []), node)
+                values = ast.Tuple([by_name[f] for f in fields], ast.Load())
+                return ast.copy_location(ast.Call(ast.Name("_tuple_new", ast.Load()), [node.func, values], []), node)
             return node
 
     tree = ast.fix_missing_locations(Rewrite().visit(tree))
-    namespace = dict(compute.__globals__)
+    namespace = {**compute.__globals__, "_tuple_new": tuple.__new__}
     exec(compile(tree, inspect.getsourcefile(compute) or "<rule>", "exec"), namespace)
     return namespace[compute.__name__]
 
@@ -162,6 +301,8 @@ class Rule:
                  (its SGD does not: a momentum buffer means it has stepped).
     decoupled:   the rule this one becomes with torch's ``decoupled_weight_decay=True``
                  (``torch.optim.Adam``'s option: AdamW), when torch has that option.
+    trust:       the per-tensor trust ratio of a two-pass rule (:class:`Trust`: LAMB, LARS);
+                 such rules live in ``rules.TWO_PASS_RULES``, run by :mod:`fastopt.trust`.
     """
 
     name: str
@@ -180,6 +321,7 @@ class Rule:
     optimizer_hyper: tuple[Hyper, ...] = ()
     saves_step: bool = True
     decoupled: Optional[str] = None
+    trust: Optional[Trust] = None
     _validated: dict = field(default_factory=dict, compare=False, repr=False)
     _when: dict = field(default_factory=dict, compare=False, repr=False)
     _constants: tuple = field(default=(), compare=False, repr=False)
@@ -188,6 +330,9 @@ class Rule:
     _compute: Optional[Callable[..., Any]] = field(default=None, compare=False, repr=False)
     _carry_at: int = field(default=-1, compare=False, repr=False)  # the carried value's flat position
     _carry_check: Optional[Check] = field(default=None, compare=False, repr=False)
+    _by_values: dict = field(default_factory=dict, compare=False, repr=False)  # prepared_values' cache
+    _names: tuple = field(default=(), compare=False, repr=False)  # the hyperparameters' names, in order
+    _last_values: tuple = field(default=(None, None), compare=False, repr=False)  # prepared_values' last hit
 
     def __post_init__(self) -> None:
         for buf in self.buffers:
@@ -204,7 +349,10 @@ class Rule:
         object.__setattr__(self, "_constants", tuple(self.constants.values()))
         object.__setattr__(self, "_kernel", self.element or self.name)  # (read on every update)
         object.__setattr__(self, "_state", tuple(s.name for s in self.buffers))
+        object.__setattr__(self, "_names", tuple(h.name for h in self.hyper))
         object.__setattr__(self, "_compute", _positional(self.compute, self.scalars))
+        if self.trust is not None:
+            self.trust.bind(self.scalars, self._state, f"rule {self.name!r}")
         if self.carry:
             object.__setattr__(self, "_carry_at", expected.index(self.carry[0]))
             object.__setattr__(self, "_carry_check", self.checks[self.carry[0]])
@@ -270,8 +418,42 @@ class Rule:
             return done[2], done[1]
         # The carried value (NAdam's mu_product) changes every step, so it is
         # not part of the key: checked on its own and put in its place.
-        at, flat = self._carry_at, done[2]
-        return flat[:at] + (self._carry_check(self.carry[0], carried),) + flat[at + 1:], done[1]
+        return self.with_carry(done[2], carried), done[1]
+
+    def with_carry(self, flat: tuple, carried: Any) -> tuple:
+        """The flat values of :meth:`prepared` with the carried value (checked) put in its place."""
+        at = self._carry_at
+        return flat[:at] + (self._carry_check(self.carry[0], carried),) + flat[at + 1:]
+
+    def prepared_values(self, values: tuple) -> tuple[tuple, dict[str, str], tuple[bool, ...]]:
+        """:meth:`prepared` for the values of every hyperparameter in signature order
+        (:attr:`hyper`), what the functional API passes, plus which state buffers
+        are used (one bool per buffer, in order). Without names to put in order
+        and a dict to build, the cache lookup costs a third as much; and values that
+        are the very objects of the last cached call (a training loop passes the
+        same ``lr`` object and the defaults every step; a replayed fastopt.torch
+        step passes the same tuple) are found by identity alone: immutable, and
+        held by the cache, so no id can be reused."""
+        last = self._last_values
+        if values is last[0] or (last[0] is not None and len(values) == len(last[0])
+                                 and all(map(operator.is_, values, last[0]))):
+            return last[1]
+        key = (values, tuple(map(type, values)))  # (types: True == 1 must not let lr=True pass as lr=1)
+        try:
+            done = self._by_values.get(key)
+        except TypeError:  # an unhashable value
+            done = key = None
+        if done is not None:
+            object.__setattr__(self, "_last_values", (values, done))
+            return done
+        flat, needed = self.prepared(dict(zip(self._names, values)))
+        done = (flat, needed, tuple(name in needed for name in self._state))
+        if key is not None and self.carry is None and _cacheable(values):
+            if len(self._by_values) >= _CACHE_LIMIT:
+                self._by_values.clear()
+            self._by_values[key] = done
+            object.__setattr__(self, "_last_values", (values, done))
+        return done
 
     def _key(self, hyper: Mapping[str, Any]) -> tuple[tuple, Any]:
         """(the validation cache key of ``hyper``, the carried value or _NO_CARRY).

@@ -36,9 +36,9 @@ import math
 from typing import NamedTuple
 
 from .checks import closed_unit, fixed_tuple, flag, nonneg, pair, real, unit
-from .rule import Hyper, Rule, State
+from .rule import Hyper, Rule, State, Trust
 
-__all__ = ["RULES", "KERNEL_SCALARS"]
+__all__ = ["RULES", "TWO_PASS_RULES", "KERNEL_SCALARS"]
 
 _LR = Hyper("lr", 1e-3, nonneg)
 _BETAS = Hyper("betas", (0.9, 0.999), pair(unit), ("beta1", "beta2"))
@@ -426,9 +426,115 @@ RPROP = Rule(
     optimizer_hyper=(Hyper("lr", 1e-2, nonneg),))
 
 
+# ---- two-pass rules: a trust ratio per tensor ----------------------------------
+#
+# Each step is two passes over memory (fastopt.trust runs them): pass 1 reads
+# the tensor and reduces sum(p*p) and sum(u*u), u the update the element
+# function gives with `measure` on; pass 2 is the element update with the
+# tensor's ratio in the Trust record's field. The element functions are
+# ordinary ones (one kernel per rule, in every backend and the C library).
+
+class LAMBScalars(NamedTuple):
+    beta1: float
+    beta2: float
+    beta3: float  # 1 - beta1 with grad_averaging, else 1 (apex's beta3)
+    one_minus_beta2: float
+    inv_bias_correction1: float  # 1/(1 - beta1**step) with bias_correction, else 1
+    inv_bias_correction2: float  # 1/(1 - beta2**step) with bias_correction, else 1
+    eps: float
+    weight_decay: float  # L2 term added to the gradient (adam_w_mode=False), else 0
+    decay: float  # decoupled: weight_decay*p added to the update (adam_w_mode=True), else 0
+    step_size: float  # lr; in pass 2 lr*||p||/||u|| of the tensor (see _lamb_ratio)
+    grad_sign: float
+    trust: bool  # the trust ratio applies: weight_decay != 0 or use_nvlamb (apex)
+    measure: bool  # pass 1: the element gives the update u itself, and nothing is stored
+
+
+def _lamb(lr, beta1, beta2, eps, weight_decay, bias_correction, adam_w_mode, grad_averaging, use_nvlamb, maximize,
+          step):
+    return LAMBScalars(beta1=beta1, beta2=beta2, beta3=1.0 - beta1 if grad_averaging else 1.0,
+                       one_minus_beta2=1.0 - beta2,
+                       inv_bias_correction1=1.0 / (1.0 - beta1 ** step) if bias_correction else 1.0,
+                       inv_bias_correction2=1.0 / (1.0 - beta2 ** step) if bias_correction else 1.0,
+                       eps=eps, weight_decay=0.0 if adam_w_mode else weight_decay,
+                       decay=weight_decay if adam_w_mode else 0.0, step_size=lr,
+                       grad_sign=-1.0 if maximize else 1.0, trust=use_nvlamb or weight_decay != 0.0, measure=False)
+
+
+def _lamb_ratio(step_size, param_sumsq, update_sumsq):
+    # apex's LAMBStage2Functor: lr*(||p||/||u||) when both norms are nonzero, else lr
+    # (a NaN norm passes `!= 0`, so it propagates into the step).
+    param_norm = math.sqrt(param_sumsq)
+    update_norm = math.sqrt(update_sumsq)
+    return step_size * (param_norm / update_norm) if param_norm != 0.0 and update_norm != 0.0 else step_size
+
+
+LAMB = Rule(
+    "lamb", "LAMB",
+    "LAMB, layer-wise adaptive moments (You et al., 2020, \"Large Batch Optimization for Deep Learning: "
+    "Training BERT in 76 minutes\"), as NVIDIA apex's FusedLAMB computes it.",
+    "g = grad*grad_sign (+ weight_decay*p, adam_w_mode=False); m = beta1*m + beta3*g;\n"
+    "v = beta2*v + (1-beta2)*g*g; u = m*inv_bc1/(sqrt(v*inv_bc2) + eps) (+ decay*p), inv_bc = 1/(1-beta**t);\n"
+    "pass 1: ||p|| and ||u|| per tensor; pass 2: p -= step_size*u with step_size = lr*||p||/||u||\n"
+    "when trust (weight_decay != 0 or use_nvlamb) and both norms are nonzero, else lr.\n"
+    "apex's max_grad_norm clipping (fastopt.lamb_ does it): grad_sign *= max_grad_norm/global_norm\n"
+    "when the global gradient norm (sqrt of fastopt_sumsq_list over every gradient) exceeds it.",
+    (_LR, _BETAS, Hyper("eps", 1e-6, nonneg), Hyper("weight_decay", 0.01, nonneg),
+     Hyper("bias_correction", True, flag), Hyper("adam_w_mode", True, flag), Hyper("grad_averaging", True, flag),
+     Hyper("use_nvlamb", False, flag), _MAXIMIZE),
+    (State("exp_avg"), State("exp_avg_sq", signed=False)),
+    LAMBScalars, _lamb,
+    trust=Trust("step_size", _lamb_ratio, "trust", reads=("exp_avg", "exp_avg_sq")))
+
+
+class LARSScalars(NamedTuple):
+    lr: float
+    momentum: float
+    weight_decay: float
+    eta: float  # the trust coefficient (read by _lars_ratio, not by the element)
+    trust_ratio: float  # 1; in pass 2 eta*||p||/||u|| of the tensor (see _lars_ratio)
+    grad_sign: float
+    use_momentum: bool  # momentum != 0
+    adapt: bool  # lars_adaptation: the trust ratio applies
+    measure: bool  # pass 1: the element gives the update u itself, and nothing is stored
+
+
+def _lars(lr, momentum, weight_decay, eta, lars_adaptation, maximize):
+    return LARSScalars(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, trust_ratio=1.0,
+                       grad_sign=-1.0 if maximize else 1.0, use_momentum=momentum != 0.0, adapt=lars_adaptation,
+                       measure=False)
+
+
+def _lars_ratio(eta, param_sumsq, update_sumsq):
+    # The LARS of facebookresearch/vicreg and barlowtwins: eta*||p||/||u|| when both norms
+    # are > 0, else 1 (a NaN norm fails `> 0`: the ratio is then 1).
+    param_norm = math.sqrt(param_sumsq)
+    update_norm = math.sqrt(update_sumsq)
+    return eta * param_norm / update_norm if param_norm > 0.0 and update_norm > 0.0 else 1.0
+
+
+LARS = Rule(
+    "lars", "LARS",
+    "LARS, layer-wise adaptive rate scaling (You, Gitman & Ginsburg, 2017, \"Large Batch Training of "
+    "Convolutional Networks\"), as facebookresearch/vicreg's and barlowtwins' LARS computes it.",
+    "u = grad*grad_sign (+ weight_decay*p); pass 1: ||p|| and ||u|| per tensor;\n"
+    "pass 2: q = eta*||p||/||u|| when adapt and both norms are > 0, else 1;\n"
+    "with momentum: mu = momentum*mu + q*u, p -= lr*mu; else p -= lr*q*u.",
+    (Hyper("lr", None, nonneg), Hyper("momentum", 0.9, nonneg), _WD, Hyper("eta", 1e-3, nonneg),
+     Hyper("lars_adaptation", True, flag), _MAXIMIZE),
+    (State("momentum_buffer", when="use_momentum", why="momentum != 0"),),
+    LARSScalars, _lars, takes_step=False, saves_step=False,
+    trust=Trust("trust_ratio", _lars_ratio, "adapt"))
+
+
 #: Every rule, by name, in the order of the docs.
 RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
                                                LION, RPROP, ADEMAMIX)}
 
+#: The two-pass rules (a trust ratio per tensor: ``Rule.trust``), kept apart from
+#: :data:`RULES` because their update is not one kernel call (``fastopt.lamb_``,
+#: ``fastopt.lars_`` in :mod:`fastopt.trust`); their kernels are ordinary ones.
+TWO_PASS_RULES: dict[str, Rule] = {r.name: r for r in (LAMB, LARS)}
+
 #: The element kernels backends implement, with the scalars type each takes.
-KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in RULES.values()}
+KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in (*RULES.values(), *TWO_PASS_RULES.values())}

@@ -19,6 +19,26 @@ Each backend module defines ``name``, ``device`` (``"cpu"`` or ``"cuda"``) and
   ``params[0].itemsize`` and which ``states`` are None (so a caller that
   built and proved its own table, as fastopt.torch does, need not make arrays).
 
+* ``run_checked`` (optional; None or absent: none): ``run_checked(kernel, calls) -> bool``, a host
+  backend's compiled fast path for flat updates: ``calls`` is a tuple of
+  ``(arrays, scalars)`` pairs, ``arrays`` = ``(param, grad, *state)`` *not yet
+  validated*. It returns False having touched nothing unless every array is
+  the plain case that :func:`fastopt.buffers.check_buffers` accepts and no
+  two arrays of the calls overlap (the caller then checks in Python and
+  calls ``run``); else it runs the updates in order and returns True.
+
+The two-pass rules (``fastopt.rules.TWO_PASS_RULES``, run by :mod:`fastopt.trust`)
+need, on a host backend, ``trust_sums(kernel, params, grads, states, scalars,
+table=None) -> (param_sumsq, update_sumsq)``: pass 1 over lists of tensors
+(``scalars`` with ``measure`` on; ``states`` None where the rule's ``trust.reads``
+does not read them), one float64 per tensor, in the order of :mod:`fastopt.norms`.
+Optional: ``run_list_each(kernel, params, grads, states, scalars, values,
+table=None)``, pass 2 in one call with tensor i's ``trust.field`` = ``values[i]``
+(else one ``run`` per tensor); ``trust_update(kernel, params, grads, states,
+scalars, table=None)``, both passes natively (the ratios too); and
+``trust_grad_sumsq(grads, table=None)``, the clipping norm's sum of squares from
+the pointer table (else ``sumsq_list``).
+
 Buffers arrive already validated (:mod:`fastopt.buffers`): C-contiguous, of
 any shape, one dtype. A backend may define ``unavailable_reason() -> str``
 (empty when usable) and ``set_num_threads(n)``; a device backend defines

@@ -295,3 +295,73 @@ def all_finite(array, stream=None) -> bool:
     if target != 0:
         target.synchronize()
     return not flag[0]
+
+
+# ---------------------------------------------------------------------------
+# Reproducible reductions (fastopt.sum_of_squares, fastopt.max_abs on device arrays)
+# ---------------------------------------------------------------------------
+
+#: Threads per thread block of the reduction kernels: a multiple of 8, at most cuda_norms.MAX_THREADS.
+NORM_THREADS = 256
+
+
+def _block_results(kind: str, arrays, stream):
+    """(per-block results on the host, float64; first[t]: tensor t's first block).
+
+    One launch per non-empty tensor (in order, on the stream the buffers name
+    or ``stream``), each writing its blocks' results into one device array at
+    the tensor's offset; then one copy back (which waits for the kernels).
+    """
+    from ..kernels import cuda_norms
+    views, producers = zip(*(flat_view(a) for a in arrays))
+    counts = [-(-v.size // cuda_norms.BLOCK) for v in views]
+    first = np.zeros(len(views) + 1, dtype=np.int64)
+    np.cumsum(counts, out=first[1:])
+    if not first[-1]:
+        return np.zeros(0), first
+    dtype = views[0].dtype
+    if dtype not in cuda_norms.SIGNATURES:
+        raise TypeError(f"arrays must have dtype float32 or float64, got {dtype}")
+    kernel = cuda_norms.sumsq_kernel if kind == "sumsq" else cuda_norms.maxabs_kernel
+    entry = _compile((kind, dtype), kernel, cuda_norms.SIGNATURES[dtype])  # lazily, like the updates
+    target = _resolve_stream(stream, producers)
+    out = cuda.device_array(int(first[-1]), np.float64, stream=target)
+    for view, f, c in zip(views, first, counts):
+        if c:
+            threads = min(NORM_THREADS, c * cuda_norms.LANES)  # a small tensor: no idle threads
+            entry.dispatcher[cuda_norms.grid(c, threads), threads, target](view, out, np.uint64(f))
+    host = out.copy_to_host(stream=target)
+    if target != 0:
+        target.synchronize()
+    return host, first
+
+
+def sumsq_list(arrays, each=None, stream=None) -> float:
+    """The sum of squares of every element of the device ``arrays`` (validated,
+    one dtype), bitwise the host backends' (:mod:`fastopt.kernels.cuda_norms`:
+    the block sums on the GPU, then added in order on the host); each array's own
+    into ``each`` (a host float64 array) when given. Synchronises."""
+    if not arrays:
+        return 0.0
+    sums, first = _block_results("sumsq", arrays, stream)
+    if each is not None:
+        for t in range(len(arrays)):
+            mine = sums[first[t]:first[t + 1]]
+            each[t] = np.add.accumulate(mine)[-1] if mine.size else 0.0  # accumulate: strictly in order
+    return float(np.add.accumulate(sums)[-1]) if sums.size else 0.0
+
+
+def maxabs_list(arrays, each=None, stream=None) -> float:
+    """The largest magnitude of every element of the device ``arrays`` as a
+    float64 (NaN anywhere: the canonical ``np.nan``, as on the host); each
+    array's own into ``each`` (a host float64 array) when given. Synchronises."""
+    if not arrays:
+        return 0.0
+    maxima, first = _block_results("maxabs", arrays, stream)
+    if each is not None:
+        for t in range(len(arrays)):
+            mine = maxima[first[t]:first[t + 1]]
+            each[t] = float(mine.max()) if mine.size else 0.0  # max propagates NaN
+        each[np.isnan(each)] = np.nan
+    total = float(maxima.max()) if maxima.size else 0.0
+    return np.nan if total != total else total

@@ -180,3 +180,97 @@ def sumsq_list(arrays, each=None) -> float:
         return float(parallel(table, first, tiny, out))
     finally:
         _pool.release()
+
+
+def maxabs_list(arrays, each=None) -> float:
+    """The largest magnitude of every element of ``arrays`` (validated host arrays
+    of one dtype) as a float64, NaN (``np.nan``) if any is NaN, over the blocks of
+    :mod:`fastopt.kernels.numba_norms`; each array's own into ``each`` (float64,
+    one per array) when given."""
+    from ..kernels.numba_norms import MAXABS, block_starts
+    if not arrays:
+        return 0.0
+    table = np.array([[a.__array_interface__["data"][0] for a in arrays], [a.size for a in arrays]], dtype=np.int64)
+    first = block_starts(table[1])
+    tiny = _TINY[arrays[0].itemsize]
+    serial, parallel = MAXABS
+    out = each if each is not None else _NO_EACH
+    if not _on_pool(arrays[0].itemsize * int(table[1].sum())):
+        return float(serial(table, first, tiny, out))
+    try:
+        return float(parallel(table, first, tiny, out))
+    finally:
+        _pool.release()
+
+
+# ---- the two-pass rules (fastopt.trust) -------------------------------------------
+
+def _table_of(params, grads, states) -> np.ndarray:
+    """The pointer table of a list call (rows: param, grad, each state (0 when None), sizes)."""
+    rows = [params, grads] + [st for st in states]
+    return np.array([[0] * len(params) if r is None else [a.__array_interface__["data"][0] for a in r]
+                     for r in rows] + [[a.size for a in params]], dtype=np.int64)
+
+
+def trust_sums(kernel: str, params, grads, states, scalars, table=None):
+    """Pass 1 of a two-pass kernel over lists of tensors (``scalars``: pass 1's, ``states``:
+    None where not read): per tensor ``sum(p*p)`` and ``sum(u*u)``, float64 arrays, in the
+    order of :mod:`fastopt.kernels.numba_trust` (bitwise the C library's)."""
+    from ..kernels.numba_trust import SUMS, block_starts
+    if table is None:
+        table = _table_of(params, grads, states)
+    n = N_FLOATS[kernel]
+    count = len(params)
+    param_sumsq, update_sumsq = np.zeros(count), np.zeros(count)
+    rows = tuple(None if st is None else 2 + k for k, st in enumerate(states))
+    first = block_starts(table[-1])
+    args = (table, rows, scalars[:n], scalars[n:], _TINY[params[0].itemsize], first, param_sumsq, update_sumsq)
+    serial, parallel = SUMS[kernel]
+    read = sum(1 for st in states if st is not None) + 2
+    if not _on_pool(params[0].itemsize * int(table[-1].sum()) * read):
+        serial(*args)
+    else:
+        try:
+            parallel(*args)
+        finally:
+            _pool.release()
+    return param_sumsq, update_sumsq
+
+
+def run_list_each(kernel: str, params, grads, states, scalars, values, table=None) -> None:
+    """Pass 2 of a two-pass kernel: the update over lists of tensors, tensor i with
+    ``scalars`` whose field ``trust.field`` is ``values[i]`` (float64), in one compiled
+    call whose threads share the total element count."""
+    from ..kernels.numba_trust import EACH_LIST_LOOPS
+    if table is None:
+        table = _table_of(params, grads, states)
+    n = N_FLOATS[kernel]
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    store = stores.flush_subnormal if denormals.get_flush_denormal() else stores.keep
+    serial, parallel = EACH_LIST_LOOPS[kernel, store]
+    rows = tuple(None if st is None else 2 + k for k, st in enumerate(states))
+    args = (table, rows, scalars[:n], scalars[n:], _TINY[params[0].itemsize])
+    if not _on_pool(_moved(params[0].itemsize, int(table[-1].sum()), states)):
+        serial(*args, 1, values)
+        return
+    try:
+        parallel(*args, _threads, values)
+    finally:
+        _pool.release()
+
+
+def trust_grad_sumsq(grads, table=None) -> float:
+    """The sum of squares of every gradient (the order of :func:`sumsq_list`), from the
+    call's pointer table (its grad row and sizes) when there is one."""
+    if table is None:
+        return sumsq_list(list(grads))
+    from ..kernels.numba_norms import SUMSQ, block_starts
+    rows = np.ascontiguousarray(table[[1, table.shape[0] - 1]])
+    first = block_starts(rows[1])
+    serial, parallel = SUMSQ
+    if not _on_pool(grads[0].itemsize * int(rows[1].sum())):
+        return float(serial(rows, first, _TINY[grads[0].itemsize], _NO_EACH))
+    try:
+        return float(parallel(rows, first, _TINY[grads[0].itemsize], _NO_EACH))
+    finally:
+        _pool.release()

@@ -152,6 +152,44 @@ def rprop(param, grad, prev, step_size, s: rules.RpropScalars):
     prev[...] = g
 
 
+# ---- two-pass rules (fastopt.trust): with s.measure on, the kernel returns the
+# update u and writes nothing (pass 1); else it is pass 2, with the tensor's
+# trust ratio already in the scalars.
+
+def _lamb_update(param, grad, exp_avg, exp_avg_sq, s: rules.LAMBScalars):
+    """(u, new exp_avg, new exp_avg_sq) of LAMB, nothing written: apex's
+    LAMBStage1Functor (multi_tensor_lamb.cu) on whole arrays."""
+    g = _grad(param, grad, s)  # L2 (adam_w_mode=False) on the clipped gradient
+    m = s.beta1 * exp_avg + s.beta3 * g
+    v = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    u = (m * s.inv_bias_correction1) / (np.sqrt(v * s.inv_bias_correction2) + s.eps)  # (apex divides by bc)
+    if s.decay != 0:  # adam_w_mode=True: decoupled decay, inside the update
+        u = u + s.decay * param
+    return u, m, v
+
+
+def lamb(param, grad, exp_avg, exp_avg_sq, s: rules.LAMBScalars):
+    u, m, v = _lamb_update(param, grad, exp_avg, exp_avg_sq, s)
+    if s.measure:
+        return u
+    exp_avg[...] = m
+    exp_avg_sq[...] = v
+    param -= s.step_size * u  # apex's LAMBStage2Functor, the ratio folded into step_size
+    return None
+
+
+def lars(param, grad, momentum_buffer, s: rules.LARSScalars):
+    u = _grad(param, grad, s)  # vicreg's dp = g + wd*p
+    if s.measure:
+        return u
+    scaled = s.trust_ratio * u  # dp*q
+    if s.use_momentum:
+        momentum_buffer[...] = s.momentum * momentum_buffer + scaled  # mu = momentum*mu + dp*q
+        scaled = momentum_buffer
+    param -= s.lr * scaled
+    return None
+
+
 _KERNELS = {k: globals()[k] for k in rules.KERNEL_SCALARS}
 
 
@@ -206,3 +244,46 @@ def sumsq_list(arrays, each=None) -> float:
         if each is not None:
             each[t] = mine  # (each array's blocks added in order, as the total adds all of them)
     return float(total)
+
+
+def maxabs_list(arrays, each=None) -> float:
+    """The largest magnitude of every element of ``arrays``, as a float64 (the inf
+    norm): ``np.max(np.abs(a))`` per array (0.0 for an empty one), the largest of
+    those (0.0 for no elements; each array's own into ``each`` when given). A
+    maximum is exact, so the order is free; a NaN anywhere gives NaN, and every
+    NaN returned (in ``each`` too) is ``np.nan`` (bits 0x7ff8000000000000, the
+    C library's ``NAN``), whatever the input NaN's sign and payload."""
+    total = 0.0
+    for t, a in enumerate(arrays):
+        mine = float(np.max(np.abs(a))) if a.size else 0.0
+        if mine != mine:
+            mine = np.nan
+        if mine > total or mine != mine:
+            total = mine
+        if each is not None:
+            each[t] = mine
+    return total
+
+
+# ---- pass 1 of the two-pass rules ---------------------------------------------
+
+def measure(kernel: str, param, grad, state, scalars):
+    """The update ``u`` a two-pass kernel would apply (``scalars.measure`` on), in
+    the buffers' dtype; nothing is written."""
+    dtype = param.dtype.type
+    cast = type(scalars)(*(dtype(x) if isinstance(x, float) else x for x in scalars))
+    with np.errstate(all="ignore"):
+        return _KERNELS[kernel](param, grad, *state, cast)
+
+
+def trust_sums(kernel: str, params, grads, states, scalars, table=None):
+    """Pass 1 over lists of tensors: per tensor, ``sum(p*p)`` and ``sum(u*u)`` (float64
+    arrays), each in the reduction order of :func:`sumsq_list`. ``scalars``: pass 1's
+    (``measure`` on); ``states``: as :func:`run_list` (None: not read)."""
+    count = len(params)
+    param_sumsq, update_sumsq = np.zeros(count), np.zeros(count)
+    for i, (p, g) in enumerate(zip(params, grads)):
+        u = measure(kernel, p, g, tuple(None if s is None else s[i] for s in states), scalars)
+        param_sumsq[i] = sumsq_list([p])
+        update_sumsq[i] = sumsq_list([u])
+    return param_sumsq, update_sumsq

@@ -14,6 +14,15 @@
 * ``csrc/tests/rules_table.inc``    every rule as data and through one signature for the C
   tests, with a plain reference loop per kernel (translated from the same element function).
 
+The two-pass rules (``rules.TWO_PASS_RULES``: a ``Rule.trust``) get everything
+an ordinary rule gets, plus: per dtype a ``<kernel>_sums_`` function (pass 1
+over one block: the element function with its measure flag on, into a scratch
+block, and the block's two sums of squares), listed by ``FO_TRUST_LIST``; the
+trust ratio translated to C (``fastopt_<rule>_ratio``); and the entry points
+``fastopt_<rule>_norms[_list]_*`` (pass 1) and ``fastopt_<rule>_trust[_list]_*``
+(both passes), over the drivers of csrc/src/trust.c. In every update loop
+(``_run_``, and the C tests' reference) the measure flag is a literal 0.
+
 Everything hand-written (the thread split, dispatch, the contract in
 ``fastopt.h``, ``FO_SPECn``) stays in the hand-written files.
 """
@@ -29,7 +38,7 @@ from typing import Optional
 
 from .. import rules as rules_module
 from ..kernels import elements
-from ..rule import Rule
+from ..rule import TRUST_SUMS, Rule
 from . import translate as tr
 
 __all__ = ["generate", "HEADER", "FILES"]
@@ -149,6 +158,15 @@ class RuleInfo:
             if buf.name in tr.C_RESERVED or buf.name in ("p", "g", "n", "i", "s", "count", "param", "grad", "state"):
                 raise tr.TranslationError(f"{where}: the state name {buf.name!r} is reserved in the generated C")
             self.states.append((buf.name, cond, buf))
+        # a two-pass rule: (its Trust, the ratio's C statements, its value, `when` over s->)
+        self.trust = None
+        if rule.trust is not None:
+            t = rule.trust
+            renv = {f: (f"s->{f}", self.field_types[f]) for f in rule.scalars._fields}
+            renv.update({name: (name, tr.DOUBLE) for name in TRUST_SUMS})
+            lines, value = tr.translate_value(t.ratio, f"{where}, trust ratio {t.ratio.__name__}", renv)
+            when = tr.translate_when(t.when, "s->", self.field_types, f"{where}, trust when")
+            self.trust = (t, lines, value, when)
 
     @property
     def struct(self) -> str:
@@ -170,6 +188,18 @@ class RuleInfo:
             return out + ["const int64_t *n", "int64_t count", f"const {self.struct} *s"]
         out = [f"{ctype} *param", f"const {ctype} *grad"] + [f"{ctype} *{name}" for name, _, _ in self.states]
         return out + ["int64_t n", f"const {self.struct} *s"]
+
+    def norms_params(self, ctype: str, lists: bool) -> list[str]:
+        """Pass 1's parameters: the update's buffers, read-only, then the two sums' outputs."""
+        if lists:
+            out = [f"const {ctype} *const *param", f"const {ctype} *const *grad"]
+            out += [f"const {ctype} *const *{name}" for name, _, _ in self.states]
+            out += ["const int64_t *n", "int64_t count"]
+        else:
+            out = [f"const {ctype} *param", f"const {ctype} *grad"] + [f"const {ctype} *{name}"
+                                                                       for name, _, _ in self.states]
+            out += ["int64_t n"]
+        return out + [f"const {self.struct} *s", "double *param_sumsq", "double *update_sumsq"]
 
     def need_expr(self) -> str:
         always = sum(1 << k for k, (_, cond, _) in enumerate(self.states) if cond is None)
@@ -233,6 +263,15 @@ class KernelInfo:
                                       f"({2 ** MAX_SPEC} loop copies)")
         if any(n == FLUSH for n, _ in self.elem.flags):
             raise tr.TranslationError(f"element {self.name}: the flag name {FLUSH!r} is the loops' flush flag")
+        # a two-pass kernel: the flag of its `measure` field (pass 1), a literal 0 in every update loop
+        self.measure_flag = None
+        trust = first.rule.trust
+        if trust is not None:
+            key = ast.dump(tr.when_as_invariant(trust.measure, ""))
+            self.measure_flag = next((n for n, c in self.elem.flags if ast.dump(c) == key), None)
+            if self.measure_flag is None:
+                raise tr.TranslationError(f"rule {first.name}: its element function never tests s.{trust.measure} "
+                                          "(pass 1 needs it to give the update)")
         when_keys = {ast.dump(w) for w in whens}
         self.flag_in_double = {name: ast.dump(cond) in when_keys for name, cond in self.elem.flags}
         self.state_flag = {}
@@ -243,7 +282,7 @@ class KernelInfo:
 
 
 def _collect() -> tuple[list[RuleInfo], list[KernelInfo]]:
-    rinfos = [RuleInfo(r) for r in rules_module.RULES.values()]
+    rinfos = [RuleInfo(r) for r in (*rules_module.RULES.values(), *rules_module.TWO_PASS_RULES.values())]
     by_kernel: dict[str, list[RuleInfo]] = {}
     for ri in rinfos:
         by_kernel.setdefault(ri.kernel, []).append(ri)
@@ -309,8 +348,94 @@ def _header(rinfos: list[RuleInfo]) -> str:
             out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_{sfx}", ri.kernel_params(ctype, False)))
         for ctype, sfx in (("float", "f32"), ("double", "f64")):
             out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_list_{sfx}", ri.kernel_params(ctype, True)))
+        if ri.trust:
+            out += _trust_header(ri)
     out += ["", CFFI_END, "", "#ifdef __cplusplus", "}", "#endif", "#endif /* FASTOPT_RULES_H */", ""]
     return "\n".join(out)
+
+
+def _trust_header(ri: RuleInfo) -> list[str]:
+    t, _, _, when = ri.trust
+    r = ri.rule
+    doc = (f"Two passes (see fastopt.h, \"Two-pass rules\"). fastopt_{r.name}_ratio: the scalars of pass 2 for "
+           f"one tensor, s with {t.field} replaced by the trust ratio's value of the tensor's sums of squares "
+           f"(unchanged when !({when}); out may be s). fastopt_{r.name}_norms[_list]_*: pass 1 alone, read-only: "
+           f"per tensor sum(param^2) into param_sumsq[i] and sum(u^2) into update_sumsq[i] (u: the update these "
+           f"scalars give), in double, bitwise reproducible (param_sumsq[i] is fastopt_sumsq_list's each[i]); "
+           f"it reads param, grad and {', '.join(t.reads) if t.reads else 'no state buffer'} "
+           f"(another state table may be NULL). "
+           f"fastopt_{r.name}_trust[_list]_*: the update with the tensors' ratios: both passes when {when}, else "
+           f"exactly fastopt_{r.name}_[list_]* (one pass).")
+    out = ["", "/* " + "\n * ".join(textwrap.wrap(doc, 96)) + " */"]
+    out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_ratio",
+                      [f"{ri.struct} *out", f"const {ri.struct} *s", "double param_sumsq", "double update_sumsq"]))
+    for lists in (False, True):
+        for ctype, sfx in (("float", "f32"), ("double", "f64")):
+            out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_norms_{'list_' if lists else ''}{sfx}",
+                              ri.norms_params(ctype, lists)))
+    for lists in (False, True):
+        for ctype, sfx in (("float", "f32"), ("double", "f64")):
+            out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_trust_{'list_' if lists else ''}{sfx}",
+                              ri.kernel_params(ctype, lists)))
+    return out
+
+
+def _trust_api(ri: RuleInfo) -> list[str]:
+    """A two-pass rule's ratio (translated from Rule.trust.ratio) and entry points."""
+    t, lines, value, when = ri.trust
+    r = ri.rule
+    out = ["", f"/* The trust ratio of {r.name} ({t.ratio.__name__} in the rule table): the tensor's {t.field}. */"]
+    out.append(_proto(f"static void fo_ratio_{r.name}", ["void *out", "const void *scalars", "double param_sumsq",
+                                                        "double update_sumsq"], ""))
+    out.append("{")
+    out.append(f"    const {ri.struct} *s = (const {ri.struct} *)scalars;")
+    body = "\n".join(lines + [value])
+    unused = [n for n in ("s", *TRUST_SUMS) if not re.search(rf"\b{n}\b", body.replace("s->", "s ->"))]
+    if unused:
+        out.append("    " + " ".join(f"(void){n};" for n in unused))
+    out += lines
+    out.append(f"    (({ri.struct} *)out)->{t.field} = {value};")
+    out.append("}")
+    out.append("")
+    out.append(f"static int fo_trusted_{r.name}(const {ri.struct} *s) {{ return {when}; }}")
+    out.append("")
+    out.append(_proto(f"int fastopt_{r.name}_ratio", [f"{ri.struct} *out", f"const {ri.struct} *s",
+                                                     "double param_sumsq", "double update_sumsq"], ""))
+    out += ["{", "    if (!out || !s)", "        return FASTOPT_ERR_NULL;", f"    {ri.struct} tensor = *s;",
+            f"    if (fo_trusted_{r.name}(s))", f"        fo_ratio_{r.name}(&tensor, s, param_sumsq, update_sumsq);",
+            "    *out = tensor;", "    return FASTOPT_OK;", "}"]
+    names = [n for n, _, _ in ri.states]
+    for ctype, sfx, dt in (("float", "f32", "FO_F32"), ("double", "f64", "FO_F64")):
+        out.append("")
+        out.append(_proto(f"int fastopt_{r.name}_norms_list_{sfx}", ri.norms_params(ctype, True), ""))
+        out.append("{")
+        out.append(f"    const void *state[FO_MAX_STATE] = {{{', '.join(names)}}};")
+        mask = sum(1 << j for j, n in enumerate(names) if n in t.reads)
+        out.append(f"    /* pass 1 reads the state buffers the update depends on: {', '.join(t.reads) or 'none'} */")
+        out.append(f"    return fo_trust_sums(FO_{ri.upper}, {dt}, param, grad, state, "
+                   f"s ? fo_need_{r.name}(s) & 0x{mask:x}u : 0u, n, count, s, param_sumsq, update_sumsq);")
+        out.append("}")
+        out.append("")
+        out.append(_proto(f"int fastopt_{r.name}_norms_{sfx}", ri.norms_params(ctype, False), ""))
+        out.append("{")
+        args = ["&param", "&grad"] + [f"&{n}" for n in names] + ["&n", "1", "s", "param_sumsq", "update_sumsq"]
+        out.append("    return " + _proto(f"fastopt_{r.name}_norms_list_{sfx}", args, ";", "").lstrip())
+        out.append("}")
+        out.append("")
+        out.append(_proto(f"int fastopt_{r.name}_trust_list_{sfx}", ri.kernel_params(ctype, True), ""))
+        out.append("{")
+        out.append(f"    const void *state[FO_MAX_STATE] = {{{', '.join(names)}}};")
+        out.append(f"    return fo_trust_run(FO_{ri.upper}, {dt}, param, grad, state, s ? fo_need_{r.name}(s) : 0u, "
+                   f"n, count, s, sizeof *s,")
+        out.append(f"                        s ? fo_trusted_{r.name}(s) : 0, fo_ratio_{r.name});")
+        out.append("}")
+        out.append("")
+        out.append(_proto(f"int fastopt_{r.name}_trust_{sfx}", ri.kernel_params(ctype, False), ""))
+        out.append("{")
+        args = ["&param", "&grad"] + [f"&{n}" for n in names] + ["&n", "1", "s"]
+        out.append("    return " + _proto(f"fastopt_{r.name}_trust_list_{sfx}", args, ";", "").lstrip())
+        out.append("}")
+    return out
 
 
 def _pred_doc(pred: Optional[str]) -> str:
@@ -349,7 +474,10 @@ def _internal(kinfos: list[KernelInfo]) -> str:
            "/* X(kernel, index) for every kernel, in row order. */",
            "#define FO_KERNEL_LIST(X) " + " ".join(f"X({k.name}, FO_{k.upper})" for k in kinfos), "",
            "/* The most state buffers of any rule: the length of the loops' state array. */",
-           f"#define FO_MAX_STATE {nmax}", "", "#endif /* FASTOPT_RULES_INTERNAL_H */", ""]
+           f"#define FO_MAX_STATE {nmax}", "",
+           "/* X(kernel, index) for every two-pass kernel (it has a <kernel>_sums_: trust.c). */",
+           "#define FO_TRUST_LIST(X) " + " ".join(f"X({k.name}, FO_{k.upper})" for k in kinfos if k.measure_flag),
+           "", "#endif /* FASTOPT_RULES_INTERNAL_H */", ""]
     return "\n".join(out)
 
 
@@ -429,20 +557,95 @@ def _kernels(kinfos: list[KernelInfo]) -> str:
         for f in k.fields:
             cast = "(T)" if k.field_types[f] == tr.DOUBLE else ""
             out.append(f"    c.{f} = {cast}sd->{f};")
-        conds = []
-        for n, cond in e.flags:
-            if k.flag_in_double[n]:  # a buffer's `when`: decided in double, as the required-buffer mask is
-                conds.append(tr.translate_invariant(cond, "sd->", k.field_types, f"element {k.name}"))
-            else:
-                conds.append(tr.translate_invariant(cond, "c.", k.field_types, f"element {k.name}"))
+        conds = _conditions(k, "0")
         args = ["(T *)param", "(const T *)grad"] + [f"(T *)state[{j}]" for j in range(len(k.states))] + \
             ["n", "&c"]
         text = "flags: " + ", ".join(f"{n} = {c}" for n, c in zip(flags + [FLUSH], conds + ["flush"]))
         out.append("    /* " + "\n     * ".join(textwrap.wrap(text, 96)) + " */")
         out.append(_proto(f"FO_SPEC{len(flags) + 1}", [f"N({k.name}_loop_)"] + conds + ["flush"] + args, ";", "    "))
         out.append("}")
+        if k.measure_flag:
+            out += _sums(k)
     out.append("")
     return "\n".join(out)
+
+
+def _conditions(k: KernelInfo, measure: str) -> list[str]:
+    """The C conditions of the kernel's loop flags for its ``_run_`` (the measure flag: ``measure``)."""
+    conds = []
+    for n, cond in k.elem.flags:
+        if n == k.measure_flag:
+            conds.append(measure)
+        elif k.flag_in_double[n]:  # a buffer's `when`: decided in double, as the required-buffer mask is
+            conds.append(tr.translate_invariant(cond, "sd->", k.field_types, f"element {k.name}"))
+        else:
+            conds.append(tr.translate_invariant(cond, "c.", k.field_types, f"element {k.name}"))
+    return conds
+
+
+def _sums(k: KernelInfo) -> list[str]:
+    """Pass 1 of a two-pass kernel over one block (csrc/src/trust.c schedules the blocks):
+    the element function with the measure flag on gives the update u of each element
+    into a scratch block (a plain loop, vectorized as the update loops are), then the
+    block's sums of squares of param and of u in double (N(fo_sumsq_blocks_), kernels.inc)."""
+    e = k.elem
+    flags = [n for n, _ in e.flags]
+    out = [""]
+    loop_args = ["const T *restrict param", "const T *restrict grad"] + \
+        [f"const T *restrict {n}" for n in k.states] + ["T *restrict out", "int64_t n",
+                                                         f"const N({k.name}_c_) *scalars"] + \
+        [f"const int {n}" for n in flags]
+    out.append(_proto(f"static FO_INLINE void N({k.name}_measure_loop_)", loop_args, ""))
+    out.append("{")
+    out.append(f"    const N({k.name}_c_) local = *scalars, *const s = &local;")
+    reads = k.rules[0].rule.trust.reads
+    unread = [n for n in k.states if n not in reads]
+    if unread:
+        out.append(f"    (void){'; (void)'.join(unread)}; /* the update does not depend on them (Rule.trust.reads) */")
+    out.append("    for (int64_t i = 0; i < n; i++) {")
+    loads = ["p = param[i]"]
+    for j, n in enumerate(k.states):
+        f = k.state_flag.get(n)
+        if n not in reads:
+            loads.append(f"x{j} = 0")
+        else:
+            loads.append(f"x{j} = {f} ? {n}[i] : 0" if f else f"x{j} = {n}[i]")
+    out.append("        T " + ", ".join(loads) + ";")
+    call = ["&p", "grad[i]"] + [f"&x{j}" for j in range(len(k.states))] + ["s"] + flags
+    out.append(_proto(f"N({k.name}_elem_)", call, ";", "        "))
+    out.append("        out[i] = p; /* the update (measure on); the new state is dropped */")
+    out.append("    }")
+    out.append("}")
+    out.append("")
+    struct = f"fastopt_{k.name}_scalars"
+    out.append(_proto(f"static void N({k.name}_sums_)", ["const void *param", "const void *grad",
+                                                        "const void *const *state", "int64_t n",
+                                                        "const void *scalars", "double *param_sumsq",
+                                                        "double *update_sumsq"], ""))
+    out.append("{")
+    out.append(f"    const {struct} *sd = (const {struct} *)scalars;")
+    out.append(f"    N({k.name}_c_) c;")
+    out.append("    T u[FO_TRUST_PIECE];")
+    out.append("    double ap[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};")
+    out.append("    double au[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};")
+    for f in k.fields:
+        cast = "(T)" if k.field_types[f] == tr.DOUBLE else ""
+        out.append(f"    c.{f} = {cast}sd->{f};")
+    conds = _conditions(k, "1")
+    text = "flags: " + ", ".join(f"{n} = {c}" for n, c in zip(flags, conds))
+    out.append("    /* " + "\n     * ".join(textwrap.wrap(text, 96)) + " */")
+    out.append("    for (int64_t lo = 0; lo < n; lo += FO_TRUST_PIECE) { /* n <= FO_TRUST_BLOCK */")
+    out.append("        const int64_t len = n - lo < FO_TRUST_PIECE ? n - lo : FO_TRUST_PIECE;")
+    out.append("        const T *p = (const T *)param + lo;")
+    args = ["p", "(const T *)grad + lo"] + [f"N(fo_at_)(state[{j}], lo)" for j in range(len(k.states))] + \
+        ["u", "len", "&c"]
+    out.append(_proto(f"FO_SPEC{len(flags)}", [f"N({k.name}_measure_loop_)"] + conds + args, ";", "        "))
+    out.append("        N(fo_sumsq_add_)(p, u, len, ap, au);")
+    out.append("    }")
+    out.append("    *param_sumsq = N(fo_sumsq_tree_)(ap);")
+    out.append("    *update_sumsq = N(fo_sumsq_tree_)(au);")
+    out.append("}")
+    return out
 
 
 def _store(buf: str, value: str) -> str:
@@ -513,6 +716,8 @@ def _api(rinfos: list[RuleInfo]) -> str:
             out.append(f"    return fo_run_list(FO_{ri.upper}, {dt}, param, grad, state, "
                        f"s ? fo_need_{r.name}(s) : 0u, n, count, s);")
             out.append("}")
+        if ri.trust:
+            out += _trust_api(ri)
     out.append("")
     return "\n".join(out)
 
@@ -609,6 +814,9 @@ def _ref_loop(k: KernelInfo, ctype: str, sfx: str) -> list[str]:
         out.append(f"    io_c.{f} = {cast}io_sd->{f};")
     body_text = "\n".join(e.body + e.returns)
     for n, cond in e.flags:
+        if n == k.measure_flag:  # pass 1's flag: off in every update, as in the library's _run_
+            out.append(f"    const int {n} = 0;")
+            continue
         # as the library's _run_ decides it: a buffer's `when` on the double scalars, the rest in T
         struct = "io_sd->" if k.flag_in_double[n] else "io_c."
         out.append(f"    const int {n} = {tr.translate_invariant(cond, struct, k.field_types, f'element {k.name}')};")
@@ -676,7 +884,9 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
         "      weight decay, ...) to 0.5; carried values advance in *carry;\n"
         "  fo_t_need(rule, s): the state buffers the call requires (bit k: state k);\n"
         "  fo_t_run_f32/_f64(rule, param, grad, state, n, s), fo_t_list_f32/_f64(...): the kernels;\n"
-        "  fo_t_ref_f32/_f64(rule, param, grad, state, n, s): the reference.\n"
+        "  fo_t_ref_f32/_f64(rule, param, grad, state, n, s): the reference;\n"
+        "  fo_t_two_pass(rule), fo_t_ratio, fo_t_norms_list_*, fo_t_trust_list_*, fo_t_trust_*: the\n"
+        "      entry points of the two-pass rules (test_trust.c).\n"
         "\n"
         "The reference is a plain scalar loop per kernel and dtype, translated from the same\n"
         "element function of elements.py as the library's kernels but written as one loop over\n"
@@ -856,6 +1066,43 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
             args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + \
                 ["n", "count", f"s ? &s->{ri.kernel} : NULL"]
             out.append(f"    case {k}: return fastopt_{ri.name}_list_{sfx}({', '.join(args)});")
+        out += ["    default: return -100;", "    }", "}"]
+
+    # the two-pass rules' entry points (fastopt.h, "Two-pass rules")
+    trusted = [(k, ri) for k, ri in enumerate(rinfos) if ri.trust]
+    out += ["", "/* Two-pass rules (Rule.trust): 1 when `rule` has fastopt_<rule>_ratio, _norms_* and _trust_*. */",
+            "FO_T_FN int fo_t_two_pass(int rule)", "{", "    switch (rule) {"]
+    out += [f"    case {k}: return 1;" for k, _ in trusted]
+    out += ["    default: return 0;", "    }", "}", "",
+            "FO_T_FN int fo_t_ratio(int rule, fo_t_scalars *out, const fo_t_scalars *s, double param_sumsq, "
+            "double update_sumsq)", "{", "    switch (rule) {"]
+    for k, ri in trusted:
+        out.append(f"    case {k}: return fastopt_{ri.name}_ratio(out ? &out->{ri.kernel} : NULL, "
+                   f"s ? &s->{ri.kernel} : NULL, param_sumsq, update_sumsq);")
+    out += ["    default: return -100;", "    }", "}"]
+    for ctype, sfx in (("float", "f32"), ("double", "f64")):
+        cst = f"(const {ctype} *const *)"
+        out += ["", f"FO_T_FN int fo_t_norms_list_{sfx}(int rule, {ctype} *const *p, const {ctype} *const *g, "
+                f"{ctype} *const *const *st, const int64_t *n, int64_t count, const fo_t_scalars *s, "
+                "double *param_sumsq, double *update_sumsq)", "{", "    switch (rule) {"]
+        for k, ri in trusted:
+            args = [f"{cst}p", "g"] + [f"{cst}st[{j}]" for j in range(len(ri.states))] + \
+                ["n", "count", f"s ? &s->{ri.kernel} : NULL", "param_sumsq", "update_sumsq"]
+            out.append(f"    case {k}: return fastopt_{ri.name}_norms_list_{sfx}({', '.join(args)});")
+        out += ["    default: return -100;", "    }", "}", ""]
+        out += [f"FO_T_FN int fo_t_trust_list_{sfx}(int rule, {ctype} *const *p, const {ctype} *const *g, "
+                f"{ctype} *const *const *st, const int64_t *n, int64_t count, const fo_t_scalars *s)", "{",
+                "    switch (rule) {"]
+        for k, ri in trusted:
+            args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + \
+                ["n", "count", f"s ? &s->{ri.kernel} : NULL"]
+            out.append(f"    case {k}: return fastopt_{ri.name}_trust_list_{sfx}({', '.join(args)});")
+        out += ["    default: return -100;", "    }", "}", ""]
+        out += [f"FO_T_FN int fo_t_trust_{sfx}(int rule, {ctype} *p, const {ctype} *g, {ctype} *const *st, "
+                "int64_t n, const fo_t_scalars *s)", "{", "    switch (rule) {"]
+        for k, ri in trusted:
+            args = ["p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + ["n", f"s ? &s->{ri.kernel} : NULL"]
+            out.append(f"    case {k}: return fastopt_{ri.name}_trust_{sfx}({', '.join(args)});")
         out += ["    default: return -100;", "    }", "}"]
 
     # the reference

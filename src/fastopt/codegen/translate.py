@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 __all__ = ["TranslationError", "Source", "source_of", "parse_expr", "ElementC", "translate_element",
-           "ComputeC", "translate_compute", "translate_relation", "translate_when", "flag_name"]
+           "ComputeC", "translate_compute", "translate_relation", "translate_when", "translate_value",
+           "flag_name"]
 
 # C's words and the generated code's own names: a Python name equal to one of
 # these would not mean in C what it means in Python.
@@ -517,16 +518,9 @@ class _ScalarTranslator:
         return text
 
 
-def translate_compute(fn: Callable, where: str, env: dict[str, tuple[str, str]], scalars: type,
-                      field_types: dict[str, str], carry: Optional[str]) -> ComputeC:
-    """Translate ``compute``: straight-line assignments and ``return Scalars(...)``
-    (or ``return Scalars(...), new_carried``). ``env``: parameter -> (C text, type)."""
-    src = source_of(fn, where)
-    tr = _ScalarTranslator(src, env)
-    params = [a.arg for a in src.node.args.args] + [a.arg for a in src.node.args.kwonlyargs]
-    for p in params:
-        if p not in env:
-            raise src.error(src.node, f"parameter {p!r} is neither a flat hyperparameter, step nor a constant")
+def _straight_line(src: Source, tr: _ScalarTranslator, params: list[str]) -> tuple[list[str], ast.Return]:
+    """The C of a body of single-name assignments and one final return (declarations of
+    new locals, assignments converted to the local's type), and the return statement."""
     lines: list[str] = []
     ret = None
     body = src.node.body
@@ -557,6 +551,20 @@ def translate_compute(fn: Callable, where: str, env: dict[str, tuple[str, str]],
                                 "(straight-line assignments and one return)")
     if ret is None or ret.value is None:
         raise src.error(src.node, "no return statement")
+    return lines, ret
+
+
+def translate_compute(fn: Callable, where: str, env: dict[str, tuple[str, str]], scalars: type,
+                      field_types: dict[str, str], carry: Optional[str]) -> ComputeC:
+    """Translate ``compute``: straight-line assignments and ``return Scalars(...)``
+    (or ``return Scalars(...), new_carried``). ``env``: parameter -> (C text, type)."""
+    src = source_of(fn, where)
+    tr = _ScalarTranslator(src, env)
+    params = [a.arg for a in src.node.args.args] + [a.arg for a in src.node.args.kwonlyargs]
+    for p in params:
+        if p not in env:
+            raise src.error(src.node, f"parameter {p!r} is neither a flat hyperparameter, step nor a constant")
+    lines, ret = _straight_line(src, tr, params)
     value = ret.value
     carried = None
     if carry is not None:
@@ -598,3 +606,20 @@ def translate_relation(fn: Callable, where: str, env: dict[str, tuple[str, str]]
     tr = _ScalarTranslator(src, {a.arg: env[a.arg] for a in src.node.args.args})
     text, prec, kind = tr.expr(body[0].value)
     return text
+
+
+def translate_value(fn: Callable, where: str, env: dict[str, tuple[str, str]]) -> tuple[list[str], str]:
+    """A restricted function giving one double (a two-pass rule's trust ratio,
+    ``fastopt.rule.Trust.ratio``): straight-line assignments and one ``return``.
+    ``env``: parameter -> (C text, type). Returns (C statements, the value as double)."""
+    src = source_of(fn, where)
+    tr = _ScalarTranslator(src, env)
+    params = [a.arg for a in src.node.args.args] + [a.arg for a in src.node.args.kwonlyargs]
+    for p in params:
+        if p not in env:
+            raise src.error(src.node, f"parameter {p!r} is not one of the function's inputs ({', '.join(env)})")
+    lines, ret = _straight_line(src, tr, params)
+    text, prec, kind = tr.expr(ret.value)
+    if kind == BOOL:
+        raise src.error(ret, "the return value must be a number, not a bool")
+    return lines, tr.convert(text, prec, kind, DOUBLE, ret)
