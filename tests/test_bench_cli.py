@@ -540,6 +540,25 @@ def test_training_step_mode_times_both_ways_on_the_same_buffers(capsys, tmp_path
         assert all(not np.array_equal(a, b) for a, b in zip(before, params))
 
 
+def test_overhead_mode_times_every_layer_against_its_goal(capsys, tmp_path):
+    pytest.importorskip("torch")
+    import json
+
+    from fastopt.bench import cli, overhead
+
+    path = tmp_path / "overhead.json"
+    rc = cli.main(["--overhead", "--quick", "--quiet", "--json", str(path)])
+    out = capsys.readouterr().out
+    rows = json.loads(path.read_text())
+    names = [r["name"] for r in rows]
+    assert rc == 0 and names[-2:] == ["torch AdamW(fused=True)", "torch AdamW(foreach=True)"]
+    assert {name for name in overhead.GOALS} <= set(names)
+    for r in rows:
+        assert r["size"] == 1024 and r["seconds"] > 0 and r["goal_us"] == overhead.GOALS.get(r["name"])
+        assert r["name"] in out
+    assert out.count(" met") + out.count("MISSED") == len(overhead.GOALS)
+
+
 def test_interleaved_blocks_run_inside_their_context():
     """``around``: each block of timed calls (warmup and calibration included)
     runs inside its callable's context, entered per block, not per call."""

@@ -71,3 +71,50 @@ def test_a_bad_multiplier_is_refused_before_anything_is_written(bad, error, mess
     with pytest.raises(error, match=message):
         fastopt.adamw_(p, g, m, v, step=1, grad_multiplier=bad)
     assert (p == 1).all() and (m == 1).all() and (v == 1).all()
+
+
+# ---- found_inf: GradScaler's "skip this step" flag ----------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule,options", CASES, ids=[r for r, _ in CASES])
+def test_found_inf_leaves_every_buffer_untouched(backend, rule, options):
+    """A nonzero flag (as GradScaler hands it: a one-element float tensor) skips the
+    update; zero runs it exactly as without the flag."""
+    torch = pytest.importorskip("torch")
+    p0, grads = inputs(257, 3, np.float32, seed=11)
+    p = p0.copy()
+    state = initial_state(rule, options, p)
+    extra: dict = {}
+    fastopt_step(rule, options, p, grads[0], state, 1, extra, backend)  # (nonzero state to keep)
+    before = (p.copy(), {k: v.copy() for k, v in state.items()}, dict(extra))
+    for flag in (torch.tensor([1.0]), np.array(float("nan")), 1, True):
+        fastopt_step(rule, dict(options, found_inf=flag), p, grads[1], state, 2, extra, backend)
+        assert p.tobytes() == before[0].tobytes(), f"param written with found_inf={flag!r}"
+        for name in state:
+            assert state[name].tobytes() == before[1][name].tobytes(), f"{name} written with found_inf={flag!r}"
+        assert extra == before[2], "the carried value moved"
+    ran, ran_state = p.copy(), {k: v.copy() for k, v in state.items()}
+    ran_extra = dict(extra)
+    fastopt_step(rule, dict(options, found_inf=torch.tensor([0.0])), p, grads[1], state, 2, extra, backend)
+    fastopt_step(rule, options, ran, grads[1], ran_state, 2, ran_extra, backend)
+    assert p.tobytes() == ran.tobytes() and not np.array_equal(p, before[0])
+    for name in state:
+        assert state[name].tobytes() == ran_state[name].tobytes()
+
+
+def test_found_inf_skips_list_calls_and_still_validates():
+    p, g, m, v = ([np.ones(5, np.float32), np.ones(3, np.float32)] for _ in range(4))
+    fastopt.adamw_(p, g, m, v, step=1, found_inf=np.ones(1))
+    assert all((a == 1).all() for a in p + m + v)
+    with pytest.raises(ValueError, match="lr must be"):  # a bad hyperparameter still raises
+        fastopt.adamw_(p[0], g[0], m[0], v[0], step=1, lr=-1.0, found_inf=1.0)
+    with pytest.raises(ValueError, match="exp_avg_sq has shape"):  # and so does a bad buffer
+        fastopt.adamw_(p[0], g[0], m[0], np.ones(4, np.float32), step=1, found_inf=1.0)
+
+
+@pytest.mark.parametrize("bad", ["1", np.ones(2), [1.0], object()])
+def test_a_bad_found_inf_is_refused_before_anything_is_written(bad):
+    p, g, m, v = (np.ones(8, np.float32) for _ in range(4))
+    with pytest.raises(TypeError, match="found_inf must be None, a number or a one-element array"):
+        fastopt.adamw_(p, g, m, v, step=1, found_inf=bad)
+    assert (p == 1).all() and (m == 1).all() and (v == 1).all()

@@ -9,6 +9,7 @@ import pytest
 
 import fastopt
 from fastopt import checks
+from fastopt.rules import RULES
 
 N = 8
 
@@ -163,3 +164,17 @@ def test_checks_keep_their_c_predicates():
     assert checks.flag.c is None
     pair = checks.pair(checks.unit)
     assert pair.c == "fo_unit" and pair.arity == 2
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_each_function_passes_its_hyperparameters_in_the_rule_order(name, monkeypatch):
+    """The functions hand their hyperparameters to the rule as a tuple in the order of
+    the rule's table (no names travel with them): a swap of two would check and use
+    each value as the other, silently when both are floats."""
+    from fastopt import functional
+    rule = RULES[name]
+    seen = []
+    monkeypatch.setattr(functional, "_update", lambda rule_, p, g, state, hyper, *a: seen.append(hyper))
+    sentinels = {h.name: object() for h in rule.hyper}
+    getattr(fastopt, name + "_")(None, None, *[None] * len(rule.state), step=1, **sentinels)
+    assert seen == [tuple(sentinels[h.name] for h in rule.hyper)]

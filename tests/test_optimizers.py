@@ -382,3 +382,58 @@ def test_bad_hyperparameter_in_a_state_dict_names_the_group_and_key():
     with pytest.raises(ValueError, match=r"state_dict\['param_groups'\]\[1\]: lr must be >= 0"):
         opt.load_state_dict(saved)
     assert opt.param_groups[1]["lr"] == 1e-3
+
+
+def test_prepared_steps_see_every_edit_between_steps():
+    """From the second step on, step() runs a prepared call (checked once, then
+    re-proved by identity and equality): every edit of the groups or state between
+    steps must still take effect, exactly as through the checked path."""
+    def fresh():
+        flat = FlatParams(arrays())
+        flat.grad[...] = np.linspace(-1, 1, flat.data.size, dtype=np.float32)
+        opt = fastopt.AdamW(flat, groups=[{"params": flat.span(0, 2)}, {"params": flat.span(2, 5)}], lr=0.01)
+        opt.step()
+        opt.step()
+        return flat, opt
+
+    def reference(edit):
+        """The same edit on an optimizer whose every step takes the checked path."""
+        flat, opt = fresh()
+        edit(opt, flat)
+        opt._prepared = None
+        opt.step()
+        return flat.data.copy(), [dict(s) for s in opt.state]
+
+    edits = {
+        "lr": lambda o, f: o.param_groups[1].__setitem__("lr", 0.5),
+        "betas": lambda o, f: o.param_groups[0].__setitem__("betas", (0.5, 0.9)),
+        "weight_decay as an int": lambda o, f: o.param_groups[0].__setitem__("weight_decay", 1),
+        "step count": lambda o, f: o.state[0].__setitem__("step", 100),
+        "state buffer": lambda o, f: o.state[1].__setitem__("exp_avg", np.full_like(o.state[1]["exp_avg"], 0.25)),
+        "a group replaced by a copy": lambda o, f: o.param_groups.__setitem__(0, dict(o.param_groups[0], lr=0.2)),
+    }
+    for name, edit in edits.items():
+        flat, opt = fresh()
+        assert opt._prepared is not None or fastopt.dispatch.select(None, False).run_checked is None
+        edit(opt, flat)
+        opt.step()
+        want, want_state = reference(edit)
+        np.testing.assert_array_equal(flat.data, want, err_msg=name)
+        for got, expected in zip(opt.state, want_state):
+            assert got["step"] == expected["step"], name
+            for key in ("exp_avg", "exp_avg_sq"):
+                np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{name}: {key}")
+
+
+def test_prepared_steps_still_refuse_bad_buffers_before_writing_any_group():
+    flat = FlatParams(arrays())
+    flat.grad[...] = 1.0
+    opt = fastopt.Adam(flat, groups=[{"params": flat.span(0, 2)}, {"params": flat.span(2, 5)}])
+    opt.step()
+    opt.step()
+    opt.state[1]["exp_avg"].flags.writeable = False  # the same array, now read-only
+    before, steps = flat.data.copy(), [s["step"] for s in opt.state]
+    with pytest.raises(ValueError, match="read-only"):
+        opt.step()
+    np.testing.assert_array_equal(flat.data, before)
+    assert [s["step"] for s in opt.state] == steps

@@ -753,13 +753,14 @@ def test_grad_scaler_matches_torch_fused(unscale_and_clip):
 # ---- clip_grad_norm_, folded into the next step ---------------------------------------
 
 
+@pytest.mark.parametrize("norm_type,max_norm", [(2.0, 0.2), (math.inf, 0.02), ("inf", 0.02)],
+                         ids=["l2", "inf", "inf-string"])
 @pytest.mark.parametrize("with_scaler", [False, True], ids=["plain", "GradScaler"])
-def test_clip_grad_norm_folded_matches_torchs_clip_then_step(with_scaler):
+def test_clip_grad_norm_folded_matches_torchs_clip_then_step(with_scaler, norm_type, max_norm):
     """opt.clip_grad_norm_ returns torch's total norm (to 1e-6) and the next
     step equals torch's clip + step (to round-off), without writing the gradients; with
     a GradScaler it also does unscale_'s job (scale trajectory and skipped steps as torch)."""
     poison = {6, 13} if with_scaler else set()
-    max_norm = 0.2
     results = []
     for ours in (True, False):
         model = mlp()
@@ -775,11 +776,11 @@ def test_clip_grad_norm_folded_matches_torchs_clip_then_step(with_scaler):
                 model[2].weight.grad[1, 1] = float("inf")
             before = [p.grad.clone() for p in model.parameters()]
             if ours:
-                norms.append(opt.clip_grad_norm_(max_norm, grad_scaler=scaler).item())
+                norms.append(opt.clip_grad_norm_(max_norm, norm_type, grad_scaler=scaler).item())
             else:
                 if scaler:
                     scaler.unscale_(opt)
-                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, norm_type).item())
             untouched.append(all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters())))
             if scaler:
                 scaler.step(opt)
@@ -803,8 +804,9 @@ def test_clip_grad_norm_errors():
     model = mlp()
     opt = ft.AdamW(model.parameters())
     model(X).sum().backward()
-    with pytest.raises(ValueError, match="norm_type must be 2.0"):
-        opt.clip_grad_norm_(1.0, norm_type=float("inf"))
+    for bad in (1.0, 3, True, "two", -math.inf):
+        with pytest.raises(ValueError, match="norm_type must be 2.0 or math.inf"):
+            opt.clip_grad_norm_(1.0, norm_type=bad)
     model[0].weight.grad[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
         opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
@@ -814,3 +816,34 @@ def test_clip_grad_norm_errors():
     scaler.unscale_(opt)
     with pytest.raises(RuntimeError, match="unscale_.. or step.. was already called"):
         opt.clip_grad_norm_(1.0, grad_scaler=scaler)
+
+
+def test_step_hooks_and_profiler_range_are_torchs():
+    """fastopt.torch wraps step() as torch.optim does (pre-hooks, which may replace the
+    arguments, then post-hooks, global and per-optimizer, in torch's order) and opens
+    the profiler range 'Optimizer.step#<class>.step' only while a profiler records."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    model = mlp()
+    opt = ft.AdamW(model.parameters())
+    calls = []
+    closure_calls = []
+
+    def closure():
+        closure_calls.append(1)
+        return torch.tensor(0.0)
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+        opt.register_step_pre_hook(lambda o, a, k: (calls.append("pre"), ((o,), {"closure": closure}))[1]),
+        opt.register_step_post_hook(lambda o, a, k: calls.append(("post", k.get("closure") is closure))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
+    ]
+    try:
+        train(model, opt, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", "pre", ("post", True), "global post"]
+    assert closure_calls == [1]  # the pre-hook's replacement arguments were used
+    with torch.profiler.profile() as prof:
+        train(model, opt, 1, start=1)
+    assert any(e.name == "Optimizer.step#AdamW.step" for e in prof.events())

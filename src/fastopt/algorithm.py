@@ -10,6 +10,7 @@ API, and the check of one saved state entry. It holds no buffers itself.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Mapping
 
 from . import functional
@@ -30,6 +31,10 @@ class Algorithm:
         self.rule = rule
         self.name = rule.title
         self.update = getattr(functional, rule.name + "_")
+        #: group (or any mapping of the hyperparameters) -> the values of the functional
+        #: update's hyperparameters, in its order (what fastopt.functional takes as a tuple)
+        self.values_of = operator.itemgetter(*rule.defaults) if len(rule.defaults) > 1 else \
+            (lambda hyper, _name=next(iter(rule.defaults)): (hyper[_name],))
         #: The value carried from step to step ({} or {name: value before the first step}).
         self.carry = dict([rule.carry]) if rule.carry else {}
         #: state buffer -> the hyperparameter holding its initial value (zeros otherwise).

@@ -21,16 +21,25 @@ it, leaving the gradient buffer untouched: fold a loss scale's ``1/scale``
 or a clipping coefficient into the update instead of a separate pass over the
 gradients (``adamw_(p, g, m, v, step=t, grad_multiplier=clip / scale)`` is
 bitwise ``adamw_(p, g * (clip / scale), m, v, step=t)``, in the arrays' dtype).
+
+``found_inf`` (default None) skips the update when it is nonzero, as
+``torch.amp.GradScaler``'s ``found_inf`` makes torch's fused optimizers skip
+theirs: everything is validated, then no buffer is written (NAdam returns
+its ``mu_product`` unchanged). A number, or a one-element array or tensor;
+a device one is read back to the host (one small copy).
 """
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple, Union
 
 import math
+import operator
+
+import numpy as np
 
 from . import dispatch
 from .buffers import check_buffers, check_lists
-from .checks import real, step_count
+from .checks import _MAX_STEP, real, step_count
 from .rule import Rule
 from .rules import RULES
 
@@ -43,9 +52,59 @@ Betas = Tuple[float, float]
 
 
 def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict,
-            step: Any, backend: Optional[str], stream: Any, grad_multiplier: Any = 1.0) -> Any:
-    """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result."""
-    scalars, extra, needed = _scalars(rule, hyper, step, grad_multiplier)
+            step: Any, backend: Optional[str], stream: Any, grad_multiplier: Any = 1.0,
+            found_inf: Any = None) -> Any:
+    """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result.
+
+    ``hyper``: the values of every hyperparameter in the rule's order (its
+    ``hyper`` table: the order of each function's keywords; tests/test_hyper_errors.py
+    checks that every function passes them so), or a dict of them."""
+    if type(hyper) is tuple:
+        flat, needed, used = rule.prepared_values(hyper)
+    else:
+        flat, needed = rule.prepared(hyper)
+        used = None
+    scalars, extra = rule.scalars_at(flat, step if type(step) is int and 0 < step <= _MAX_STEP else _step(rule, step))
+    if type(grad_multiplier) is not float or grad_multiplier != 1.0:  # (the default: no check, no copy)
+        scalars = _multiplied(scalars, grad_multiplier)
+    skip = found_inf is not None and _found(found_inf)
+    if type(param) is np.ndarray and not skip:
+        # The common case first: one host buffer, given exactly the state buffers
+        # the call uses. Then the compiled checks of a backend's run_checked are
+        # the Python checks below, at a tenth of the cost.
+        fast = getattr(dispatch.select(backend, False), "run_checked", None)
+        if fast is not None and used == tuple(map(_is_not, state, _NONES)) \
+                and fast(rule.kernel, (((param, grad, *state), scalars),)):
+            return extra
+    names, arrays, used, rows = given_buffers(rule, param, grad, state, needed)
+    if isinstance(param, (list, tuple)):
+        on_device, table = check_lists(names, arrays)
+        if skip:
+            return _unchanged(rule, hyper)
+        if table is not None and any(row != k for k, row in enumerate(rows) if k < 2 or used[k - 2] is not None):
+            table = table[rows + [-1]]  # in the kernel's order: param, grad, each state, then the sizes
+        # The lists go on as they are: copying one touches every array (a
+        # reference count each), a cache miss per array after a training step.
+        dispatch.select(backend, on_device).run_list(rule.kernel, param, grad, tuple(used), scalars, stream, table)
+    else:
+        on_device = check_buffers(names, arrays)
+        if skip:
+            return _unchanged(rule, hyper)
+        dispatch.select(backend, on_device).run(rule.kernel, param, grad, tuple(used), scalars, stream)
+    return extra
+
+
+_NONES = (None,) * 8  # (more than any rule's state buffers)
+_is_not = operator.is_not
+
+
+def given_buffers(rule: Rule, param: Buffers, grad: Buffers, state: tuple,
+                  needed: dict[str, str]) -> tuple[list[str], list, list, list[int]]:
+    """The buffers of a call, after its hyperparameters said which state it ``needed``:
+    (the names and buffers given, to be checked; per state buffer, the buffer if the
+    call uses it, else None; per kernel argument, its row among the given ones, 0 for
+    an unused one, whose row is not read). A needed buffer passed as None raises
+    ValueError naming it and the option that needs it."""
     names, arrays, used, rows = ["param", "grad"], [param, grad], [], [0, 1]
     for name, buf in zip(rule.state, state):
         if buf is None:
@@ -57,29 +116,40 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
             names.append(name)
             arrays.append(buf)
         used.append(buf if name in needed else None)
-        rows.append(len(arrays) - 1 if name in needed else 0)  # (an unused buffer's row is not read)
-    if isinstance(param, (list, tuple)):
-        on_device, table = check_lists(names, arrays)
-        if table is not None and any(row != k for k, row in enumerate(rows) if k < 2 or used[k - 2] is not None):
-            table = table[rows + [-1]]  # in the kernel's order: param, grad, each state, then the sizes
-        # The lists go on as they are: copying one touches every array (a
-        # reference count each), a cache miss per array after a training step.
-        dispatch.select(backend, on_device).run_list(rule.kernel, param, grad, tuple(used), scalars, stream, table)
-    else:
-        on_device = check_buffers(names, arrays)
-        dispatch.select(backend, on_device).run(rule.kernel, param, grad, tuple(used), scalars, stream)
-    return extra
+        rows.append(len(arrays) - 1 if name in needed else 0)
+    return names, arrays, used, rows
 
 
-def _scalars(rule: Rule, hyper: dict, step: Any, grad_multiplier: Any) -> tuple[Any, Any, dict[str, str]]:
-    """(the kernel scalars of this call, the rule's extra result, the state buffers it
-    needs), every hyperparameter, the step and the multiplier validated."""
-    t = step_count(step) if rule.takes_step or step is not None else 1
-    flat, needed = rule.prepared(hyper)
-    scalars, extra = rule.scalars_at(flat, t)
-    if type(grad_multiplier) is not float or grad_multiplier != 1.0:  # (the default: no check, no copy)
-        scalars = _multiplied(scalars, grad_multiplier)
-    return scalars, extra, needed
+def _found(found_inf: Any) -> bool:
+    """Whether ``found_inf`` (a number, or a one-element array or tensor on any device,
+    as GradScaler's) says to skip the update: nonzero (NaN included)."""
+    if found_inf is None or found_inf is False:
+        return False
+    # (a Numba device array: a one-element copy, the skip is decided on the host)
+    value = found_inf.copy_to_host() if hasattr(found_inf, "copy_to_host") else found_inf
+    flag = None
+    if not isinstance(value, (str, bytes)):
+        try:
+            if (value.numel() if hasattr(value, "numel") else np.size(value)) == 1:
+                flag = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError):
+            pass
+    if flag is None:
+        raise TypeError("found_inf must be None, a number or a one-element array (nonzero: skip the update), "
+                        f"got {found_inf!r:.80}")
+    return flag != 0.0
+
+
+def _unchanged(rule: Rule, hyper: Any) -> Any:
+    """The extra result of a skipped update: the carried value as it came (NAdam's mu_product)."""
+    if rule.carry is None:
+        return None
+    return dict(zip(rule._names, hyper))[rule.carry[0]] if type(hyper) is tuple else hyper[rule.carry[0]]
+
+
+def _step(rule: Rule, step: Any) -> int:
+    """The checked step count of an update (1 for a rule that takes none, when none is given)."""
+    return step_count(step) if rule.takes_step or step is not None else 1
 
 
 def _multiplied(scalars: Any, grad_multiplier: Any) -> Any:
@@ -100,7 +170,11 @@ def _run_table(rule: Rule, hyper: dict, step: Any, params: Sequence[Array], stat
     on a backend with ``runs_from_table`` (see :func:`table_backend`): what
     fastopt.torch's replayed steps run, with no array per gradient. The
     hyperparameters are validated as in every call. Returns the rule's extra result."""
-    scalars, extra, _ = _scalars(rule, hyper, step, grad_multiplier)
+    # (as _update, lean: this runs on every replayed step of fastopt.torch)
+    flat = rule.prepared_values(hyper)[0] if type(hyper) is tuple else rule.prepared(hyper)[0]
+    scalars, extra = rule.scalars_at(flat, step if type(step) is int and 0 < step <= _MAX_STEP else _step(rule, step))
+    if type(grad_multiplier) is not float or grad_multiplier != 1.0:
+        scalars = _multiplied(scalars, grad_multiplier)
     dispatch.select(backend, False).run_list(rule.kernel, params, (), states, scalars, None, table)
     return extra
 
@@ -112,7 +186,8 @@ def table_backend(backend: Optional[str] = None) -> bool:
 
 def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = None, *, step: int, lr: float,
          momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-         maximize: bool = False, grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+         maximize: bool = False, grad_multiplier: Any = 1.0, found_inf: Any = None, backend: Optional[str] = None,
+         stream: Any = None) -> None:
     """SGD with optional momentum, dampening and Nesterov momentum (``torch.optim.SGD``).
 
     ``g = ±grad + wd*p``; with momentum: ``buf = g`` at step 1, else
@@ -120,26 +195,27 @@ def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = Non
     or ``g = buf``; then ``p -= lr*g``. ``momentum_buffer`` is required when
     ``momentum != 0``.
     """
-    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                 nesterov=nesterov, maximize=maximize)
-    _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize)
+    _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream, grad_multiplier, found_inf)
 
 
 def adagrad_(param: Buffers, grad: Buffers, state_sum: Buffers, *, step: int, lr: float = 1e-2,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
-             grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+             grad_multiplier: Any = 1.0, found_inf: Any = None,
+             backend: Optional[str] = None, stream: Any = None) -> None:
     """AdaGrad (Duchi et al., 2011; ``torch.optim.Adagrad``).
 
     ``clr = lr/(1+(step-1)*lr_decay)``; ``sum += g*g``; ``p -= clr*g/(sqrt(sum)+eps)``.
     """
-    hyper = dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, maximize=maximize)
-    _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, lr_decay, weight_decay, eps, maximize)
+    _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream, grad_multiplier, found_inf)
 
 
 def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer: Optional[Buffers] = None,
              grad_avg: Optional[Buffers] = None, *, step: int, lr: float = 1e-2, alpha: float = 0.99,
              eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-             maximize: bool = False, grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+             maximize: bool = False, grad_multiplier: Any = 1.0, found_inf: Any = None,
+             backend: Optional[str] = None, stream: Any = None) -> None:
     """RMSProp (Hinton's lecture 6e; centered variant of Graves 2013; ``torch.optim.RMSprop``).
 
     ``sq = alpha*sq + (1-alpha)*g*g``; centered: ``ga = lerp(ga, g, 1-alpha)``,
@@ -147,27 +223,30 @@ def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer
     ``buf = momentum*buf + g/avg; p -= lr*buf``, else ``p -= lr*g/avg``.
     ``momentum_buffer`` is required when ``momentum > 0``, ``grad_avg`` when ``centered``.
     """
-    hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
-                 centered=centered, maximize=maximize)
-    _update(RULES["rmsprop"], param, grad, (square_avg, momentum_buffer, grad_avg), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, alpha, eps, weight_decay, momentum, centered, maximize)
+    _update(RULES["rmsprop"], param, grad, (square_avg, momentum_buffer, grad_avg), hyper, step, backend, stream,
+            grad_multiplier, found_inf)
 
 
 def adadelta_(param: Buffers, grad: Buffers, square_avg: Buffers, acc_delta: Buffers, *, step: int, lr: float = 1.0,
               rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0, maximize: bool = False,
-              grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+              grad_multiplier: Any = 1.0, found_inf: Any = None,
+              backend: Optional[str] = None, stream: Any = None) -> None:
     """Adadelta (Zeiler, 2012; ``torch.optim.Adadelta``).
 
     ``sq = rho*sq + (1-rho)*g*g``; ``d = sqrt(acc+eps)/sqrt(sq+eps)*g``;
     ``acc = rho*acc + (1-rho)*d*d``; ``p -= lr*d``.
     """
-    hyper = dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["adadelta"], param, grad, (square_avg, acc_delta), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, rho, eps, weight_decay, maximize)
+    _update(RULES["adadelta"], param, grad, (square_avg, acc_delta), hyper, step, backend, stream,
+            grad_multiplier, found_inf)
 
 
-def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, max_exp_avg_sq: Optional[Buffers] = None,
-          *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
-          weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-          grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
+          max_exp_avg_sq: Optional[Buffers] = None, *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999),
+          eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
+          grad_multiplier: Any = 1.0, found_inf: Any = None,
+          backend: Optional[str] = None, stream: Any = None) -> None:
     """Adam (Kingma & Ba, 2015) with optional AMSGrad (Reddi et al., 2018); ``torch.optim.Adam``.
 
     ``g = ±grad + wd*p``; ``m = lerp(m, g, 1-b1)``; ``v = b2*v + (1-b2)*g*g``;
@@ -175,26 +254,30 @@ def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, 
     ``p -= lr/(1-b1**t) * m / (sqrt(v)/sqrt(1-b2**t) + eps)``.
     ``max_exp_avg_sq`` is required when ``amsgrad``.
     """
-    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-    _update(RULES["adam"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, betas, eps, weight_decay, amsgrad, maximize)
+    _update(RULES["adam"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream,
+            grad_multiplier, found_inf)
 
 
-def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, max_exp_avg_sq: Optional[Buffers] = None,
-           *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8,
-           weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
-           grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
+           max_exp_avg_sq: Optional[Buffers] = None, *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999),
+           eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
+           grad_multiplier: Any = 1.0, found_inf: Any = None,
+           backend: Optional[str] = None, stream: Any = None) -> None:
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019); ``torch.optim.AdamW``.
 
     First ``p *= 1 - lr*weight_decay``, then the Adam update with no L2 term.
     """
-    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
-    _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, betas, eps, weight_decay, amsgrad, maximize)
+    _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream,
+            grad_multiplier, found_inf)
 
 
 def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow: Buffers, exp_avg_sq: Buffers, *,
               step: int, lr: float = 1e-3, betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
               alpha: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-              grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+              grad_multiplier: Any = 1.0, found_inf: Any = None,
+              backend: Optional[str] = None, stream: Any = None) -> None:
     """AdEMAMix: Adam plus a slow average of the gradient (Pagliardini, Ablin & Grangier, 2024,
     "The AdEMAMix Optimizer: Better, Faster, Older"; apple/ml-ademamix).
 
@@ -204,26 +287,29 @@ def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow
     paper's warmups of ``alpha`` and ``beta3`` are schedules of these
     hyperparameters: pass this step's values.
     """
-    hyper = dict(lr=lr, betas=betas, alpha=alpha, eps=eps, weight_decay=weight_decay, maximize=maximize)
+    hyper = (lr, betas, alpha, eps, weight_decay, maximize)
     _update(RULES["ademamix"], param, grad, (exp_avg_fast, exp_avg_slow, exp_avg_sq), hyper, step, backend, stream,
-            grad_multiplier)
+            grad_multiplier, found_inf)
 
 
 def adamax_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_inf: Buffers, *, step: int, lr: float = 2e-3,
             betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-            grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+            grad_multiplier: Any = 1.0, found_inf: Any = None,
+            backend: Optional[str] = None, stream: Any = None) -> None:
     """Adamax, Adam's infinity-norm variant (Kingma & Ba, 2015, sec. 7); ``torch.optim.Adamax``.
 
     ``m = lerp(m, g, 1-b1)``; ``u = max(b2*u, |g|+eps)``; ``p -= lr/(1-b1**t) * m/u``.
     """
-    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["adamax"], param, grad, (exp_avg, exp_inf), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, betas, eps, weight_decay, maximize)
+    _update(RULES["adamax"], param, grad, (exp_avg, exp_inf), hyper, step, backend, stream,
+            grad_multiplier, found_inf)
 
 
 def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, mu_product: float,
            lr: float = 2e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
            momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False, maximize: bool = False,
-           grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> float:
+           grad_multiplier: Any = 1.0, found_inf: Any = None,
+           backend: Optional[str] = None, stream: Any = None) -> float:
     """NAdam: Adam with Nesterov momentum (Dozat, 2016); ``torch.optim.NAdam``.
 
     ``mu_t = b1*(1-0.5*0.96**(t*md))``, ``mu_next`` likewise at ``t+1``,
@@ -233,15 +319,16 @@ def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
 
     Returns the new ``mu_product``.
     """
-    hyper = dict(mu_product=mu_product, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                 momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    return _update(RULES["nadam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
+    hyper = (mu_product, lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay,
+             maximize)
+    return _update(RULES["nadam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream,
+                   grad_multiplier, found_inf)
 
 
 def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, lr: float = 1e-3,
            betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-           decoupled_weight_decay: bool = False, maximize: bool = False, grad_multiplier: Any = 1.0, backend: Optional[str] = None,
-           stream: Any = None) -> None:
+           decoupled_weight_decay: bool = False, maximize: bool = False, grad_multiplier: Any = 1.0,
+           found_inf: Any = None, backend: Optional[str] = None, stream: Any = None) -> None:
     """RAdam: Adam with the variance of the adaptive step rectified (Liu et al., 2020); ``torch.optim.RAdam``.
 
     ``m``, ``v`` as Adam (decoupled decay ``p *= 1 - lr*wd`` first when
@@ -251,27 +338,28 @@ def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     ``rect = sqrt((rho_t-4)(rho_t-2)rho_inf/((rho_inf-4)(rho_inf-2)rho_t))``,
     else ``p -= lr/(1-b1**t) * m``.
     """
-    hyper = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                 decoupled_weight_decay=decoupled_weight_decay, maximize=maximize)
-    _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, betas, eps, weight_decay, decoupled_weight_decay, maximize)
+    _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream,
+            grad_multiplier, found_inf)
 
 
 def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int] = None, lr: float = 1e-4,
-          betas: Betas = (0.9, 0.99), weight_decay: float = 0.0, maximize: bool = False,
-          grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+          betas: Betas = (0.9, 0.99), weight_decay: float = 0.0, maximize: bool = False, grad_multiplier: Any = 1.0,
+          found_inf: Any = None, backend: Optional[str] = None, stream: Any = None) -> None:
     """Lion, evolved sign momentum (Chen et al., 2023, Algorithm 2).
 
     ``c = b1*m + (1-b1)*g``; ``p = p*(1-lr*wd) - lr*sign(c)``; ``m = b2*m + (1-b2)*g``.
     The update does not depend on the step count: ``step`` is optional (checked
     when given), so every update function takes the same call.
     """
-    hyper = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream, grad_multiplier)
+    hyper = (lr, betas, weight_decay, maximize)
+    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream, grad_multiplier, found_inf)
 
 
 def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, step: Optional[int] = None,
            etas: Betas = (0.5, 1.2), step_sizes: Tuple[float, float] = (1e-6, 50.0), maximize: bool = False,
-           grad_multiplier: Any = 1.0, backend: Optional[str] = None, stream: Any = None) -> None:
+           grad_multiplier: Any = 1.0, found_inf: Any = None,
+           backend: Optional[str] = None, stream: Any = None) -> None:
     """Rprop, resilient backpropagation (Riedmiller & Braun, 1993); ``torch.optim.Rprop``.
 
     Per element, with ``g`` the gradient (negated for ``maximize``): where
@@ -282,5 +370,5 @@ def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, 
     first step; ``prev`` starts at zeros). The update does not depend on the
     step count: ``step`` is optional (checked when given).
     """
-    hyper = dict(etas=etas, step_sizes=step_sizes, maximize=maximize)
-    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream, grad_multiplier)
+    hyper = (etas, step_sizes, maximize)
+    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream, grad_multiplier, found_inf)

@@ -24,11 +24,13 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
+from . import dispatch
 from .algorithm import Algorithm, one_class_per_rule
 from .buffers import check_buffers, is_device_array
 from .flat import Array, FlatParams, dtype_of, shape_of, copy_into, new_buffer, to_host
 from .finite import all_finite
-from .checks import flag, nonneg
+from .checks import _MAX_STEP, flag, nonneg
+from .rule import _cacheable
 from .rules import RULES
 
 __all__ = ["Optimizer"]
@@ -96,6 +98,7 @@ class Optimizer:
             self.param_groups.append(group)
         _check_disjoint(self.param_groups, shape[0])
         self.state: list[dict[str, Any]] = [self.algorithm.fresh_state() for _ in self.param_groups]
+        self._prepared: _PreparedStep | None = None  # what the next step() can skip checking
 
     @property
     def lr(self) -> float:
@@ -121,6 +124,12 @@ class Optimizer:
             if self._flat is None:
                 raise TypeError("step() needs a gradient buffer (or construct the optimizer from a FlatParams)")
             grad = self._flat.grad
+        prepared = self._prepared
+        if prepared is not None:
+            done = prepared.step(self, grad)
+            if done is not None:
+                return done
+            self._prepared = None  # something changed: the checked step below, then prepare again
         check_buffers(["params", "grad"], [self.data, grad])
         # Every group is checked before any is written: its hyperparameters, its
         # span (groups are plain dicts, so it may have been edited), its state's
@@ -133,6 +142,10 @@ class Optimizer:
                 if name in state and shape_of(state[name]) != (n,):
                     raise ValueError(f"state[{i}][{name!r}] has shape {shape_of(state[name])}, expected ({n},) "
                                      f"(the size of param_groups[{i}]['params'])")
+            held = [name for name in self.algorithm.rule.state if name in state]
+            seg = group["params"]
+            check_buffers(["params", "grad", *(f"state[{i}][{name!r}]" for name in held)],
+                          [self.data[seg], grad[seg], *(state[name] for name in held)])
         if self.skip_nonfinite and not all(all_finite(grad[g["params"]]) for g in self.param_groups):
             self.skipped_steps += 1
             return False
@@ -140,6 +153,7 @@ class Optimizer:
             seg = group["params"]
             n = seg.stop - seg.start
             self.algorithm.step_group(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v))
+        self._prepared = _PreparedStep.of(self, grad)
         return True
 
     # ---- state dicts --------------------------------------------------------
@@ -200,6 +214,83 @@ class Optimizer:
                 state[name] = new_buffer(self.data, n)
                 copy_into(state[name], value)
             self.state.append(state)
+
+
+class _PreparedStep:
+    """A step that was checked, kept ready to run again: the fast path of :meth:`Optimizer.step`.
+
+    After a checked step, the next one need not check again what has not
+    changed: it holds, per group, the group's hyperparameter values (and their
+    types) as they were, their validated flat values, the state dict and its
+    buffers, and the views of the buffers, and it checks by identity and
+    equality that all of that still stands (the groups and state are plain
+    dicts the user may edit or replace). Then each step computes the per-step
+    scalars and makes one native call for every group (the backend's
+    ``run_checked``, whose compiled checks re-prove the arrays). Anything
+    else, or any doubt, returns None and the caller takes the checked path.
+    """
+
+    __slots__ = ("backend", "kernel", "rule", "data", "grad", "groups", "carry")
+
+    @classmethod
+    def of(cls, opt: "Optimizer", grad: Array) -> "_PreparedStep | None":
+        """The prepared next step of ``opt`` after a checked step with ``grad``, or None
+        where there is no fast path: no compiled one on this backend, skip_nonfinite,
+        or a hyperparameter that may change in place (a tensor lr)."""
+        backend = dispatch.select(None, False)
+        rule = opt.algorithm.rule
+        if getattr(backend, "run_checked", None) is None or not isinstance(opt.data, np.ndarray) \
+                or opt.skip_nonfinite or type(grad) is not np.ndarray:
+            return None
+        groups = []
+        for group, state in zip(opt.param_groups, opt.state):
+            values = tuple(group.values())
+            if not _cacheable(tuple(v for k, v in group.items() if k != "params")):
+                return None
+            hyper = {k: group[k] for k in rule.checks if k not in opt.algorithm.carry}
+            hyper.update({c: state[c] for c in opt.algorithm.carry})
+            flat, needed = rule.prepared(hyper)
+            buffers = tuple(state.get(name) if name in needed else None for name in rule.state)
+            seg = group["params"]
+            groups.append((group, values, tuple(map(type, values)), state, buffers, flat,
+                           (opt.data[seg], grad[seg], *buffers)))
+        prepared = cls()
+        prepared.backend, prepared.kernel, prepared.rule = backend, rule.kernel, rule
+        prepared.data, prepared.grad, prepared.groups = opt.data, grad, tuple(groups)
+        prepared.carry = rule.carry_name
+        return prepared
+
+    def step(self, opt: "Optimizer", grad: Array) -> bool | None:
+        """Run the step if nothing it relies on has changed (True); else None, having written nothing."""
+        if grad is not self.grad or opt.data is not self.data or dispatch.select(None, False) is not self.backend \
+                or len(opt.param_groups) != len(self.groups) or opt.skip_nonfinite:
+            return None
+        rule, carry, calls, counts = self.rule, self.carry, [], []
+        for (group, values, types, state, buffers, flat, arrays), now, now_state in zip(
+                self.groups, opt.param_groups, opt.state):
+            if now is not group or now_state is not state:
+                return None
+            current = tuple(group.values())
+            if current != values or tuple(map(type, current)) != types:
+                return None
+            for name, buf in zip(rule.state, buffers):
+                if buf is not None and state.get(name) is not buf:
+                    return None
+            t = state["step"] + 1
+            if type(t) is not int or not 0 < t <= _MAX_STEP:
+                return None
+            if carry is not None:  # (the carried value is the state's, checked as the functional API does)
+                flat = rule.with_carry(flat, state[carry])
+            scalars, out = rule.scalars_at(flat, t)
+            calls.append((arrays, scalars))
+            counts.append((state, t, out))
+        if not self.backend.run_checked(self.kernel, tuple(calls)):
+            return None
+        for state, t, out in counts:
+            state["step"] = t
+            if carry is not None:
+                state[carry] = out
+        return True
 
 
 def _span(params: Any, size: int, where: str) -> tuple[int, int]:

@@ -47,6 +47,7 @@ import numpy as np
 from . import dispatch
 from .buffers import check_buffers, check_lists
 from .checks import _show, nonneg, real, step_count
+from .functional import given_buffers
 from .rule import Rule
 from .rules import TWO_PASS_RULES
 
@@ -95,18 +96,7 @@ def _prepared(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: di
     flat, needed = rule.prepared(hyper)
     scalars, _ = rule.scalars_at(flat, t)
     multiplier = _multiplier(grad_multiplier)
-    names, arrays, rows, used = ["param", "grad"], [param, grad], [0, 1], []
-    for name, buf in zip(rule.state, state):
-        if buf is None:
-            if name in needed:
-                why = needed[name]
-                raise ValueError(f"{name} is required by {rule.name}_"
-                                 + ("" if why == "this rule" else f" when {why}") + ", got None")
-        else:
-            names.append(name)
-            arrays.append(buf)
-        rows.append(len(arrays) - 1 if name in needed else 0)  # (an unused buffer's row is not read)
-        used.append(buf if name in needed else None)
+    names, arrays, used, rows = given_buffers(rule, param, grad, state, needed)
     if isinstance(param, (list, tuple)):
         on_device, table = check_lists(names, arrays)
         if not len(param):
@@ -206,7 +196,7 @@ def trust_sums(rule: str, param: Buffers, grad: Buffers, *state: Optional[Buffer
         return np.zeros(0), np.zeros(0)
     scalars, multiplier, params, grads, states, table, module = prepared
     if module.device != "cpu":
-        raise TypeError(f"trust_sums runs on host arrays for now; got device arrays")
+        raise TypeError("trust_sums runs on host arrays for now; got device arrays")
     if multiplier != 1.0:
         scalars = scalars._replace(grad_sign=scalars.grad_sign * multiplier)
     return trust_sums_of(module, r, params, grads, states, scalars, table)

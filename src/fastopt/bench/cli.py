@@ -11,6 +11,7 @@ Examples::
     python -m fastopt bench --lists                           # adamw_: list of tensors vs one flat buffer
     python -m fastopt bench --lists --rules adamw,lion --layouts gpt,1000x1024 --sizes 2^20,2^24
     python -m fastopt bench --denormal                        # subnormal state, flush off and on
+    python -m fastopt bench --overhead                        # one 2^10 AdamW update, layer by layer, in us
     python -m fastopt bench --training-step                   # unscale + clip + AdamW: torch's way vs folded
 """
 from __future__ import annotations
@@ -72,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                     help="time normal state against subnormal state (1e-39, zero gradients) without and with "
                          "fastopt.set_flush_denormal(True) (torch: torch.set_flush_denormal), in one run "
                          "(default rule adamw, size 2^20)")
+    ap.add_argument("--overhead", action="store_true",
+                    help="time one 2^10 float32 AdamW update through each layer (the C kernel, adamw_, "
+                         "AdamW.step(), fastopt.torch, torch fused/foreach) in one run, against the goals")
     ap.add_argument("--training-step", action="store_true",
                     help="time torch's unscale_ + clip_grad_norm_ + AdamW(fused=True) against fastopt's folded "
                          "step (norm pass + adamw_ with grad_multiplier), on a flat buffer and a small GPT's "
@@ -120,8 +124,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser().error("--layouts needs --lists")
     if args.plot:  # before anything is timed: a missing matplotlib must not cost a run
         from . import plot
-        if args.lists or args.denormal or args.training_step:
-            parser().error("--plot draws the size sweep; not with --lists, --denormal or --training-step")
+        if args.lists or args.denormal or args.training_step or args.overhead:
+            parser().error("--plot draws the size sweep; not with --lists, --denormal, --training-step or --overhead")
         try:
             plot.check(args.plot)
         except plot.PlotError as exc:
@@ -152,6 +156,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_denormal(args, timer, progress, competitors)
     if args.training_step:
         return _main_training_step(args, timer, progress)
+    if args.overhead:
+        return _main_overhead(args, timer, progress)
     config = runner.Config(cases=cases, sizes=sizes, dtype=args.dtype, device=args.device,
                            backends=_comma_list(args.backends) if args.backends else None,
                            competitors=competitors, threads=args.threads, timer=timer, progress=progress)
@@ -271,3 +277,28 @@ def _main_lists(args, cases, sizes, timer, progress) -> int:
         if progress:
             progress.close()
     return _report(args, results, meta, report.list_tables)
+
+
+def _main_overhead(args, timer, progress) -> int:
+    """``--overhead``: one small update through every layer (:mod:`.overhead`)."""
+    import json
+
+    import fastopt
+    from . import overhead
+
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error("--overhead runs float32 on the CPU")
+    if args.threads is not None:
+        fastopt.set_num_threads(args.threads)
+    try:
+        rows = overhead.run(timer, progress)
+    finally:
+        if progress:
+            progress.close()
+    print(f"threads: {fastopt.get_num_threads()}; backend: {fastopt.dispatch.select(None, False).name}; "
+          f"{overhead.SIZE} float32 elements, median us per call")
+    print(overhead.table(rows, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0

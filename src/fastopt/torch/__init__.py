@@ -54,6 +54,7 @@ from ..finite import all_finite
 from ..functional import table_backend
 from ..norms import total_norm
 from ..rules import RULES
+from .hooks import hooked_step
 from .steps import PLAIN, Call, Plan, Record, grad_view, local, pointer, run, view
 
 __all__ = ["Optimizer"]
@@ -280,7 +281,7 @@ class Optimizer(torch.optim.Optimizer):
             bucket[2].append((rec, g, t + 1))
         return list(buckets.values())
 
-    @torch.no_grad()
+    @hooked_step  # (torch's hooks and profiler range, without their cost: see .hooks)
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every parameter that has a gradient (re-evaluating the loss first
         when ``closure`` is given). All groups and gradients are checked before anything
@@ -292,11 +293,23 @@ class Optimizer(torch.optim.Optimizer):
         calls, general = [], []
         tables = not self.skip_nonfinite and bool(self._plans) and table_backend()
         for i, group in enumerate(self.param_groups):
-            self._check_group(group, f"param_groups[{i}]")
             plan = self._plans.get(i)
-            call = plan.replay(group, self._core_of(group), self.state, tables) if plan else None
+            known = plan is not None and plan.knows(group)  # (then checked when the plan was made)
+            if not known:
+                self._check_group(group, f"param_groups[{i}]")
+            call = plan.replay(group, self._core_of(group), self.state, tables, known) if plan else None
             calls.append(call) if call is not None else general.append(i)
-        rounds = self._checked(general)
+        if not general:  # replayed plans only: no torch op runs, so no grad mode to set (~1 us)
+            self._run(calls, general)
+        else:
+            with torch.no_grad():  # (the general path makes and casts state tensors)
+                self._run(calls, general)
+        return loss
+
+    def _run(self, calls: list[Call], general: list[int]) -> None:
+        """The step's kernel calls: the replayed ``calls``, then those of the ``general``
+        groups, checked first; or none, when the step is skipped."""
+        rounds = self._checked(general) if general else [[]]
         multiplier, skip = self._amp_scaling()
         if self.skip_nonfinite and not skip:
             grads = [g for call in calls for g in call.grads] + [g for r in rounds for _, _, _, g in r]
@@ -304,16 +317,16 @@ class Optimizer(torch.optim.Optimizer):
         self.last_step_skipped = skip
         if skip:
             self.skipped_steps += 1
-            return loss
+            return
         old, new = self._records, {}
-        calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
+        if rounds[0]:
+            calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
         for call in calls:
             run(call, multiplier)
         for members in rounds[1:]:  # a parameter listed twice: its second round sees its first
             for call in self._calls(members, {**old, **new}, new, plan=False):
                 run(call, multiplier)
         self._records = new  # (a group on its plan keeps none: it makes them again if it leaves it)
-        return loss
 
     #: torch.amp.GradScaler sets ``grad_scale`` (the loss scale, None once unscaled) and
     #: ``found_inf`` on the optimizer before calling step(), instead of unscaling the
@@ -341,7 +354,7 @@ class Optimizer(torch.optim.Optimizer):
                      for k, view in enumerate(records[0].views)]
             call = Call(core, hyper, [rec.param_view for rec in records], [g for _, g, _ in bucket], state,
                          [rec.step for rec in records if rec.step is not None], [t for _, _, t in bucket],
-                         [v for rec in records for v in rec.carry])
+                         [v for rec in records for v in rec.carry], None, hyper["step"])
             calls.append(call)
             by_group.setdefault(i, []).append((call, records))
         if plan:
@@ -352,16 +365,17 @@ class Optimizer(torch.optim.Optimizer):
                                           for rec in made[0][1]):
                     call, records = made[0]
                     has_grad = [p.grad is not None for p in params]
-                    self._plans[i] = Plan(params, has_grad, call._replace(grads=[]), records)
+                    self._plans[i] = Plan(self.param_groups[i], has_grad, call._replace(grads=[]), records)
         return calls
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         grad_scaler: Any = None) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over this optimizer's gradients, folded into the next step.
 
-        Returns the total L2 norm of the gradients of the optimizer's parameters, as
-        torch's does, in one read of the gradients (:func:`fastopt.total_norm` on the
-        CPU, in double; torch's norm on CUDA), but writes nothing: the next
+        Returns the total norm of the gradients of the optimizer's parameters
+        (``norm_type`` 2.0, or ``math.inf``/``"inf"`` for the max norm), as torch's
+        does, in one read of the gradients (:func:`fastopt.total_norm` on the CPU, in
+        double; torch's norm on CUDA), but writes nothing: the next
         ``step()`` reads the gradients multiplied by torch's coefficient
         ``min(1, max_norm / (norm + 1e-6))`` (computed in float32, as torch does).
         So the gradients still hold their unclipped values after this call.
@@ -373,19 +387,22 @@ class Optimizer(torch.optim.Optimizer):
         per-optimizer state is private to torch, so this is pinned to the torch
         this release is tested with), and the next step reads the gradients times
         ``coefficient / scale``: unscaling and clipping cost one read pass, where
-        ``unscale_`` + ``clip_grad_norm_`` cost three. Only the 2-norm for now.
+        ``unscale_`` + ``clip_grad_norm_`` cost three.
         """
-        if norm_type != 2.0:
-            raise ValueError(f"norm_type must be 2.0 (the only norm fastopt.torch clips with), got {norm_type!r}")
+        if isinstance(norm_type, str) and norm_type == "inf":  # (torch accepts the string too)
+            norm_type = math.inf
+        if isinstance(norm_type, bool) or norm_type not in (2.0, math.inf):
+            raise ValueError(f"norm_type must be 2.0 or math.inf (the norms fastopt.torch clips with), "
+                             f"got {norm_type!r}")
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return torch.tensor(0.0)
         shards = [local(g) for g in grads]
         if all(not g.is_cuda for g in shards):
-            norm = total_norm([grad_view(g) for g in shards])
+            norm = total_norm([grad_view(g) for g in shards], norm_type)
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
-                                                               for g in shards])))
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float64)
+                                                               for g in shards]), norm_type))
         scale = 1.0
         if grad_scaler is not None:
             from torch.amp.grad_scaler import OptState
