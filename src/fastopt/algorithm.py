@@ -10,14 +10,15 @@ API, and the check of one saved state entry. It holds no buffers itself.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Any, Callable, Mapping
 
-from . import functional
+from . import functional, trust
 from .buffers import is_device_array
 from .flat import to_host
 from .rule import Rule
-from .rules import RULES
+from .rules import ALL_RULES
 
 __all__ = ["Algorithm", "one_class_per_rule"]
 
@@ -30,7 +31,15 @@ class Algorithm:
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
         self.name = rule.title
-        self.update = getattr(functional, rule.name + "_")
+        # The functional update: fastopt.functional's, or fastopt.trust's for a two-pass rule.
+        self.update = getattr(functional, rule.name + "_", None) or getattr(trust, rule.name + "_")
+        keywords = inspect.signature(self.update).parameters
+        #: optimizer hyperparameters that are also keywords of the update (LAMB's
+        #: max_grad_norm), passed to it from the group
+        self.passed = tuple(h.name for h in rule.optimizer_hyper if h.name in keywords)
+        #: whether the update takes the global gradient norm (``grad_norm``: LAMB's clipping
+        #: is by the norm of every group's gradients, as apex's FusedLAMB clips)
+        self.takes_grad_norm = "grad_norm" in keywords
         #: group (or any mapping of the hyperparameters) -> the values of the functional
         #: update's hyperparameters, in its order (what fastopt.functional takes as a tuple)
         self.values_of = operator.itemgetter(*rule.defaults) if len(rule.defaults) > 1 else \
@@ -105,17 +114,26 @@ class Algorithm:
 
     # ---- one step of one group: shared with the torch adapter ---------------
 
+    def clips(self, groups: Any) -> bool:
+        """Whether a step of these groups needs the global gradient norm (:attr:`takes_grad_norm`
+        and some group clips)."""
+        return self.takes_grad_norm and any(g.get("max_grad_norm") for g in groups)
+
     def step_group(self, hyper: Mapping[str, Any], param: Array, grad: Array, state: dict,
-                   new: Callable[[float], Array]) -> None:
+                   new: Callable[[float], Array], grad_norm: Any = None) -> None:
         """One step of one group: allocate missing state with ``new(fill value)``,
         run the functional update, count the step. ``hyper`` must have passed
-        :meth:`check_hyper`."""
+        :meth:`check_hyper`; ``grad_norm``: the norm of every group's gradients,
+        for an update that clips by it (:meth:`clips`)."""
         for name in self.needs(hyper):
             if name not in state:
                 state[name] = new(float(hyper[self.fill[name]]) if name in self.fill else 0.0)
         t = state["step"] + 1
         kwargs = {k: hyper[k] for k in self.rule.defaults if k not in self.carry}
         kwargs.update({c: state[c] for c in self.carry})
+        kwargs.update({k: hyper[k] for k in self.passed})
+        if grad_norm is not None:
+            kwargs["grad_norm"] = grad_norm
         if self.rule.takes_step:
             kwargs["step"] = t
         out = self.update(param, grad, *(state.get(name) for name in self.rule.state), **kwargs)
@@ -183,7 +201,7 @@ def one_class_per_rule(base: type, module: str) -> dict[str, type]:
     ``rule=<name>`` (``base.__init_subclass__`` binds the rule) and named by the
     rule's title, as the matching torch.optim class is."""
     out = {}
-    for name, rule in RULES.items():
+    for name, rule in ALL_RULES.items():
         cls = type(rule.title, (base,), {"__module__": module}, rule=name)
         cls.__qualname__ = rule.title
         out[rule.title] = cls

@@ -162,6 +162,15 @@ def fixed_tuple(check: Check, arity: int) -> Check:
     return items_of
 
 
+def optional(check: Check) -> Check:
+    """``check``, or None (an option that can be off, as LAMB's ``max_grad_norm``)."""
+    def checked(name: str, value: Any) -> Any:
+        return None if value is None else check(name, value)
+    checked.c = None  # (no C predicate: only optimizer hyperparameters, which never reach C, take None)
+    checked.__name__ = f"optional({getattr(check, '__name__', 'check')})"
+    return checked
+
+
 def pair(check: Check) -> Check:
     """A check for a pair ``(a, b)`` whose two values each pass ``check`` (betas)."""
     return fixed_tuple(check, 2)

@@ -29,9 +29,10 @@ from .algorithm import Algorithm, one_class_per_rule
 from .buffers import check_buffers, is_device_array
 from .flat import Array, FlatParams, dtype_of, shape_of, copy_into, new_buffer, to_host
 from .finite import all_finite
+from .norms import total_norm
 from .checks import _MAX_STEP, flag, nonneg
 from .rule import _cacheable
-from .rules import RULES
+from .rules import ALL_RULES
 
 __all__ = ["Optimizer"]
 
@@ -68,7 +69,7 @@ class Optimizer:
     def __init_subclass__(cls, rule: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if rule is not None:  # else a subclass of a defined optimizer: inherits its algorithm
-            cls.algorithm = Algorithm(RULES[rule])
+            cls.algorithm = Algorithm(ALL_RULES[rule])
             cls.__doc__ = (f"{cls.algorithm.describe()}\n\nConstruct as ``{cls.__name__}(params, groups=None, "
                            "**hyper)``; see :class:`fastopt.optim.Optimizer`.")
 
@@ -149,10 +150,14 @@ class Optimizer:
         if self.skip_nonfinite and not all(all_finite(grad[g["params"]]) for g in self.param_groups):
             self.skipped_steps += 1
             return False
+        # LAMB clips by the norm of every group's gradients (apex FusedLAMB): one read pass.
+        grad_norm = total_norm([grad[g["params"]] for g in self.param_groups]) \
+            if self.algorithm.clips(self.param_groups) else None
         for group, state in zip(self.param_groups, self.state):
             seg = group["params"]
             n = seg.stop - seg.start
-            self.algorithm.step_group(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v))
+            self.algorithm.step_group(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v),
+                                      grad_norm)
         self._prepared = _PreparedStep.of(self, grad)
         return True
 
@@ -240,8 +245,8 @@ class _PreparedStep:
         backend = dispatch.select(None, False)
         rule = opt.algorithm.rule
         if getattr(backend, "run_checked", None) is None or not isinstance(opt.data, np.ndarray) \
-                or opt.skip_nonfinite or type(grad) is not np.ndarray:
-            return None
+                or opt.skip_nonfinite or type(grad) is not np.ndarray or rule.trust is not None:
+            return None  # (a two-pass rule is not one kernel call)
         groups = []
         for group, state in zip(opt.param_groups, opt.state):
             values = tuple(group.values())

@@ -35,10 +35,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .checks import closed_unit, fixed_tuple, flag, nonneg, pair, real, unit
+from .checks import closed_unit, fixed_tuple, flag, nonneg, optional, pair, real, unit
 from .rule import Hyper, Rule, State, Trust
 
-__all__ = ["RULES", "TWO_PASS_RULES", "KERNEL_SCALARS"]
+__all__ = ["RULES", "TWO_PASS_RULES", "ALL_RULES", "KERNEL_SCALARS"]
 
 _LR = Hyper("lr", 1e-3, nonneg)
 _BETAS = Hyper("betas", (0.9, 0.999), pair(unit), ("beta1", "beta2"))
@@ -484,7 +484,10 @@ LAMB = Rule(
      Hyper("use_nvlamb", False, flag), _MAXIMIZE),
     (State("exp_avg"), State("exp_avg_sq", signed=False)),
     LAMBScalars, _lamb,
-    trust=Trust("step_size", _lamb_ratio, "trust", reads=("exp_avg", "exp_avg_sq")))
+    trust=Trust("step_size", _lamb_ratio, "trust", reads=("exp_avg", "exp_avg_sq")),
+    # (a keyword of fastopt.lamb_ but no per-step hyperparameter: the stateful optimizers
+    # take it per group and clip with the norm of every group's gradients, as apex does)
+    optimizer_hyper=(Hyper("max_grad_norm", 1.0, optional(nonneg)),))
 
 
 class LARSScalars(NamedTuple):
@@ -535,6 +538,9 @@ RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, A
 #: :data:`RULES` because their update is not one kernel call (``fastopt.lamb_``,
 #: ``fastopt.lars_`` in :mod:`fastopt.trust`); their kernels are ordinary ones.
 TWO_PASS_RULES: dict[str, Rule] = {r.name: r for r in (LAMB, LARS)}
+
+#: Both: what the stateful optimizers and the torch adapter make a class of.
+ALL_RULES: dict[str, Rule] = {**RULES, **TWO_PASS_RULES}
 
 #: The element kernels backends implement, with the scalars type each takes.
 KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in (*RULES.values(), *TWO_PASS_RULES.values())}

@@ -52,8 +52,8 @@ from ..algorithm import Algorithm, one_class_per_rule
 from ..checks import flag
 from ..finite import all_finite
 from ..functional import table_backend
-from ..norms import total_norm
-from ..rules import RULES
+from ..norms import sum_of_squares, total_norm
+from ..rules import ALL_RULES
 from .hooks import hooked_step
 from .steps import PLAIN, Call, Plan, Record, grad_view, local, pointer, run, view
 
@@ -110,10 +110,10 @@ class Optimizer(torch.optim.Optimizer):
         super().__init_subclass__(**kwargs)
         if rule is None:
             return
-        core = cls.core = Algorithm(RULES[rule])
+        core = cls.core = Algorithm(ALL_RULES[rule])
         theirs = getattr(torch.optim, core.name, None)
-        cls.saves_step = RULES[rule].saves_step
-        cls.decoupled_core = Algorithm(RULES[core.rule.decoupled]) if core.rule.decoupled else None
+        cls.saves_step = ALL_RULES[rule].saves_step
+        cls.decoupled_core = Algorithm(ALL_RULES[core.rule.decoupled]) if core.rule.decoupled else None
         cls.torch_options = {}
         if theirs is not None:  # read torch's own group keys, so a newer torch's options are known
             for name, default in _torch_group_keys(theirs).items():
@@ -291,7 +291,8 @@ class Optimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         calls, general = [], []
-        tables = not self.skip_nonfinite and bool(self._plans) and table_backend()
+        # (a two-pass rule's call is not one kernel: its plans replay with arrays)
+        tables = not self.skip_nonfinite and bool(self._plans) and self.core.rule.trust is None and table_backend()
         for i, group in enumerate(self.param_groups):
             plan = self._plans.get(i)
             known = plan is not None and plan.knows(group)  # (then checked when the plan was made)
@@ -321,11 +322,14 @@ class Optimizer(torch.optim.Optimizer):
         old, new = self._records, {}
         if rounds[0]:
             calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
+        # LAMB clips by the norm of every gradient of the step (apex FusedLAMB): one read pass.
+        grad_norm = abs(multiplier) * _global_norm([g for call in calls for g in call.grads]) \
+            if self.core.clips(self.param_groups) else None
         for call in calls:
-            run(call, multiplier)
+            run(call, multiplier, grad_norm)
         for members in rounds[1:]:  # a parameter listed twice: its second round sees its first
             for call in self._calls(members, {**old, **new}, new, plan=False):
-                run(call, multiplier)
+                run(call, multiplier, grad_norm)
         self._records = new  # (a group on its plan keeps none: it makes them again if it leaves it)
 
     #: torch.amp.GradScaler sets ``grad_scale`` (the loss scale, None once unscaled) and
@@ -498,6 +502,17 @@ def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:
 
 
 # ---- the algorithms: one class per rule of the table -------------------------------
+
+def _global_norm(grads: list) -> float:
+    """The L2 norm of every gradient array of a step (host arrays of any float dtypes,
+    through fastopt's reproducible sums; CUDA tensors through torch's norm)."""
+    host = [g for g in grads if isinstance(g, np.ndarray)]
+    total = sum(sum_of_squares([g for g in host if g.dtype == dtype]) for dtype in {g.dtype for g in host})
+    device = [g for g in grads if not isinstance(g, np.ndarray)]
+    if device:
+        total += float(sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in device))
+    return math.sqrt(total)
+
 
 _CLASSES = one_class_per_rule(Optimizer, __name__)
 __all__ += list(_CLASSES)

@@ -278,10 +278,11 @@ class _Snapshot:
         return _same(values, self.values) or values == self.values and tuple(map(type, values)) == self.types
 
 
-def run(call: Call, grad_multiplier: float = 1.0) -> None:
+def run(call: Call, grad_multiplier: float = 1.0, grad_norm: Optional[float] = None) -> None:
     """Run one checked kernel call (the gradients multiplied by ``grad_multiplier`` as
-    they are read), then count the step through the state's own memory (no torch op
-    per parameter)."""
+    they are read; ``grad_norm``: the global gradient norm, for a rule that clips by
+    it), then count the step through the state's own memory (no torch op per
+    parameter)."""
     core = call.core
     values = call.values or core.values_of(call.hyper)  # (the functional update's hyperparameters, in its order)
     step = call.step if core.rule.takes_step else None
@@ -289,8 +290,11 @@ def run(call: Call, grad_multiplier: float = 1.0) -> None:
         out = _run_table(core.rule, values, step, call.params, tuple(call.state), call.table,
                          grad_multiplier=grad_multiplier)
     else:
+        options = {k: call.hyper[k] for k in core.passed}  # (LAMB's max_grad_norm)
+        if grad_norm is not None:
+            options["grad_norm"] = grad_norm
         out = core.update(call.params, call.grads, *call.state, step=step, grad_multiplier=grad_multiplier,
-                          **dict(zip(core.rule.defaults, values)))
+                          **dict(zip(core.rule.defaults, values)), **options)
     for view, t in zip(call.steps, call.counts):
         view[()] = t
     for view in call.carry:
