@@ -252,10 +252,9 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
         raise RuntimeError(f"fastopt_{kernel}_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
 
 
-def sumsq_list(arrays, each=None) -> float:
-    """The sum of squares of every element of ``arrays`` (validated host arrays of
-    one dtype): ``fastopt_sumsq_list_f32/_f64``, bitwise reproducible; each
-    array's own into ``each`` (a float64 array, one per array) when given."""
+def _reduce_list(what: str, arrays, each) -> float:
+    """``fastopt_<what>_list_f32/_f64`` over validated host arrays of one dtype: the
+    reduction of every element, each array's own into ``each`` (float64) when given."""
     if _load():
         raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
     if not arrays:
@@ -265,33 +264,26 @@ def sumsq_list(arrays, each=None) -> float:
     ptrs = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.int64)
     sizes = np.array([a.size for a in arrays], dtype=np.int64)
     out = ffi.new("double *")
-    fn = lib.fastopt_sumsq_list_f32 if f32 else lib.fastopt_sumsq_list_f64
+    fn = getattr(lib, f"fastopt_{what}_list_{'f32' if f32 else 'f64'}")
     rc = fn(ffi.cast("float **" if f32 else "double **", ptrs.ctypes.data), ffi.cast("int64_t *", sizes.ctypes.data),
             len(arrays), out, ffi.NULL if each is None else ffi.cast("double *", each.ctypes.data))
     if rc != 0:
-        raise RuntimeError(f"fastopt_sumsq_list failed: {ffi.string(lib.fastopt_strerror(rc)).decode()}")
+        raise RuntimeError(f"fastopt_{what}_list failed: {ffi.string(lib.fastopt_strerror(rc)).decode()}")
     return out[0]
+
+
+def sumsq_list(arrays, each=None) -> float:
+    """The sum of squares of every element of ``arrays`` (validated host arrays of
+    one dtype): ``fastopt_sumsq_list_f32/_f64``, bitwise reproducible; each
+    array's own into ``each`` (a float64 array, one per array) when given."""
+    return _reduce_list("sumsq", arrays, each)
 
 
 def maxabs_list(arrays, each=None) -> float:
     """The largest magnitude of every element of ``arrays`` (validated host arrays
     of one dtype) as a float64: ``fastopt_maxabs_list_f32/_f64`` (NaN anywhere: the
     canonical NaN); each array's own into ``each`` (a float64 array) when given."""
-    if _load():
-        raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
-    if not arrays:
-        return 0.0
-    ffi, lib = _ext.ffi, _ext.lib
-    f32 = arrays[0].itemsize == 4
-    ptrs = np.array([a.__array_interface__["data"][0] for a in arrays], dtype=np.int64)
-    sizes = np.array([a.size for a in arrays], dtype=np.int64)
-    out = ffi.new("double *")
-    fn = lib.fastopt_maxabs_list_f32 if f32 else lib.fastopt_maxabs_list_f64
-    rc = fn(ffi.cast("float **" if f32 else "double **", ptrs.ctypes.data), ffi.cast("int64_t *", sizes.ctypes.data),
-            len(arrays), out, ffi.NULL if each is None else ffi.cast("double *", each.ctypes.data))
-    if rc != 0:
-        raise RuntimeError(f"fastopt_maxabs_list failed: {ffi.string(lib.fastopt_strerror(rc)).decode()}")
-    return out[0]
+    return _reduce_list("maxabs", arrays, each)
 
 
 # ---- the two-pass rules (fastopt.trust): fastopt_<rule>_norms_*, _trust_* ----

@@ -162,17 +162,16 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
 _NO_EACH = np.empty(0)  # sumsq_list without per-tensor sums
 
 
-def sumsq_list(arrays, each=None) -> float:
-    """The sum of squares of every element of ``arrays`` (validated host arrays of
-    one dtype), in the order of :mod:`fastopt.kernels.numba_norms`; each array's
-    own into ``each`` (float64, one per array) when given."""
-    from ..kernels.numba_norms import SUMSQ, block_starts
+def _reduce_list(which: str, arrays, each) -> float:
+    """The reduction ``which`` (a (serial, parallel) pair of kernels/numba_norms.py) over
+    validated host arrays of one dtype; each array's own into ``each`` when given."""
+    from ..kernels import numba_norms
     if not arrays:
         return 0.0
     table = np.array([[a.__array_interface__["data"][0] for a in arrays], [a.size for a in arrays]], dtype=np.int64)
-    first = block_starts(table[1])
+    first = numba_norms.block_starts(table[1])
     tiny = _TINY[arrays[0].itemsize]
-    serial, parallel = SUMSQ
+    serial, parallel = getattr(numba_norms, which)
     out = each if each is not None else _NO_EACH
     if not _on_pool(arrays[0].itemsize * int(table[1].sum())):
         return float(serial(table, first, tiny, out))
@@ -180,6 +179,13 @@ def sumsq_list(arrays, each=None) -> float:
         return float(parallel(table, first, tiny, out))
     finally:
         _pool.release()
+
+
+def sumsq_list(arrays, each=None) -> float:
+    """The sum of squares of every element of ``arrays`` (validated host arrays of
+    one dtype), in the order of :mod:`fastopt.kernels.numba_norms`; each array's
+    own into ``each`` (float64, one per array) when given."""
+    return _reduce_list("SUMSQ", arrays, each)
 
 
 def maxabs_list(arrays, each=None) -> float:
@@ -187,20 +193,7 @@ def maxabs_list(arrays, each=None) -> float:
     of one dtype) as a float64, NaN (``np.nan``) if any is NaN, over the blocks of
     :mod:`fastopt.kernels.numba_norms`; each array's own into ``each`` (float64,
     one per array) when given."""
-    from ..kernels.numba_norms import MAXABS, block_starts
-    if not arrays:
-        return 0.0
-    table = np.array([[a.__array_interface__["data"][0] for a in arrays], [a.size for a in arrays]], dtype=np.int64)
-    first = block_starts(table[1])
-    tiny = _TINY[arrays[0].itemsize]
-    serial, parallel = MAXABS
-    out = each if each is not None else _NO_EACH
-    if not _on_pool(arrays[0].itemsize * int(table[1].sum())):
-        return float(serial(table, first, tiny, out))
-    try:
-        return float(parallel(table, first, tiny, out))
-    finally:
-        _pool.release()
+    return _reduce_list("MAXABS", arrays, each)
 
 
 # ---- the two-pass rules (fastopt.trust) -------------------------------------------
