@@ -13,15 +13,22 @@ import math
 import numpy as np
 
 import fastopt
-from fastopt.checks import closed_unit, flag, nonneg, real, unit
+from fastopt.checks import closed_unit, flag, nonneg, real, unit, warmup_steps
 from fastopt.rule import Hyper
 from fastopt.rules import RULES
+
+#: The varied warmup (AdEMAMix's beta3_warmup, alpha_warmup): within every run of the tests
+#: (10 steps and more), and among the steps test_c_library prepares (5 < 6 = T < 7).
+WARMUP = 6
+
 
 def _varied(h: Hyper):
     """A valid value of ``h`` other than its default, or None (no default to vary from)."""
     d, check = h.default, h.check
     if check is flag:
         return not d
+    if check is warmup_steps:
+        return WARMUP if d is None else None
     if getattr(check, "arity", 1) > 1:
         one = check_of_pair(check)
         if one is nonneg:  # (a gentle change: pairs such as Rprop's etas are ordered around 1)
@@ -45,7 +52,7 @@ def check_of_pair(check):
 
 def _required(rule) -> dict:
     """Values for hyperparameters without a default (SGD's lr), the carried one excluded."""
-    return {h.name: 0.1 for h in rule.hyper if h.default is None and h.name != rule.carry_name}
+    return {h.name: 0.1 for h in rule.hyper if h.required and h.name != rule.carry_name}
 
 
 def _valid(rule, options: dict) -> bool:
@@ -63,7 +70,7 @@ def cases_of(rule) -> list[dict]:
     and state buffer."""
     base = _required(rule)
     single = [{h.name: _varied(h)} for h in rule.hyper
-              if h.name != rule.carry_name and h.default is not None]
+              if h.name != rule.carry_name and not h.required]
     everything = {k: v for one in single for k, v in one.items()}
     for drop in [None, *everything]:  # the all-on case, or the largest valid subset
         candidate = {k: v for k, v in everything.items() if k != drop}
@@ -82,9 +89,9 @@ CASES: dict[str, list[dict]] = {name: cases_of(rule) for name, rule in RULES.ite
 
 #: Per rule, the case that uses every state buffer the rule has (for the bad-input tests).
 FULL: dict[str, dict] = {name: next(o for o in reversed(CASES[name])
-                                    if set(RULES[name].needs({**RULES[name].defaults, **o,
-                                                              **dict([RULES[name].carry] if RULES[name].carry else [])})
-                                           ) == set(RULES[name].state))
+                                    if set(RULES[name].checked({**RULES[name].defaults, **o,
+                                                                **dict([RULES[name].carry] if RULES[name].carry else [])}
+                                                               )[1]) == set(RULES[name].state))
                          for name in RULES}
 
 
@@ -104,7 +111,7 @@ def hyper(rule: str, options: dict) -> dict:
 
 
 def needed_state(rule: str, options: dict) -> tuple[str, ...]:
-    return tuple(RULES[rule].needs(hyper(rule, options)))
+    return tuple(RULES[rule].checked(hyper(rule, options))[1])  # (checked: a warmup's None is 0.0 in compute)
 
 
 def initial_state(rule: str, options: dict, like) -> dict:
@@ -197,22 +204,51 @@ def run_lion_published(options: dict, p0, grads):
     return p.numpy(), {"exp_avg": m.numpy()}
 
 
+def paper_alpha(t: int, alpha: float, warmup) -> float:
+    """AdEMAMix's alpha at step ``t`` (1-based) as the paper writes its scheduler
+    (Pagliardini, Ablin & Grangier 2024, section 3, Algorithm 1):
+    f_alpha(t) = min(t*alpha/T_alpha, alpha) while t < T_alpha, then alpha; None: no warmup."""
+    if warmup is None or t >= warmup:
+        return alpha
+    return min(t * alpha / warmup, alpha)
+
+
+def paper_beta3(t: int, beta1: float, beta3: float, warmup) -> float:
+    """AdEMAMix's beta3 at step ``t`` as the paper writes its scheduler, from beta_start = beta1:
+    f_beta3(t) = min(exp(ln(beta1)*ln(beta3) / ((1 - t/T)*ln(beta3) + (t/T)*ln(beta1))), beta3)
+    while t < T_beta3, then beta3; None: no warmup. Where a log is of 0, the formula's limit
+    (beta3 = 0: 0; beta1 = 0: beta3**(T/t))."""
+    if warmup is None or t >= warmup:
+        return beta3
+    if beta3 == 0.0:
+        return 0.0
+    if beta1 == 0.0:
+        return min(beta3 ** (warmup / t), beta3)
+    a = t / warmup
+    return min(math.exp(math.log(beta1) * math.log(beta3) / ((1 - a) * math.log(beta3) + a * math.log(beta1))),
+               beta3)
+
+
 def run_ademamix_published(options: dict, p0, grads):
-    """AdEMAMix as its authors' PyTorch reference (apple/ml-ademamix, warmups off) steps it:
-    m1 = m1*b1 + (1-b1)*g; m2 = m2*b3 + (1-b3)*g; nu = nu*b2 + (1-b2)*g*g;
-    u = (m1/(1-b1^t) + alpha*m2)/(sqrt(nu)/sqrt(1-b2^t) + eps) + wd*p; p -= lr*u.
+    """AdEMAMix as its authors' PyTorch reference (apple/ml-ademamix) steps it, with the
+    paper's schedulers for the warmups (paper_alpha, paper_beta3; the reference code's
+    beta3 schedule goes through half-lives of log(beta + 1e-8), a different rounding):
+    m1 = m1*b1 + (1-b1)*g; m2 = m2*b3_t + (1-b3_t)*g; nu = nu*b2 + (1-b2)*g*g;
+    u = (m1/(1-b1^t) + alpha_t*m2)/(sqrt(nu)/sqrt(1-b2^t) + eps) + wd*p; p -= lr*u.
     (Their decay adds wd*p to the update, fastopt multiplies p by 1 - lr*wd first: the same
     step to round-off.) ``maximize`` negates the gradient. Written with torch tensor ops."""
     import torch
 
     h = hyper("ademamix", options)
-    lr, (b1, b2, b3), alpha, eps, wd = h["lr"], h["betas"], h["alpha"], h["eps"], h["weight_decay"]
+    lr, (b1, b2, b3_end), alpha_end, eps, wd = h["lr"], h["betas"], h["alpha"], h["eps"], h["weight_decay"]
     p = torch.from_numpy(p0.copy())
     m1, m2, nu = torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
     for t, g in enumerate(grads, start=1):
         g = torch.from_numpy(g)
         if h["maximize"]:
             g = -g
+        b3 = paper_beta3(t, b1, b3_end, h["beta3_warmup"])
+        alpha = paper_alpha(t, alpha_end, h["alpha_warmup"])
         m1.mul_(b1).add_(g, alpha=1 - b1)
         m2.mul_(b3).add_(g, alpha=1 - b3)
         nu.mul_(b2).addcmul_(g, g, value=1 - b2)

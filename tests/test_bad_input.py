@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt.checks import closed_unit, flag, nonneg, real, unit
+from fastopt.checks import closed_unit, flag, nonneg, real, unit, warmup_steps
 from fastopt.rules import RULES
 from fastopt.rule import Hyper
 from oracle import FULL, check_of_pair, needed_state
@@ -139,6 +139,11 @@ def _bad_values(h):
         return out + [(h.default[0], TypeError, [name, kind]), (h.default[:-1], TypeError, [name, kind])]
     if check is flag:
         return [("yes", TypeError, [name, "bool"]), (2, TypeError, [name, "bool"])]
+    if check is warmup_steps:  # None or a number of steps
+        return [(0, ValueError, [name, ">= 1", "0"]), (-1, ValueError, [name, ">= 1", "-1"]),
+                (1.5, TypeError, [name, "int", "1.5"]), (True, TypeError, [name, "int", "True"]),
+                (2.0, TypeError, [name, "int"]), ("10", TypeError, [name, "int"]),
+                (2**53 + 1, ValueError, [name, "2**53"])]
     common = [(float("nan"), ValueError, [name, "finite"]), (float("inf"), ValueError, [name, "finite"]),
               ("0.1", TypeError, [name, "real number"])]
     if check is nonneg:

@@ -59,7 +59,7 @@ def test_every_rule_has_a_case_with_its_defaults():
     for name, rule in RULES.items():
         base = CASES[name]
         assert base.rule == name
-        required = {h.name for h in rule.hyper if h.default is None and h.name != rule.carry_name}
+        required = {h.name for h in rule.hyper if h.required and h.name != rule.carry_name}
         assert set(base.options) == required  # nothing but the values the rule has no default for
         assert base.state == tuple(s.name for s in rule.buffers if s.when is None)  # only what is always used
 

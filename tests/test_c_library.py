@@ -75,7 +75,7 @@ def test_c_prepare_equals_rules(ext, rule, options):
         h = dict(hyper(rule, options), step=t)
         if r.carry:
             h[r.carry_name] = carry
-        flat = r.flat({k: v for k, v in h.items() if k in r.defaults})
+        flat = r.flat(r.checked({k: v for k, v in h.items() if k in r.defaults})[0])  # (as C takes them: None is 0.0)
         expected, extra = r.prepare({k: v for k, v in h.items() if k in r.defaults}, t)
         out = ffi.new(f"fastopt_{r.kernel}_scalars *")
         args = [t if name == "step" else flat[name] for name in prepare_args(r)]

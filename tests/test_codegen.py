@@ -171,6 +171,37 @@ def f(x, flag, step):
     assert out.fields["e"] == "(step == 1 && !flag) != 0"
 
 
+def test_compute_log_and_exp(tmp_path):
+    """math.log and math.exp (AdEMAMix's beta3 warmup) are C's log and exp, an int argument
+    converted as Python converts it; only in compute functions (a trust ratio, which also
+    runs over NumPy arrays, refuses them)."""
+    src = """
+class S(NamedTuple):
+    a: float
+    b: float
+
+def f(x, step):
+    y = math.log(x) if x > 0.0 else 0.0
+    return S(a=math.exp(y * step), b=math.log(step) / math.exp(-x))
+"""
+    env = {"x": ("x", translate.DOUBLE), "step": ("step", translate.INT64)}
+    out = _compute_from_file(tmp_path, src, env, {"a": "double", "b": "double"})
+    assert out.lines == ["    double y = ((x > 0.0) ? (log(x)) : (0.0));"]
+    assert out.fields["a"] == "exp(y * (double)step)"
+    assert out.fields["b"] == "log((double)step) / exp(-x)"
+    path = tmp_path / "ratio.py"
+    path.write_text("import math\n\ndef r(a):\n    return math.log(a)\n")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ratio", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(translate.TranslationError, match=r"line 4: call 'math.log\(a\)': this function calls only "
+                                                         r"math.sqrt\(x\), abs\(x\)"):
+        translate.translate_value(mod.r, "rule test, ratio r", {"a": ("a", translate.DOUBLE)})
+    for name in ("log", "exp"):
+        assert name in translate.C_RESERVED  # (a hyperparameter of that name would shadow the C function)
+
+
 def test_compute_rejects_statements(tmp_path):
     src = """
 class S(NamedTuple):

@@ -162,6 +162,7 @@ def test_checks_keep_their_c_predicates():
     assert checks.unit.c == "fo_unit"
     assert checks.closed_unit.c == "fo_unit_closed"
     assert checks.flag.c is None
+    assert checks.warmup_steps.c == "fo_warmup"
     pair = checks.pair(checks.unit)
     assert pair.c == "fo_unit" and pair.arity == 2
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastopt
 from fastopt.rules import RULES
-from fastopt.checks import closed_unit, flag, nonneg, real, unit
+from fastopt.checks import closed_unit, flag, nonneg, real, unit, warmup_steps
 from oracle import fastopt_step, needed_state
 
 CI_EXAMPLES = 150
@@ -41,6 +41,7 @@ _VALUES = {
     closed_unit: st.floats(0.0, 1.0),
     real: st.floats(-0.5, 0.5),
     flag: st.booleans(),
+    warmup_steps: st.one_of(st.none(), st.integers(1, 6)),  # (steps 1-4 are run: on, crossing T, or past it)
 }
 
 
@@ -68,7 +69,7 @@ def _make_valid(rule, options):
     pairs = [h.name for h in rule.hyper if getattr(h.check, "arity", 1) == 2 and h.name in options]
     candidates.append({**candidates[-1], **{k: tuple(sorted(options[k])) for k in pairs}})
     for h in rule.hyper:
-        if h.check is not flag and h.name in options and h.default is not None:
+        if h.check is not flag and h.name in options and not h.required:
             candidates.append({**candidates[-1], h.name: h.default})
     for o in candidates:
         if valid(o):

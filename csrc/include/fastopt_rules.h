@@ -425,21 +425,25 @@ FASTOPT_API int fastopt_rprop_list_f64(double *const *param, const double *const
 /* ---- AdEMAMix (ademamix) ------------------------------------------------------------------------
  *
  * AdEMAMix: Adam with a second, slow average of the gradient mixed in (Pagliardini, Ablin &
- *     Grangier, 2024; apple/ml-ademamix), without its alpha and beta3 warmups.
+ *     Grangier, 2024; apple/ml-ademamix), with the paper's optional warmups of alpha and beta3.
  *
  * p *= 1 - lr*weight_decay; g = grad*grad_sign; m1 = beta1*m1 + (1-beta1)*g; m2 = beta3*m2 +
  *     (1-beta3)*g;
  * nu = beta2*nu + (1-beta2)*g*g; p -= lr*(m1/(1-beta1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-beta2**t) +
- *     eps).
+ *     eps);
+ * for t < alpha_warmup (T): alpha_t = min(t*alpha/T, alpha) in place of alpha; for t < beta3_warmup
+ *     (T):
+ * beta3_t = min(exp(ln(beta1)*ln(beta3)/((1-t/T)*ln(beta3) + (t/T)*ln(beta1))), beta3) in place of
+ *     beta3.
  */
 typedef struct {
     double beta1;
     double one_minus_beta1;
     double beta2;
     double one_minus_beta2;
-    double beta3;
+    double beta3; /* this step's: beta3, or its warmup schedule's value */
     double one_minus_beta3;
-    double alpha;
+    double alpha; /* this step's: alpha, or its warmup schedule's value */
     double bias_correction1; /* 1 - beta1**step (the fast average only: the slow one is not corrected) */
     double bias_correction2_sqrt; /* sqrt(1 - beta2**step) */
     double eps;
@@ -448,10 +452,12 @@ typedef struct {
     double grad_sign;
 } fastopt_ademamix_scalars;
 
-/* Checks: lr, alpha, eps, weight_decay finite and >= 0; beta1, beta2, beta3 in [0, 1); step >= 1. */
+/* Checks: lr, alpha, eps, weight_decay finite and >= 0; beta1, beta2, beta3 in [0, 1);
+ * beta3_warmup, alpha_warmup a whole number of steps in [0, 2^53] (0: no warmup); step >= 1. */
 FASTOPT_API int fastopt_ademamix_prepare(fastopt_ademamix_scalars *out, double lr, double beta1, double beta2,
                                          double beta3, double alpha, double eps, double weight_decay,
-                                         int maximize, int64_t step);
+                                         double beta3_warmup, double alpha_warmup, int maximize,
+                                         int64_t step);
 
 /* State buffers: exp_avg_fast, exp_avg_slow, exp_avg_sq.  _list_: count tensors in one call (see
  * fastopt.h). */

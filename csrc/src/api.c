@@ -309,13 +309,16 @@ int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad,
 }
 
 /* ---- prepare: hyperparameters and step -> scalars ------------------------
- * The checks and formulas of fastopt/rules.py, translated (Python's float **
- * and math.sqrt are C's pow and sqrt; int step arithmetic stays int64_t until
- * Python would convert it), so the scalars are bitwise the same. */
+ * The checks and formulas of fastopt/rules.py, translated (Python's float **,
+ * math.sqrt, math.log and math.exp are C's pow, sqrt, log and exp, the libm
+ * functions Python calls; int step arithmetic stays int64_t until Python would
+ * convert it), so the scalars are bitwise the same. */
 
 static int fo_nonneg(double x) { return isfinite(x) && x >= 0.0; }
 static int fo_unit(double x) { return isfinite(x) && x >= 0.0 && x < 1.0; }        /* [0, 1) */
 static int fo_unit_closed(double x) { return isfinite(x) && x >= 0.0 && x <= 1.0; } /* [0, 1] */
+/* A number of warmup steps, whole and exact as a double; 0: no warmup (Python's None). */
+static int fo_warmup(double x) { return isfinite(x) && x >= 0.0 && x <= 0x1p53 && x == floor(x); }
 
 /* int64_t + and - of the step arithmetic: exact, as Python's int, except
  * that they saturate where int64_t would overflow (steps near INT64_MAX). */

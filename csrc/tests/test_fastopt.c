@@ -71,11 +71,11 @@ static const char *const VARIANT[NVARIANTS] = {"defaults", "zero defaults at 0.5
                                                "lower boundaries", "upper boundaries"};
 
 /* The real hyperparameters of set v (fo_t_prepare_h's h): the defaults; those
- * whose default is 0 (momentum, weight decay, ...) at 0.5, so every option
- * buffer is used; other values (decay rates below 0.5, where torch's lerp
- * starts from the end, the rest 3 times their default or 0.25); the lower
- * boundaries (decay rates at 0); the upper ones (decay rates just below 1,
- * closed-unit ones at 1). */
+ * whose default is 0 (momentum, weight decay, ...) at their kind's nonzero
+ * value (0.5; a warmup: 4 steps), so every option buffer is used; other values
+ * (decay rates below 0.5, where torch's lerp starts from the end, the rest 3
+ * times their default or half the nonzero value); the lower boundaries (decay
+ * rates at 0); the upper ones (decay rates just below 1, closed-unit ones at 1). */
 static void hyper_set(int rule, int v, double *h)
 {
     const fo_t_rule *r = &FO_T_RULES[rule];
@@ -84,9 +84,12 @@ static void hyper_set(int rule, int v, double *h)
         const int kind = r->hyper[k].kind;
         double x = d;
         if (v == V_NONZERO)
-            x = d == 0.0 ? 0.5 : d;
+            x = d == 0.0 ? fo_t_kind_nonzero(kind) : d;
         else if (v == V_OTHER)
-            x = kind == FO_T_UNIT ? 0.3 : kind == FO_T_UNIT_CLOSED ? 0.45 : d == 0.0 ? 0.25 : 3.0 * d;
+            x = kind == FO_T_UNIT          ? 0.3
+                : kind == FO_T_UNIT_CLOSED ? 0.45
+                : d == 0.0                 ? fo_t_kind_nonzero(kind) / 2.0
+                                           : 3.0 * d;
         else if (v == V_LOW)
             x = kind == FO_T_UNIT || kind == FO_T_UNIT_CLOSED ? 0.0 : d;
         else if (v == V_HIGH)

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["Check", "real", "nonneg", "unit", "closed_unit", "flag", "pair", "fixed_tuple", "step_count"]
+__all__ = ["Check", "real", "nonneg", "unit", "closed_unit", "flag", "pair", "fixed_tuple", "warmup_steps",
+           "step_count"]
 
 Check = Callable[[str, Any], Any]
 
@@ -174,6 +175,47 @@ def optional(check: Check) -> Check:
 def pair(check: Check) -> Check:
     """A check for a pair ``(a, b)`` whose two values each pass ``check`` (betas)."""
     return fixed_tuple(check, 2)
+
+
+#: The longest warmup: 2**53 steps, a count that is exact as a double (the C prepare takes it
+#: as one), so that ``step < warmup`` and ``step / warmup`` are exact conversions in C too.
+_MAX_WARMUP = 2**53
+
+
+def _warmup_type_error(name: str, value: Any, why: str = "") -> TypeError:
+    return TypeError(f"{name} must be None (no warmup) or an int >= 1 (a number of steps), got {_show(value)} "
+                     f"({type(value).__name__}{why})")
+
+
+@_c("fo_warmup")
+def warmup_steps(name: str, value: Any) -> float:
+    """None (no warmup) or a number of steps: an int >= 1 (NumPy's ints and 0-d integer
+    tensors too; not a bool, not a float, not even 2.0), at most 2**53 (AdEMAMix's
+    ``beta3_warmup``, ``alpha_warmup``). Returned as the float the schedules and the C
+    prepare compute with: the count, or 0.0 for None (the C library's "no warmup")."""
+    if value is None:
+        return 0.0
+    if type(value) is int and 1 <= value <= _MAX_WARMUP:
+        return float(value)
+    if isinstance(value, (bool, np.bool_)) or isinstance(value, float) or not hasattr(type(value), "__index__"):
+        raise _warmup_type_error(name, value)
+    try:
+        n = operator.index(value)
+    except Exception as exc:
+        raise _warmup_type_error(name, value, f"; {type(exc).__name__}: {exc}") from None
+    if n < 1:
+        raise ValueError(f"{name} must be >= 1 (a number of steps; None: no warmup), got {_show(value)}")
+    if n > _MAX_WARMUP:
+        raise ValueError(f"{name} must be at most 2**53 steps, got {_show(value)}")
+    return float(n)
+
+
+def _warmup_from_c(x: float) -> Any:
+    """The Python value a C prepare's warmup argument stands for (0: None; a whole number: that int)."""
+    return None if x == 0.0 else int(x) if math.isfinite(x) and x == math.floor(x) else x
+
+
+warmup_steps.from_c = _warmup_from_c  # (for the code generator, which probes each check with C's doubles)
 
 
 #: The largest step count: the C library's step is an int64_t.

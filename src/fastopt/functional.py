@@ -275,7 +275,8 @@ def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
 
 def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow: Buffers, exp_avg_sq: Buffers, *,
               step: int, lr: float = 1e-3, betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
-              alpha: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
+              alpha: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0, beta3_warmup: Optional[int] = None,
+              alpha_warmup: Optional[int] = None, maximize: bool = False,
               grad_multiplier: Any = 1.0, found_inf: Any = None,
               backend: Optional[str] = None, stream: Any = None) -> None:
     """AdEMAMix: Adam plus a slow average of the gradient (Pagliardini, Ablin & Grangier, 2024,
@@ -283,11 +284,19 @@ def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow
 
     ``p *= 1 - lr*wd``; ``m1 = b1*m1 + (1-b1)*g`` (fast, bias-corrected);
     ``m2 = b3*m2 + (1-b3)*g`` (slow, not corrected); ``nu = b2*nu + (1-b2)*g*g``;
-    ``p -= lr*(m1/(1-b1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-b2**t) + eps)``. The
-    paper's warmups of ``alpha`` and ``beta3`` are schedules of these
-    hyperparameters: pass this step's values.
+    ``p -= lr*(m1/(1-b1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-b2**t) + eps)``.
+
+    The paper's warmups (its schedulers ``f_alpha`` and ``f_beta3``, Algorithm 1), named
+    as the authors' PyTorch reference (apple/ml-ademamix) names them: ``alpha_warmup=T``
+    (None or an int >= 1) uses ``alpha_t = min(t*alpha/T, alpha)`` at steps ``t < T``;
+    ``beta3_warmup=T`` uses ``b3_t = min(exp(ln(b1)*ln(b3)/((1-t/T)*ln(b3) + (t/T)*ln(b1))), b3)``
+    at steps ``t < T`` (from ``b1`` towards ``b3``, linearly in the half-life; with ``b1 = 0``
+    the formula's limit ``b3**(T/t)``); from step ``T`` on, ``alpha`` and ``b3`` themselves.
+    The paper uses one ``T`` for both (usually the run's length). None (the default): no
+    warmup, the constant ``alpha`` and ``b3``. The reference code computes ``b3_t`` through
+    half-lives of ``b + 1e-8`` and without the ``min``; this is the paper's formula.
     """
-    hyper = (lr, betas, alpha, eps, weight_decay, maximize)
+    hyper = (lr, betas, alpha, eps, weight_decay, beta3_warmup, alpha_warmup, maximize)
     _update(RULES["ademamix"], param, grad, (exp_avg_fast, exp_avg_slow, exp_avg_sq), hyper, step, backend, stream,
             grad_multiplier, found_inf)
 

@@ -15,8 +15,10 @@ generator can translate them as well as Python can run them:
 
 * ``compute(<flat hyperparameters>, step, <constants>) -> Scalars(...)``
   (or ``(Scalars(...), new carried value)``): straight-line assignments and
-  one ``return``; arithmetic, ``**``, ``math.sqrt``, comparisons, ``and``/
-  ``or``/``not`` and ``a if c else b``.
+  one ``return``; arithmetic, ``**``, ``math.sqrt``, ``math.log``,
+  ``math.exp``, comparisons, ``and``/``or``/``not`` and ``a if c else b``
+  (which evaluates only the arm it takes: it keeps ``log`` and ``exp`` in
+  their domain, where Python raises and C returns an infinity or NaN).
 * ``relation(<some flat hyperparameters>) -> bool``: one ``return`` of such
   an expression (SGD's Nesterov condition).
 
@@ -43,7 +45,8 @@ __all__ = ["Hyper", "State", "Trust", "Rule"]
 
 @dataclass(frozen=True)
 class Hyper:
-    """One hyperparameter: its keyword, default (None: required) and check.
+    """One hyperparameter: its keyword, default (None: required, unless the check takes
+    None as a value: AdEMAMix's ``beta3_warmup=None`` is "no warmup") and check.
 
     ``flat`` names its values where they are scalars one by one (in
     ``compute`` and in the C prepare function): ``betas`` is ``("beta1",
@@ -58,6 +61,18 @@ class Hyper:
     @property
     def names(self) -> tuple[str, ...]:
         return self.flat or (self.name,)
+
+    @property
+    def required(self) -> bool:
+        """Whether a value must be given: no default, and None is not a value its check
+        accepts (SGD's lr; not AdEMAMix's ``beta3_warmup``, whose None means no warmup)."""
+        if self.default is not None:
+            return False
+        try:
+            self.check(self.name, None)
+        except (TypeError, ValueError):
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -371,7 +386,7 @@ class Rule:
 
     @property
     def defaults(self) -> dict[str, Any]:
-        """Hyperparameter -> default, in signature order (None: required)."""
+        """Hyperparameter -> default, in signature order (None: required, see :attr:`Hyper.required`)."""
         return {h.name: h.default for h in self.hyper}
 
     @property

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from .checks import closed_unit, fixed_tuple, flag, nonneg, optional, pair, real, unit
+from .checks import closed_unit, fixed_tuple, flag, nonneg, optional, pair, real, unit, warmup_steps
 from .rule import Hyper, Rule, State, Trust
 
 __all__ = ["RULES", "TWO_PASS_RULES", "ALL_RULES", "KERNEL_SCALARS"]
@@ -219,9 +219,9 @@ class AdEMAMixScalars(NamedTuple):
     one_minus_beta1: float
     beta2: float
     one_minus_beta2: float
-    beta3: float
+    beta3: float  # this step's: beta3, or its warmup schedule's value
     one_minus_beta3: float
-    alpha: float
+    alpha: float  # this step's: alpha, or its warmup schedule's value
     bias_correction1: float  # 1 - beta1**step (the fast average only: the slow one is not corrected)
     bias_correction2_sqrt: float  # sqrt(1 - beta2**step)
     eps: float
@@ -230,9 +230,24 @@ class AdEMAMixScalars(NamedTuple):
     grad_sign: float
 
 
-def _ademamix(lr, beta1, beta2, beta3, alpha, eps, weight_decay, maximize, step):
+def _ademamix(lr, beta1, beta2, beta3, alpha, eps, weight_decay, beta3_warmup, alpha_warmup, maximize, step):
+    # The paper's schedulers (Pagliardini et al. 2024, section 3 and Algorithm 1), for step < T
+    # (a warmup of None arrives as 0.0: never), the final values from step T on:
+    #   alpha_t = min(t*alpha/T, alpha)
+    #   beta3_t = min(exp(ln(beta1)*ln(beta3) / ((1 - t/T)*ln(beta3) + (t/T)*ln(beta1))), beta3)
+    # beta3_t moves from beta1 to beta3 linearly in the half-life 1/ln(beta). Where a log would be
+    # of 0 (Python raises, C gives -inf), the formula's limit: beta3 = 0 stays 0 (min(.., 0)), and
+    # beta1 = 0 gives exp(ln(beta3)/(t/T)) = beta3**(T/t), the half-life ramp from 0.
+    # (Written out in one guarded expression each: without a warmup, a compare or two.)
+    ramp_alpha = step * alpha / alpha_warmup if step < alpha_warmup else alpha
+    alpha_t = ramp_alpha if ramp_alpha < alpha else alpha
+    ramp3 = (math.exp(math.log(beta1) * math.log(beta3)
+                      / ((1.0 - step / beta3_warmup) * math.log(beta3) + step / beta3_warmup * math.log(beta1)))
+             if beta1 > 0.0 else math.exp(math.log(beta3) / (step / beta3_warmup))) \
+        if step < beta3_warmup and beta3 > 0.0 else beta3
+    beta3_t = ramp3 if ramp3 < beta3 else beta3
     return AdEMAMixScalars(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
-                           beta3=beta3, one_minus_beta3=1.0 - beta3, alpha=alpha,
+                           beta3=beta3_t, one_minus_beta3=1.0 - beta3_t, alpha=alpha_t,
                            bias_correction1=1.0 - beta1 ** step, bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** step),
                            eps=eps, lr=lr, param_decay=1.0 - lr * weight_decay, grad_sign=-1.0 if maximize else 1.0)
 
@@ -240,11 +255,14 @@ def _ademamix(lr, beta1, beta2, beta3, alpha, eps, weight_decay, maximize, step)
 ADEMAMIX = Rule(
     "ademamix", "AdEMAMix",
     "AdEMAMix: Adam with a second, slow average of the gradient mixed in (Pagliardini, Ablin & Grangier, 2024; "
-    "apple/ml-ademamix), without its alpha and beta3 warmups.",
+    "apple/ml-ademamix), with the paper's optional warmups of alpha and beta3.",
     "p *= 1 - lr*weight_decay; g = grad*grad_sign; m1 = beta1*m1 + (1-beta1)*g; m2 = beta3*m2 + (1-beta3)*g;\n"
-    "nu = beta2*nu + (1-beta2)*g*g; p -= lr*(m1/(1-beta1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-beta2**t) + eps).",
+    "nu = beta2*nu + (1-beta2)*g*g; p -= lr*(m1/(1-beta1**t) + alpha*m2)/(sqrt(nu)/sqrt(1-beta2**t) + eps);\n"
+    "for t < alpha_warmup (T): alpha_t = min(t*alpha/T, alpha) in place of alpha; for t < beta3_warmup (T):\n"
+    "beta3_t = min(exp(ln(beta1)*ln(beta3)/((1-t/T)*ln(beta3) + (t/T)*ln(beta1))), beta3) in place of beta3.",
     (_LR, Hyper("betas", (0.9, 0.999, 0.9999), fixed_tuple(unit, 3), ("beta1", "beta2", "beta3")),
-     Hyper("alpha", 2.0, nonneg), _EPS, _WD, _MAXIMIZE),
+     Hyper("alpha", 2.0, nonneg), _EPS, _WD, Hyper("beta3_warmup", None, warmup_steps),
+     Hyper("alpha_warmup", None, warmup_steps), _MAXIMIZE),
     (State("exp_avg_fast"), State("exp_avg_slow"), State("exp_avg_sq", signed=False)),
     AdEMAMixScalars, _ademamix)
 

@@ -91,7 +91,7 @@ def _needs(rule: Rule, options: Mapping[str, Any]) -> dict[str, str]:
 
 def _required(rule: Rule) -> dict[str, Any]:
     """Values for the hyperparameters without a default, the carried one excluded."""
-    return {h.name: REQUIRED_VALUE for h in rule.hyper if h.default is None and h.name != rule.carry_name}
+    return {h.name: REQUIRED_VALUE for h in rule.hyper if h.required and h.name != rule.carry_name}
 
 
 def _switch_on(rule: Rule, base: Mapping[str, Any], buf: State) -> tuple[str, Any]:
@@ -103,7 +103,7 @@ def _switch_on(rule: Rule, base: Mapping[str, Any], buf: State) -> tuple[str, An
     number to :data:`SWITCH_ON_VALUE`.
     """
     named = {n.id for n in ast.walk(ast.parse(buf.when, mode="eval")) if isinstance(n, ast.Name)}
-    hypers = sorted((h for h in rule.hyper if h.default is not None and h.name != rule.carry_name),
+    hypers = sorted((h for h in rule.hyper if not h.required and h.name != rule.carry_name),
                     key=lambda h: h.name not in named)
     for h in hypers:
         if h.check is flag:

@@ -440,7 +440,8 @@ def _trust_api(ri: RuleInfo) -> list[str]:
 
 def _pred_doc(pred: Optional[str]) -> str:
     return {"fo_nonneg": "finite and >= 0", "fo_unit": "in [0, 1)", "fo_unit_closed": "in [0, 1]",
-            "isfinite": "finite"}.get(pred, pred or "")
+            "isfinite": "finite", "fo_warmup": "a whole number of steps in [0, 2^53] (0: no warmup)"
+            }.get(pred, pred or "")
 
 
 def _relation_doc(message: str) -> str:
@@ -683,7 +684,13 @@ def _api(rinfos: list[RuleInfo]) -> str:
         reals = [p.split()[-1] for p in ri.prepare_params() if p.startswith("double ") and "*" not in p]
         if reals:
             out.append("    /* -0.0 is taken as +0.0, as fastopt.checks.real does in Python. */")
-            out.append("    " + " ".join(f"{x} += 0.0;" for x in reals))
+            line = "   "
+            for x in reals:  # (as many to a line as fit)
+                if len(line) > 3 and len(line) + len(f" {x} += 0.0;") > WIDTH:
+                    out.append(line)
+                    line = "   "
+                line += f" {x} += 0.0;"
+            out.append(line)
         out += ri.constants
         out += ri.compute.lines
         for f, value in ri.compute.fields.items():
@@ -726,34 +733,44 @@ def _api(rinfos: list[RuleInfo]) -> str:
 
 # The kinds of hyperparameter value the C tests draw and judge, by the C predicate of the
 # check (``check.c``, fastopt.checks): (enum suffix, lower bound (closed) or None, upper
-# bound or None, whether the upper bound is closed); every kind is finite. The tests need
-# the ranges apart from the library's C, which they judge; _kind_of probes each check of
-# the table against its range here, so the two cannot drift apart.
+# bound or None, whether the upper bound is closed, whether only whole numbers are valid);
+# every kind is finite. The tests need the ranges apart from the library's C, which they
+# judge; _kind_of probes each check of the table against its range here, so the two cannot
+# drift apart.
 _KINDS = {
-    "isfinite": ("FINITE", None, None, False),
-    "fo_nonneg": ("NONNEG", 0.0, None, False),
-    "fo_unit": ("UNIT", 0.0, 1.0, False),
-    "fo_unit_closed": ("UNIT_CLOSED", 0.0, 1.0, True),
+    "isfinite": ("FINITE", None, None, False, False),
+    "fo_nonneg": ("NONNEG", 0.0, None, False, False),
+    "fo_unit": ("UNIT", 0.0, 1.0, False, False),
+    "fo_unit_closed": ("UNIT_CLOSED", 0.0, 1.0, True, False),
+    "fo_warmup": ("WARMUP", 0.0, float(2**53), True, True),  # a number of steps; 0: none (Python's None)
 }
 _PROBES = (0.0, -0.0, 5e-324, -5e-324, 1e-300, -1e-300, 0.5, -0.5, math.nextafter(1.0, 0.0), 1.0,
            math.nextafter(1.0, 2.0), 2.0, -1.0, 1e300, -1e300, math.inf, -math.inf, math.nan)
 
 
 def _kind_ok(pred: str, x: float) -> bool:
-    _, lo, hi, hi_closed = _KINDS[pred]
-    if not math.isfinite(x) or (lo is not None and not x >= lo):
+    _, lo, hi, hi_closed, whole = _KINDS[pred]
+    if not math.isfinite(x) or (lo is not None and not x >= lo) or (whole and x != math.floor(x)):
         return False
     return hi is None or (x <= hi if hi_closed else x < hi)
 
 
 def _kind_c(pred: str) -> str:
-    _, lo, hi, hi_closed = _KINDS[pred]
+    _, lo, hi, hi_closed, whole = _KINDS[pred]
     parts = ["isfinite(x)"]
     if lo is not None:
         parts.append(f"x >= {tr._c_double(lo, None, None)}")
     if hi is not None:
         parts.append(f"x {'<=' if hi_closed else '<'} {tr._c_double(hi, None, None)}")
+    if whole:
+        parts.append("x == floor(x)")
     return " && ".join(parts)
+
+
+def _kind_nonzero(pred: str) -> float:
+    """The value the C tests give a hyperparameter of this kind whose default is 0 to turn it
+    on (momentum, weight decay: 0.5; a warmup: 4 steps, so that steps 1-3 warm up)."""
+    return 4.0 if _KINDS[pred][4] else 0.5
 
 
 def _kind_of(check, where: str) -> str:
@@ -763,9 +780,10 @@ def _kind_of(check, where: str) -> str:
         raise tr.TranslationError(f"{where}: the C tests know no range for the predicate {pred!r} (add it to "
                                   "_KINDS in fastopt/codegen/c_library.py)")
     arity = getattr(check, "arity", 1)
+    as_python = getattr(check, "from_c", lambda x: x)  # (a warmup's 0.0 is Python's None, 4.0 is 4)
     for x in _PROBES:
         try:
-            check("x", (x,) * arity if arity > 1 else x)
+            check("x", (as_python(x),) * arity if arity > 1 else as_python(x))
             ok = True
         except (TypeError, ValueError):
             ok = False
@@ -776,8 +794,11 @@ def _kind_of(check, where: str) -> str:
 
 
 def _default(h, name: str) -> float:
-    """A hyperparameter's default for the C tests (a required one, SGD's lr: 1e-2)."""
-    d = h.default if h.default is not None else 1e-2
+    """A hyperparameter's default for the C tests, as C takes it (a required one, SGD's lr:
+    1e-2; a warmup's None: 0.0)."""
+    if h.required:
+        return 1e-2
+    d = h.check(h.name, h.default)
     if isinstance(d, tuple):
         d = d[h.names.index(name)]
     return float(d)
@@ -881,7 +902,8 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
         "      out and carry), from the kinds, the step and the rule's relation (fo_t_relation);\n"
         "  fo_t_prepare(rule, out, carry, flags, step): fo_t_prepare_h with the defaults (required\n"
         "      ones: 1e-2); bit nflags (past the flags) sets those whose default is 0 (momentum,\n"
-        "      weight decay, ...) to 0.5; carried values advance in *carry;\n"
+        "      weight decay, ...) to fo_t_kind_nonzero (0.5; a warmup: 4); carried values advance\n"
+        "      in *carry;\n"
         "  fo_t_need(rule, s): the state buffers the call requires (bit k: state k);\n"
         "  fo_t_run_f32/_f64(rule, param, grad, state, n, s), fo_t_list_f32/_f64(...): the kernels;\n"
         "  fo_t_ref_f32/_f64(rule, param, grad, state, n, s): the reference;\n"
@@ -914,7 +936,14 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
         "FO_T_FN int fo_t_kind_ok(int kind, double x)", "{", "    switch (kind) {"]
     for p in kinds:
         out.append(f"    case FO_T_{_KINDS[p][0]}: return {_kind_c(p)};")
-    out += ["    default: return 0;", "    }", "}", "", "typedef union {"]
+    out += ["    default: return 0;", "    }", "}", "",
+            "/* The value that turns on a hyperparameter of a kind whose default is 0 (momentum, weight",
+            " * decay: 0.5; a whole kind, a warmup: 4, so that steps 1-3 warm up). */",
+            "FO_T_FN double fo_t_kind_nonzero(int kind)", "{", "    switch (kind) {"]
+    for p in kinds:
+        if _kind_nonzero(p) != 0.5:
+            out.append(f"    case FO_T_{_KINDS[p][0]}: return {tr._c_double(_kind_nonzero(p), None, None)};")
+    out += ["    default: return 0.5;", "    }", "}", "", "typedef union {"]
     seen = []
     for ri in rinfos:
         if ri.kernel not in seen:
@@ -997,7 +1026,7 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
             "    const fo_t_rule *r = &FO_T_RULES[rule];",
             "    const int nz = (int)(flags >> r->nflags & 1u);",
             "    for (int k = 0; k < r->nhyper; k++)",
-            "        h[k] = nz && r->hyper[k].dflt == 0.0 ? 0.5 : r->hyper[k].dflt;",
+            "        h[k] = nz && r->hyper[k].dflt == 0.0 ? fo_t_kind_nonzero(r->hyper[k].kind) : r->hyper[k].dflt;",
             "    return fo_t_prepare_h(rule, out, carry, h, flags, step);",
             "}", ""]
 

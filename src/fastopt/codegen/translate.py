@@ -10,7 +10,13 @@ Two dialects, both described in :mod:`fastopt.rule`:
 * compute functions, relation predicates and ``when`` expressions: double
   precision (hyperparameters), ``int64_t`` (``step``) and ``int`` (flags), with
   Python's mixed int/float arithmetic spelled out as explicit ``(double)``
-  conversions at the operation where Python converts.
+  conversions at the operation where Python converts. They call ``math.sqrt``
+  and ``abs``; compute functions also ``math.log`` and ``math.exp`` (C's
+  ``log`` and ``exp``, the C library's libm functions that Python's math
+  module calls too, as ``**`` is ``pow``). Python raises where C returns a
+  non-finite value (``math.log`` of a number <= 0, ``math.exp`` past ~709.78):
+  a compute function keeps their arguments in range (a guarded ``a if c else
+  b`` evaluates only the arm it takes, in both languages).
 
 Anything outside the dialect raises :class:`TranslationError` naming the rule,
 the function and the line. The output keeps Python's operation order exactly
@@ -35,7 +41,8 @@ C_RESERVED = frozenset("""
 auto break case char const continue default do double else enum extern float for goto if inline int long
 register restrict return short signed sizeof static struct switch typedef union unsigned void volatile while
 _Bool _Complex _Imaginary int64_t uint64_t int32_t size_t NULL
-T N SFX SQRT FABS COPYSIGN FO_INLINE pow sqrt fabs copysign isfinite fo_nonneg fo_unit fo_unit_closed
+T N SFX SQRT FABS COPYSIGN FO_INLINE pow sqrt fabs copysign log exp llabs isfinite fo_nonneg fo_unit fo_unit_closed
+fo_warmup
 """.split())
 
 # C precedence levels of the operators the translator emits (higher binds tighter).
@@ -389,12 +396,20 @@ class ComputeC:
     carried: Optional[str]  # the new carried value (C expression), or None
 
 
+#: The calls of compute functions: Python's -> C's (double -> double; ``abs`` of an int is ``llabs``).
+COMPUTE_CALLS = {"math.sqrt": "sqrt", "abs": "fabs", "math.log": "log", "math.exp": "exp"}
+#: The calls of relations and trust ratios: no log or exp (a trust ratio also runs over
+#: NumPy arrays, whose log and exp need not round as libm's do).
+VALUE_CALLS = {"math.sqrt": "sqrt", "abs": "fabs"}
+
+
 class _ScalarTranslator:
     """Expressions of compute functions: Python's numeric tower as C's types."""
 
-    def __init__(self, src: Source, env: dict[str, tuple[str, str]]):
+    def __init__(self, src: Source, env: dict[str, tuple[str, str]], calls: Optional[dict[str, str]] = None):
         self.src = src
         self.env = dict(env)  # Python name -> (C text, type)
+        self.calls = VALUE_CALLS if calls is None else calls  # Python function -> C function
 
     def expr(self, node: ast.expr) -> tuple[str, int, str]:
         """(C text, precedence, type)."""
@@ -489,16 +504,15 @@ class _ScalarTranslator:
             return f"(({c}) ? ({a}) : ({b}))", _ATOM, kind
         if isinstance(node, ast.Call):
             fn = ast.unparse(node.func)
-            if fn not in ("math.sqrt", "abs") or node.keywords or len(node.args) != 1:
-                raise src.error(node, f"call {ast.unparse(node)!r}: compute functions call only math.sqrt(x) "
-                                      "and abs(x)")
+            if fn not in self.calls or node.keywords or len(node.args) != 1:
+                raise src.error(node, f"call {ast.unparse(node)!r}: this function calls only "
+                                      f"{', '.join(f'{name}(x)' for name in self.calls)}")
             a, pa, ta = self.expr(node.args[0])
             if ta == BOOL:
                 raise src.error(node, f"{ast.unparse(node)!r} of a bool")
             if fn == "abs" and ta == INT64:
                 return f"llabs({a})", _ATOM, INT64
-            return f"{'sqrt' if fn == 'math.sqrt' else 'fabs'}({self.as_double(a, pa, ta, bare=True)})", _ATOM, \
-                DOUBLE
+            return f"{self.calls[fn]}({self.as_double(a, pa, ta, bare=True)})", _ATOM, DOUBLE
         raise src.error(node, f"{type(node).__name__} {ast.unparse(node)!r} is not supported in compute "
                               "functions")
 
@@ -559,7 +573,7 @@ def translate_compute(fn: Callable, where: str, env: dict[str, tuple[str, str]],
     """Translate ``compute``: straight-line assignments and ``return Scalars(...)``
     (or ``return Scalars(...), new_carried``). ``env``: parameter -> (C text, type)."""
     src = source_of(fn, where)
-    tr = _ScalarTranslator(src, env)
+    tr = _ScalarTranslator(src, env, COMPUTE_CALLS)
     params = [a.arg for a in src.node.args.args] + [a.arg for a in src.node.args.kwonlyargs]
     for p in params:
         if p not in env:
