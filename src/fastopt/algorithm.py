@@ -120,11 +120,12 @@ class Algorithm:
         return self.takes_grad_norm and any(g.get("max_grad_norm") for g in groups)
 
     def step_group(self, hyper: Mapping[str, Any], param: Array, grad: Array, state: dict,
-                   new: Callable[[float], Array], grad_norm: Any = None) -> None:
+                   new: Callable[[float], Array], grad_norm: Any = None, **formats: Any) -> None:
         """One step of one group: allocate missing state with ``new(fill value)``,
         run the functional update, count the step. ``hyper`` must have passed
         :meth:`check_hyper`; ``grad_norm``: the norm of every group's gradients,
-        for an update that clips by it (:meth:`clips`)."""
+        for an update that clips by it (:meth:`clips`); ``formats``: the update's
+        ``master_param`` and ``rounding_seed`` (:mod:`fastopt.formats`), when given."""
         for name in self.needs(hyper):
             if name not in state:
                 state[name] = new(float(hyper[self.fill[name]]) if name in self.fill else 0.0)
@@ -134,8 +135,9 @@ class Algorithm:
         kwargs.update({k: hyper[k] for k in self.passed})
         if grad_norm is not None:
             kwargs["grad_norm"] = grad_norm
-        if self.rule.takes_step:
+        if self.rule.takes_step or formats:  # (stochastic rounding draws its bits by step)
             kwargs["step"] = t
+        kwargs.update(formats)
         out = self.update(param, grad, *(state.get(name) for name in self.rule.state), **kwargs)
         for c in self.carry:
             state[c] = out
@@ -146,9 +148,10 @@ class Algorithm:
         return {"step": 0, **self.carry}
 
     def check_entry(self, entry: Mapping[str, Any], buffers: Mapping[str, Any], hyper: Mapping[str, Any],
-                     where: str, step_optional: bool = False) -> dict:
-        """Check one saved state entry's keys and scalars; return its scalar state."""
-        allowed = {"step", *self.carry, *self.state_keys().values()}
+                     where: str, step_optional: bool = False, extra_keys: tuple = ()) -> dict:
+        """Check one saved state entry's keys and scalars; return its scalar state.
+        ``extra_keys``: buffers the optimizer keeps beside the rule's (``master_param``)."""
+        allowed = {"step", *self.carry, *self.state_keys().values(), *extra_keys}
         unknown = [k for k in entry if k not in allowed]
         if unknown:
             raise ValueError(f"{where} has an unknown key {unknown[0]!r}; {self.name} state has "

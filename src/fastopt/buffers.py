@@ -107,12 +107,12 @@ def _overlaps(name: str, other: str) -> ValueError:
     return ValueError(f"{name} overlaps {other} in memory; every buffer of an update must be a separate array")
 
 
-def _device_extent(name: str, a: Any, writable: bool) -> tuple[int, int, tuple, np.dtype]:
+def _device_extent(name: str, a: Any, writable: bool, any_dtype: bool = False) -> tuple[int, int, tuple, np.dtype]:
     """(first address, end address, shape, dtype) of a checked device array."""
     cai = device_interface(a)
     shape = tuple(cai["shape"])
     dtype = np.dtype(cai["typestr"])
-    if dtype not in SUPPORTED_DTYPES:
+    if dtype not in SUPPORTED_DTYPES and not any_dtype:
         raise _bad_dtype(name, dtype)
     strides = cai.get("strides")
     if strides is not None:
@@ -129,23 +129,26 @@ def _device_extent(name: str, a: Any, writable: bool) -> tuple[int, int, tuple, 
     return ptr, ptr + int(np.prod(shape)) * dtype.itemsize, shape, dtype
 
 
-def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int = 1, overlap: bool = True) -> bool:
+def check_buffers(names: Sequence[str], arrays: Sequence[Any], grad_index: int = 1, overlap: bool = True,
+                  any_dtype: bool = False) -> bool:
     """Validate the buffers of one update; return True when they are device arrays.
 
     ``names[i]`` is the argument name of ``arrays[i]`` (used in messages).
     ``arrays[grad_index]`` is the only buffer that is read but never written.
     Raises TypeError/ValueError naming the argument; writes nothing.
     ``overlap=False`` skips the overlap test (:func:`check_lists` does it across
-    the whole call).
+    the whole call). ``any_dtype=True`` skips the dtype tests: a mixed-format
+    call (:mod:`fastopt.formats`) has checked each role's dtype already.
     """
     if is_device_array(arrays[0]):
-        _check_device(names, arrays, grad_index, overlap)
+        _check_device(names, arrays, grad_index, overlap, any_dtype)
         return True
-    _check_host(names, arrays, grad_index, overlap)
+    _check_host(names, arrays, grad_index, overlap, any_dtype)
     return False
 
 
-def _check_host(names: Sequence[str], arrays: Sequence[Any], grad_index: int, overlap: bool) -> None:
+def _check_host(names: Sequence[str], arrays: Sequence[Any], grad_index: int, overlap: bool,
+                any_dtype: bool = False) -> None:
     # This runs on every update, so it avoids per-array helper calls and
     # ``__array_interface__`` (~0.8 us per array, the largest cost of a small
     # update): helpers only build the message once something is wrong.
@@ -155,11 +158,11 @@ def _check_host(names: Sequence[str], arrays: Sequence[Any], grad_index: int, ov
         if type(a) is not np.ndarray:
             raise _other_side(name, a, names[0], False)
         if i:
-            if a.shape != shape0 or a.dtype != dtype0:
+            if a.shape != shape0 or a.dtype != dtype0 and not any_dtype:
                 raise _unlike(name, a.shape, a.dtype, shape0, dtype0, names[0])
         else:
             shape0, dtype0 = a.shape, a.dtype
-            if dtype0 not in SUPPORTED_DTYPES:
+            if dtype0 not in SUPPORTED_DTYPES and not any_dtype:
                 raise _bad_dtype(name, dtype0)
         flags = a.flags
         # One flag test in the common case: carray is C-contiguous + writeable + aligned.
@@ -184,16 +187,17 @@ def _check_host(names: Sequence[str], arrays: Sequence[Any], grad_index: int, ov
                 raise _overlaps(names[i], names[j])
 
 
-def _check_device(names: Sequence[str], arrays: Sequence[Any], grad_index: int, overlap: bool) -> None:
+def _check_device(names: Sequence[str], arrays: Sequence[Any], grad_index: int, overlap: bool,
+                  any_dtype: bool = False) -> None:
     shape0 = dtype0 = None
     extents = []
     for i, (name, a) in enumerate(zip(names, arrays)):
         if not is_device_array(a):
             raise _other_side(name, a, names[0], True)
-        lo, hi, shape, dtype = _device_extent(name, a, i != grad_index)
+        lo, hi, shape, dtype = _device_extent(name, a, i != grad_index, any_dtype)
         if i == 0:
             shape0, dtype0 = shape, dtype
-        elif shape != shape0 or dtype != dtype0:
+        elif shape != shape0 or dtype != dtype0 and not any_dtype:
             raise _unlike(name, shape, dtype, shape0, dtype0, names[0])
         extents.append((lo, hi))
     # Address ranges: exact for contiguous buffers; empty ones overlap nothing.
@@ -214,7 +218,8 @@ def _extent(a: Any) -> tuple[int, int]:
     return lo, hi
 
 
-def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1) -> tuple[bool, Optional[np.ndarray]]:
+def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1,
+                any_dtype: bool = False) -> tuple[bool, Optional[np.ndarray]]:
     """Validate the buffers of one update over lists of tensors.
 
     ``lists[r]`` is the list (or tuple) of arrays of role ``names[r]`` (param,
@@ -228,6 +233,10 @@ def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1)
     table: int64 of shape ``(len(lists) + 1, N)``, ``table[r, i]`` the data
     address of ``lists[r][i]`` and ``table[-1, i]`` its element count, which
     a backend's ``run_list`` may use instead of the arrays.
+
+    ``any_dtype=True`` (a mixed-format call, whose roles' dtypes
+    :mod:`fastopt.formats` has checked) skips every dtype test and returns no
+    table.
     """
     count = None
     for name, arrays in zip(names, lists):
@@ -239,10 +248,10 @@ def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1)
             raise ValueError(f"{name} has {len(arrays)} arrays, expected {count} (the length of {names[0]})")
     if not count:
         return False, None
-    table = host_tables(lists, grad_index)
+    table = None if any_dtype else host_tables(lists, grad_index)
     if table is not None:
         return False, table
-    if _host_lists_ok(lists, grad_index):
+    if not any_dtype and _host_lists_ok(lists, grad_index):
         return False, None  # plain, distinct host arrays (without the compiled checks, or misaligned ones)
     # Position by position: the flat checks over one tensor's buffers give the
     # same messages; the names carry the position.
@@ -251,13 +260,13 @@ def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1)
     for i in range(count):
         row = [arrays[i] for arrays in lists]
         row_names = [f"{name}[{i}]" for name in names]
-        here = check_buffers(row_names, row, grad_index, overlap=False)
+        here = check_buffers(row_names, row, grad_index, overlap=False, any_dtype=any_dtype)
         if on_device is None:
             on_device, dtype0 = here, _dtype(row[0])
         elif here != on_device:
             raise TypeError(f"{row_names[0]} is {'a device' if here else 'a host'} array but {names[0]}[0] is not; "
                             "all buffers of one update must be on the same device")
-        elif _dtype(row[0]) != dtype0:
+        elif _dtype(row[0]) != dtype0 and not any_dtype:
             raise TypeError(f"{row_names[0]} has dtype {_dtype(row[0])}, expected {dtype0} (the dtype of {names[0]}[0]); "
                             "one call updates one dtype")
     # Overlap across every array of the call. Arrays that own their data are

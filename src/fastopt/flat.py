@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import formats
 from .buffers import SUPPORTED_DTYPES, check_buffers, is_device_array
 
 __all__ = ["ALIGN", "FlatParams", "layout", "new_buffer", "to_host", "copy_into", "dtype_of", "shape_of"]
@@ -105,7 +106,8 @@ class FlatParams:
 
     Args:
         arrays: NumPy arrays, or device arrays (``__cuda_array_interface__``),
-            all float32 or all float64 (or cast to ``dtype``).
+            all of one dtype (or cast to ``dtype``): float32, float64, or on
+            the host bfloat16 (``ml_dtypes.bfloat16``) or float16.
         dtype: the buffer dtype; default: the arrays' common dtype.
         align: byte alignment of each segment start (default 64).
     """
@@ -123,8 +125,9 @@ class FlatParams:
                 raise TypeError(f"FlatParams arrays have dtypes {sorted(map(str, dtypes))}; pass dtype= to cast")
             dtype = dtypes.pop()
         self.dtype = np.dtype(dtype)
-        if self.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"FlatParams dtype must be float32 or float64, got {self.dtype}")
+        if self.dtype not in SUPPORTED_DTYPES and not (formats.format_of(self.dtype) in (formats.BFLOAT16, formats.FLOAT16)
+                                                       and not device):
+            raise TypeError(f"FlatParams dtype must be float32, float64, bfloat16 or float16 (host), got {self.dtype}")
         self.shapes = tuple(shape_of(a) for a in arrays)
         self.sizes = tuple(int(np.prod(s)) for s in self.shapes)
         self.offsets, size = layout(self.sizes, self.dtype.itemsize, align)
@@ -144,7 +147,7 @@ class FlatParams:
     def grad(self, buffer: Array) -> None:
         """Use ``buffer`` (shape and dtype of ``data``) as the gradient from now on;
         ``grads`` become views of it and the optimizers read it at their next step."""
-        check_buffers(["data", "grad"], [self.data, buffer])
+        check_buffers(["data", "grad"], [self.data, buffer], any_dtype=self.dtype not in SUPPORTED_DTYPES)
         self._grad = buffer
         self.grads = self._views(buffer)
 

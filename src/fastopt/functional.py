@@ -37,7 +37,7 @@ import operator
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, formats
 from .buffers import check_buffers, check_lists
 from .checks import _MAX_STEP, real, step_count
 from .rule import Rule
@@ -53,7 +53,7 @@ Betas = Tuple[float, float]
 
 def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict,
             step: Any, backend: Optional[str], stream: Any, grad_multiplier: Any = 1.0,
-            found_inf: Any = None) -> Any:
+            found_inf: Any = None, master_param: Any = None, rounding_seed: Any = 0) -> Any:
     """Validate everything, then run ``rule``'s kernel once. Returns the rule's extra result.
 
     ``hyper``: the values of every hyperparameter in the rule's order (its
@@ -76,6 +76,11 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
         if fast is not None and used == tuple(map(_is_not, state, _NONES)) \
                 and fast(rule.kernel, (((param, grad, *state), scalars),)):
             return extra
+    if master_param is not None or formats.is_mixed(param, grad, state):
+        return _update_mixed(rule, param, grad, state, needed, scalars, extra, step, master_param, rounding_seed,
+                             backend, skip, hyper)
+    if not (type(rounding_seed) is int and rounding_seed == 0):
+        _seed(rounding_seed)  # (checked in every call, used only where a call rounds stochastically)
     names, arrays, used, rows = given_buffers(rule, param, grad, state, needed)
     if isinstance(param, (list, tuple)):
         on_device, table = check_lists(names, arrays)
@@ -92,6 +97,53 @@ def _update(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: dict
             return _unchanged(rule, hyper)
         dispatch.select(backend, on_device).run(rule.kernel, param, grad, tuple(used), scalars, stream)
     return extra
+
+
+def _update_mixed(rule: Rule, param: Buffers, grad: Buffers, state: tuple, needed: dict, scalars: Any, extra: Any,
+                  step: Any, master_param: Any, rounding_seed: Any, backend: Optional[str], skip: bool,
+                  hyper: Any) -> Any:
+    """A mixed-format call (:mod:`fastopt.formats`: bfloat16/float16 buffers, a float32
+    master copy): every check of a plain call, each role's format, then the backend's
+    ``run_mixed``. Returns the rule's extra result."""
+    seed = _seed(rounding_seed)
+    names, arrays, used, _ = given_buffers(rule, param, grad, state, needed)
+    if master_param is not None:
+        names.append("master_param")
+        arrays.append(master_param)
+    listed = isinstance(param, (list, tuple))
+    # master_param is written (it is the param the update reads and writes); only grad is read-only
+    on_device = check_lists(names, arrays, any_dtype=True)[0] if listed else \
+        check_buffers(names, arrays, any_dtype=True)
+    call = formats.call_formats(names, arrays, listed, rule.state, used)
+    if on_device:
+        raise TypeError("updates with bfloat16 or float16 buffers run on the host backends (numpy, numba, c) "
+                        "for now; these are device arrays")
+    rounded = formats.stochastic_roles(call)
+    if rounded and step is None:
+        which = " and ".join(("param", *rule.state)[r] for r in rounded)
+        raise ValueError(f"{rule.name}_ rounds {which} (bfloat16) stochastically, which needs step= (the random "
+                         "bits depend on it, so that every step draws new ones)")
+    if skip:
+        return _unchanged(rule, hyper)
+    chosen = dispatch.select(backend, False)
+    run_mixed = getattr(chosen, "run_mixed", None)
+    if run_mixed is None:
+        raise TypeError(f"the {chosen.name} backend does not run updates with bfloat16 or float16 buffers "
+                        f"({formats.describe(call, rule.state)}) yet; backend='numpy' does")
+    wrap = (lambda b: b) if listed else (lambda b: None if b is None else [b])
+    key = formats.rounding_key(seed, _step(rule, step))
+    run_mixed(rule.kernel, wrap(param), wrap(grad), tuple(map(wrap, used)), wrap(master_param), call, scalars, key)
+    return extra
+
+
+def _seed(rounding_seed: Any) -> int:
+    """The checked ``rounding_seed``: an int in [0, 2**64)."""
+    if isinstance(rounding_seed, (bool, np.bool_)) or not isinstance(rounding_seed, (int, np.integer)):
+        raise TypeError(f"rounding_seed must be an int in [0, 2**64), got {type(rounding_seed).__name__} "
+                        f"{rounding_seed!r:.80}")
+    if not 0 <= int(rounding_seed) < 2 ** 64:
+        raise ValueError(f"rounding_seed must be an int in [0, 2**64), got {rounding_seed!r}")
+    return int(rounding_seed)
 
 
 _NONES = (None,) * 8  # (more than any rule's state buffers)
@@ -186,7 +238,8 @@ def table_backend(backend: Optional[str] = None) -> bool:
 
 def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = None, *, step: int, lr: float,
          momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-         maximize: bool = False, grad_multiplier: Any = 1.0, found_inf: Any = None, backend: Optional[str] = None,
+         maximize: bool = False, grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0, backend: Optional[str] = None,
          stream: Any = None) -> None:
     """SGD with optional momentum, dampening and Nesterov momentum (``torch.optim.SGD``).
 
@@ -196,25 +249,27 @@ def sgd_(param: Buffers, grad: Buffers, momentum_buffer: Optional[Buffers] = Non
     ``momentum != 0``.
     """
     hyper = (lr, momentum, dampening, weight_decay, nesterov, maximize)
-    _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream, grad_multiplier, found_inf)
+    _update(RULES["sgd"], param, grad, (momentum_buffer,), hyper, step, backend, stream, grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def adagrad_(param: Buffers, grad: Buffers, state_sum: Buffers, *, step: int, lr: float = 1e-2,
              lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10, maximize: bool = False,
-             grad_multiplier: Any = 1.0, found_inf: Any = None,
+             grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
              backend: Optional[str] = None, stream: Any = None) -> None:
     """AdaGrad (Duchi et al., 2011; ``torch.optim.Adagrad``).
 
     ``clr = lr/(1+(step-1)*lr_decay)``; ``sum += g*g``; ``p -= clr*g/(sqrt(sum)+eps)``.
     """
     hyper = (lr, lr_decay, weight_decay, eps, maximize)
-    _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream, grad_multiplier, found_inf)
+    _update(RULES["adagrad"], param, grad, (state_sum,), hyper, step, backend, stream, grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer: Optional[Buffers] = None,
              grad_avg: Optional[Buffers] = None, *, step: int, lr: float = 1e-2, alpha: float = 0.99,
              eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False,
-             maximize: bool = False, grad_multiplier: Any = 1.0, found_inf: Any = None,
+             maximize: bool = False, grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
              backend: Optional[str] = None, stream: Any = None) -> None:
     """RMSProp (Hinton's lecture 6e; centered variant of Graves 2013; ``torch.optim.RMSprop``).
 
@@ -225,12 +280,13 @@ def rmsprop_(param: Buffers, grad: Buffers, square_avg: Buffers, momentum_buffer
     """
     hyper = (lr, alpha, eps, weight_decay, momentum, centered, maximize)
     _update(RULES["rmsprop"], param, grad, (square_avg, momentum_buffer, grad_avg), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def adadelta_(param: Buffers, grad: Buffers, square_avg: Buffers, acc_delta: Buffers, *, step: int, lr: float = 1.0,
               rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0, maximize: bool = False,
-              grad_multiplier: Any = 1.0, found_inf: Any = None,
+              grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
               backend: Optional[str] = None, stream: Any = None) -> None:
     """Adadelta (Zeiler, 2012; ``torch.optim.Adadelta``).
 
@@ -239,13 +295,14 @@ def adadelta_(param: Buffers, grad: Buffers, square_avg: Buffers, acc_delta: Buf
     """
     hyper = (lr, rho, eps, weight_decay, maximize)
     _update(RULES["adadelta"], param, grad, (square_avg, acc_delta), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
           max_exp_avg_sq: Optional[Buffers] = None, *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999),
           eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, maximize: bool = False,
-          grad_multiplier: Any = 1.0, found_inf: Any = None,
+          grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
           backend: Optional[str] = None, stream: Any = None) -> None:
     """Adam (Kingma & Ba, 2015) with optional AMSGrad (Reddi et al., 2018); ``torch.optim.Adam``.
 
@@ -256,13 +313,14 @@ def adam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     """
     hyper = (lr, betas, eps, weight_decay, amsgrad, maximize)
     _update(RULES["adam"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
            max_exp_avg_sq: Optional[Buffers] = None, *, step: int, lr: float = 1e-3, betas: Betas = (0.9, 0.999),
            eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, maximize: bool = False,
-           grad_multiplier: Any = 1.0, found_inf: Any = None,
+           grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
            backend: Optional[str] = None, stream: Any = None) -> None:
     """AdamW: Adam with decoupled weight decay (Loshchilov & Hutter, 2019); ``torch.optim.AdamW``.
 
@@ -270,14 +328,15 @@ def adamw_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     """
     hyper = (lr, betas, eps, weight_decay, amsgrad, maximize)
     _update(RULES["adamw"], param, grad, (exp_avg, exp_avg_sq, max_exp_avg_sq), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow: Buffers, exp_avg_sq: Buffers, *,
               step: int, lr: float = 1e-3, betas: Tuple[float, float, float] = (0.9, 0.999, 0.9999),
               alpha: float = 2.0, eps: float = 1e-8, weight_decay: float = 0.0, beta3_warmup: Optional[int] = None,
               alpha_warmup: Optional[int] = None, maximize: bool = False,
-              grad_multiplier: Any = 1.0, found_inf: Any = None,
+              grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
               backend: Optional[str] = None, stream: Any = None) -> None:
     """AdEMAMix: Adam plus a slow average of the gradient (Pagliardini, Ablin & Grangier, 2024,
     "The AdEMAMix Optimizer: Better, Faster, Older"; apple/ml-ademamix).
@@ -298,12 +357,13 @@ def ademamix_(param: Buffers, grad: Buffers, exp_avg_fast: Buffers, exp_avg_slow
     """
     hyper = (lr, betas, alpha, eps, weight_decay, beta3_warmup, alpha_warmup, maximize)
     _update(RULES["ademamix"], param, grad, (exp_avg_fast, exp_avg_slow, exp_avg_sq), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def adamax_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_inf: Buffers, *, step: int, lr: float = 2e-3,
             betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, maximize: bool = False,
-            grad_multiplier: Any = 1.0, found_inf: Any = None,
+            grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
             backend: Optional[str] = None, stream: Any = None) -> None:
     """Adamax, Adam's infinity-norm variant (Kingma & Ba, 2015, sec. 7); ``torch.optim.Adamax``.
 
@@ -311,13 +371,14 @@ def adamax_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_inf: Buffers, *
     """
     hyper = (lr, betas, eps, weight_decay, maximize)
     _update(RULES["adamax"], param, grad, (exp_avg, exp_inf), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, mu_product: float,
            lr: float = 2e-3, betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
            momentum_decay: float = 4e-3, decoupled_weight_decay: bool = False, maximize: bool = False,
-           grad_multiplier: Any = 1.0, found_inf: Any = None,
+           grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
            backend: Optional[str] = None, stream: Any = None) -> float:
     """NAdam: Adam with Nesterov momentum (Dozat, 2016); ``torch.optim.NAdam``.
 
@@ -331,13 +392,14 @@ def nadam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     hyper = (mu_product, lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay,
              maximize)
     return _update(RULES["nadam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream,
-                   grad_multiplier, found_inf)
+                   grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers, *, step: int, lr: float = 1e-3,
            betas: Betas = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
            decoupled_weight_decay: bool = False, maximize: bool = False, grad_multiplier: Any = 1.0,
-           found_inf: Any = None, backend: Optional[str] = None, stream: Any = None) -> None:
+           found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0, backend: Optional[str] = None, stream: Any = None) -> None:
     """RAdam: Adam with the variance of the adaptive step rectified (Liu et al., 2020); ``torch.optim.RAdam``.
 
     ``m``, ``v`` as Adam (decoupled decay ``p *= 1 - lr*wd`` first when
@@ -349,12 +411,13 @@ def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     """
     hyper = (lr, betas, eps, weight_decay, decoupled_weight_decay, maximize)
     _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream,
-            grad_multiplier, found_inf)
+            grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int] = None, lr: float = 1e-4,
           betas: Betas = (0.9, 0.99), weight_decay: float = 0.0, maximize: bool = False, grad_multiplier: Any = 1.0,
-          found_inf: Any = None, backend: Optional[str] = None, stream: Any = None) -> None:
+          found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0, backend: Optional[str] = None, stream: Any = None) -> None:
     """Lion, evolved sign momentum (Chen et al., 2023, Algorithm 2).
 
     ``c = b1*m + (1-b1)*g``; ``p = p*(1-lr*wd) - lr*sign(c)``; ``m = b2*m + (1-b2)*g``.
@@ -362,12 +425,13 @@ def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int
     when given), so every update function takes the same call.
     """
     hyper = (lr, betas, weight_decay, maximize)
-    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream, grad_multiplier, found_inf)
+    _update(RULES["lion"], param, grad, (exp_avg,), hyper, step, backend, stream, grad_multiplier, found_inf, master_param, rounding_seed)
 
 
 def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, step: Optional[int] = None,
            etas: Betas = (0.5, 1.2), step_sizes: Tuple[float, float] = (1e-6, 50.0), maximize: bool = False,
-           grad_multiplier: Any = 1.0, found_inf: Any = None,
+           grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0,
            backend: Optional[str] = None, stream: Any = None) -> None:
     """Rprop, resilient backpropagation (Riedmiller & Braun, 1993); ``torch.optim.Rprop``.
 
@@ -380,4 +444,4 @@ def rprop_(param: Buffers, grad: Buffers, prev: Buffers, step_size: Buffers, *, 
     step count: ``step`` is optional (checked when given).
     """
     hyper = (etas, step_sizes, maximize)
-    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream, grad_multiplier, found_inf)
+    _update(RULES["rprop"], param, grad, (prev, step_size), hyper, step, backend, stream, grad_multiplier, found_inf, master_param, rounding_seed)

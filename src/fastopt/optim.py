@@ -24,9 +24,10 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, formats
 from .algorithm import Algorithm, one_class_per_rule
-from .buffers import check_buffers, is_device_array
+from .buffers import SUPPORTED_DTYPES, check_buffers, is_device_array
+from .functional import _seed
 from .flat import Array, FlatParams, dtype_of, shape_of, copy_into, new_buffer, to_host
 from .finite import all_finite
 from .norms import total_norm
@@ -53,6 +54,17 @@ class Optimizer:
             holds a NaN or Inf changes nothing; :meth:`step` returns False and
             :attr:`skipped_steps` counts it. Default False: non-finite
             gradients propagate exactly as in ``torch.optim``.
+        state_dtype: the dtype of the state buffers (:mod:`fastopt.formats`):
+            None (the buffer's dtype; float32 for a bfloat16 or float16
+            buffer), ``"float32"`` or ``"bfloat16"`` (stored with stochastic
+            rounding: 2 bytes per element instead of 4).
+        master_weights: for a bfloat16 or float16 buffer: keep a float32 master
+            copy per group (``state[i]["master_param"]``, made from the buffer at
+            the group's first step), which the update reads and writes, the
+            buffer getting its nearest value in the same pass. Required for
+            float16; without it a bfloat16 buffer is rounded stochastically.
+        rounding_seed: the seed of stochastic rounding's random bits (which
+            also depend on the step, so a run is reproducible bit for bit).
         **hyper: default hyperparameters (those of the functional update).
 
     Attributes:
@@ -76,7 +88,8 @@ class Optimizer:
     # ---- the flat optimizer -------------------------------------------------
 
     def __init__(self, params: FlatParams | Array, *, groups: Sequence[Mapping[str, Any]] | None = None,
-                 skip_nonfinite: bool = False, **hyper: Any) -> None:
+                 skip_nonfinite: bool = False, state_dtype: Any = None, master_weights: bool = False,
+                 rounding_seed: int = 0, **hyper: Any) -> None:
         self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self.skipped_steps = 0
         # With a FlatParams, step() reads its grad at each step (so assigning
@@ -86,7 +99,8 @@ class Optimizer:
         shape = shape_of(self.data)
         if len(shape) != 1:
             raise ValueError(f"params must be a 1-D buffer (see fastopt.FlatParams), got shape {shape}")
-        check_buffers(["params"], [self.data])
+        self._formats_of(dtype_of(self.data), state_dtype, master_weights, rounding_seed)
+        check_buffers(["params"], [self.data], any_dtype=self._mixed)
         self.defaults = self.algorithm.merge_hyper(self.algorithm.hyper_defaults(), hyper, type(self).__name__)
         self.algorithm.check_hyper(self.defaults)
         self.param_groups: list[dict[str, Any]] = []
@@ -100,6 +114,35 @@ class Optimizer:
         _check_disjoint(self.param_groups, shape[0])
         self.state: list[dict[str, Any]] = [self.algorithm.fresh_state() for _ in self.param_groups]
         self._prepared: _PreparedStep | None = None  # what the next step() can skip checking
+
+    def _formats_of(self, dtype: np.dtype, state_dtype: Any, master_weights: Any, rounding_seed: Any) -> None:
+        """Check the storage options against the buffer's dtype and keep them: the
+        state's dtype, the master copy, the seed, and whether steps are mixed-format
+        calls (:mod:`fastopt.formats`)."""
+        name = type(self).__name__
+        low = formats.format_of(dtype) in (formats.BFLOAT16, formats.FLOAT16)
+        if not (low or dtype in SUPPORTED_DTYPES):
+            raise TypeError(f"{name} params must be float32, float64, bfloat16 or float16, got {dtype}")
+        self.state_dtype = formats.state_dtype(state_dtype, dtype)
+        self.master_weights = flag("master_weights", master_weights)
+        self.rounding_seed = _seed(rounding_seed)
+        if self.master_weights and not low:
+            raise ValueError(f"master_weights=True keeps a float32 copy of a bfloat16 or float16 buffer; "
+                             f"params are {dtype}")
+        if formats.format_of(dtype) == formats.FLOAT16 and not self.master_weights:
+            raise ValueError("float16 params need master_weights=True (float16 cannot accumulate small updates; "
+                             "bfloat16 params may go without, with stochastic rounding)")
+        self._mixed = low or self.state_dtype != dtype
+        if self._mixed and (self.algorithm.rule.trust is not None or is_device_array(self.data)):
+            raise TypeError(f"{name} {'on a GPU' if is_device_array(self.data) else ''} takes float32 or float64 "
+                            f"buffers only (params {dtype}, state_dtype {self.state_dtype})".replace("  ", " "))
+
+    def _formats(self, state: dict) -> dict:
+        """The update's format keywords for a group with ``state`` ({} for a plain step)."""
+        if not self._mixed:
+            return {}
+        return {"rounding_seed": self.rounding_seed, **({"master_param": state["master_param"]}
+                                                        if self.master_weights else {})}
 
     @property
     def lr(self) -> float:
@@ -131,7 +174,7 @@ class Optimizer:
             if done is not None:
                 return done
             self._prepared = None  # something changed: the checked step below, then prepare again
-        check_buffers(["params", "grad"], [self.data, grad])
+        check_buffers(["params", "grad"], [self.data, grad], any_dtype=self._mixed)
         # Every group is checked before any is written: its hyperparameters, its
         # span (groups are plain dicts, so it may have been edited), its state's
         # buffer sizes and carried value (a loaded or edited state).
@@ -146,7 +189,7 @@ class Optimizer:
             held = [name for name in self.algorithm.rule.state if name in state]
             seg = group["params"]
             check_buffers(["params", "grad", *(f"state[{i}][{name!r}]" for name in held)],
-                          [self.data[seg], grad[seg], *(state[name] for name in held)])
+                          [self.data[seg], grad[seg], *(state[name] for name in held)], any_dtype=self._mixed)
         if self.skip_nonfinite and not all(all_finite(grad[g["params"]]) for g in self.param_groups):
             self.skipped_steps += 1
             return False
@@ -156,8 +199,12 @@ class Optimizer:
         for group, state in zip(self.param_groups, self.state):
             seg = group["params"]
             n = seg.stop - seg.start
-            self.algorithm.step_group(group, self.data[seg], grad[seg], state, lambda v, n=n: new_buffer(self.data, n, v),
-                                      grad_norm)
+            if self.master_weights and "master_param" not in state:
+                state["master_param"] = new_buffer(self.data, n, dtype=np.float32)
+                formats.convert_into(state["master_param"], self.data[seg])
+            self.algorithm.step_group(group, self.data[seg], grad[seg], state,
+                                      lambda v, n=n: new_buffer(self.data, n, v, dtype=self.state_dtype),
+                                      grad_norm, **self._formats(state))
         self._prepared = _PreparedStep.of(self, grad)
         return True
 
@@ -166,7 +213,8 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         """A copy of the state in ``torch.optim``'s layout (buffers as host NumPy arrays)."""
         keys = self.algorithm.state_keys()
-        state = {i: {k: (to_host(v) if k in keys else v) for k, v in s.items()} for i, s in enumerate(self.state)}
+        state = {i: {k: (to_host(v) if k in keys or k == "master_param" else v) for k, v in s.items()}
+                 for i, s in enumerate(self.state)}
         for s in state.values():
             for name, key in keys.items():
                 if name in s:
@@ -199,7 +247,7 @@ class Optimizer:
         if unknown:
             raise ValueError(f"state_dict['state'] has an entry {unknown[0]!r} for no group "
                              f"(expected group indices 0..{len(groups) - 1})")
-        dtype = dtype_of(self.data)
+        dtype = self.state_dtype
         states = []
         for i, group in enumerate(groups):
             seg = group["params"]
@@ -209,15 +257,22 @@ class Optimizer:
             for name, key in self.algorithm.state_keys().items():
                 if key in entry:
                     buffers[name] = _check_buffer(entry[key], seg.stop - seg.start, dtype, f"{where}[{key!r}]")
-            state = self.algorithm.check_entry(entry, buffers, group, where)
+            extra = ("master_param",) if self.master_weights else ()
+            if "master_param" in entry and extra:
+                buffers["master_param"] = _check_buffer(entry["master_param"], seg.stop - seg.start,
+                                                        np.dtype(np.float32), f"{where}['master_param']", exact=True)
+            state = self.algorithm.check_entry(entry, buffers, group, where, extra_keys=extra)
             states.append((state, buffers, seg.stop - seg.start))
         # Everything checked: now apply.
         self.param_groups = groups
         self.state = []
         for state, buffers, n in states:
             for name, value in buffers.items():
-                state[name] = new_buffer(self.data, n)
-                copy_into(state[name], value)
+                state[name] = new_buffer(self.data, n, dtype=np.float32 if name == "master_param" else dtype)
+                if is_device_array(value) or is_device_array(state[name]):
+                    copy_into(state[name], value)
+                else:  # (float32 saved state into bfloat16 state: rounded to nearest)
+                    formats.convert_into(state[name], value)
             self.state.append(state)
 
 
@@ -245,7 +300,7 @@ class _PreparedStep:
         backend = dispatch.select(None, False)
         rule = opt.algorithm.rule
         if getattr(backend, "run_checked", None) is None or not isinstance(opt.data, np.ndarray) \
-                or opt.skip_nonfinite or type(grad) is not np.ndarray or rule.trust is not None:
+                or opt.skip_nonfinite or type(grad) is not np.ndarray or rule.trust is not None or opt._mixed:
             return None  # (a two-pass rule is not one kernel call)
         groups = []
         for group, state in zip(opt.param_groups, opt.state):
@@ -328,13 +383,17 @@ def _expect_keys(d: Any, expected: set, where: str) -> None:
         raise ValueError(f"{where} has an unknown key {unknown[0]!r}")
 
 
-def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str) -> Any:
+def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str, exact: bool = False) -> Any:
+    """A saved buffer of ``n`` elements of ``dtype`` (the state's); a float32 one is taken
+    for bfloat16 state, and converted (a torch.optim state dict), unless ``exact``."""
     if not (isinstance(value, np.ndarray) or is_device_array(value)):
         raise TypeError(f"{where} must be an array, got {type(value).__name__}")
     if shape_of(value) != (n,):
         raise ValueError(f"{where} has shape {shape_of(value)}, expected ({n},) (the group's size)")
-    if dtype_of(value) != dtype:
-        raise TypeError(f"{where} has dtype {dtype_of(value)}, expected {dtype} (the buffer's dtype)")
+    saved = dtype_of(value)
+    if saved != dtype and (exact or formats.format_of(dtype) != formats.BFLOAT16 or saved != np.float32):
+        raise TypeError(f"{where} has dtype {saved}, expected {dtype} (the state's dtype)"
+                        + ("" if exact or formats.format_of(dtype) != formats.BFLOAT16 else " or float32"))
     return value
 
 

@@ -45,7 +45,8 @@ from numba.core import config
 
 from .. import denormals
 from ..buffers import device_interface
-from ..kernels import cuda_kernels
+from ..formats import CallFormats
+from ..kernels import cuda_formats, cuda_kernels
 from . import run_each
 
 name = "cuda"
@@ -277,6 +278,42 @@ def set_flush_denormal(on: bool) -> None:
 def run_list(kernel: str, params, grads, states, scalars, stream=None, table=None) -> None:
     """The update over lists of device tensors, one launch per tensor (in order, on one stream)."""
     run_each(run, kernel, params, grads, states, scalars, stream)
+
+
+def compiled_mixed(kernel: str, formats: CallFormats, flush: bool = False) -> _Compiled:
+    """The compiled mixed-format variant (:mod:`fastopt.kernels.cuda_formats`), compiled on first use."""
+    key = (kernel, "mixed", formats) + (("flush",) if flush else ())
+    got = _compiled.get(key)
+    if got is None:
+        got = _compile(key, cuda_formats.make_kernel(kernel, formats, flush), cuda_formats.signature(kernel, formats))
+    return got
+
+
+def _bits16(view):
+    """A 16-bit buffer as the ``uint16`` array of its bits (its format comes from the call)."""
+    return view if view.dtype == np.uint16 or view.dtype.itemsize != 2 else view.view(np.uint16)
+
+
+def run_mixed(kernel: str, params, grads, states, masters, formats: CallFormats, scalars, key: int,
+              stream=None) -> None:
+    """A mixed-format update (``fastopt.formats``) over lists of device tensors, one launch per
+    tensor on one stream: 16-bit buffers are any 2-byte device arrays of their bits (bfloat16
+    has no ``__cuda_array_interface__`` type), their formats given by ``formats``; tensor ``t``'s
+    stochastic rounding draws from the streams ``fastopt.formats.stream(key, t, role)``."""
+    from .. import formats as fmt
+
+    entry = compiled_mixed(kernel, formats, _flush)
+    roles = cuda_formats.roles(formats)
+    cast = _cast(scalars, np.dtype(np.float32)) if SIMULATOR else scalars
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    for t, (p, g) in enumerate(zip(params, grads)):
+        arrays = (p, g, *(s[t] for s in states if s is not None), *((masters[t],) if masters is not None else ()))
+        views, producers = zip(*(flat_view(a) for a in arrays))
+        n = views[0].size
+        if n == 0:
+            continue
+        streams = tuple(np.uint64(fmt.stream(key, t, r)) for r in roles)
+        _launch(entry, n, _resolve_stream(stream, producers), (*map(_bits16, views), cast, tiny, streams))
 
 
 def all_finite(array, stream=None) -> bool:

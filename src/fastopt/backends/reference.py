@@ -287,3 +287,26 @@ def trust_sums(kernel: str, params, grads, states, scalars, table=None):
         param_sumsq[i] = sumsq_list([p])
         update_sumsq[i] = sumsq_list([u])
     return param_sumsq, update_sumsq
+
+
+# ---- mixed-format calls (fastopt.formats) -------------------------------------
+
+def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key: int) -> None:
+    """A mixed-format update over lists of tensors (``fastopt.formats``): per tensor,
+    every buffer loaded into float32, the float32 update (:func:`run`, flushing
+    included), then each written buffer stored in its format: ``masters[t]`` (when
+    given) is the param updated in place and ``params[t]`` its nearest 16-bit value;
+    a bfloat16 param without a master and every bfloat16 state buffer are rounded
+    stochastically with the call's ``key``. ``formats``: a ``fastopt.formats.CallFormats``."""
+    from .. import formats as fmt
+    for t, (p, g) in enumerate(zip(params, grads)):
+        p32 = masters[t] if masters is not None else fmt.load(p).copy() if formats.param != fmt.FLOAT32 else p
+        s32 = tuple(None if s is None else fmt.load(s[t]).copy() if f != fmt.FLOAT32 else s[t]
+                    for s, f in zip(states, formats.state))
+        run(kernel, p32, fmt.load(g), s32, scalars)
+        if formats.param != fmt.FLOAT32:
+            bits = None if masters is not None else fmt.rounding_bits(key, t, 0, p.size)
+            fmt.store(p, p32, formats.param, bits)
+        for k, (s, f) in enumerate(zip(states, formats.state)):
+            if s is not None and f != fmt.FLOAT32:
+                fmt.store(s[t], s32[k], f, fmt.rounding_bits(key, t, 1 + k, s[t].size))

@@ -13,6 +13,8 @@ Examples::
     python -m fastopt bench --denormal                        # subnormal state, flush off and on
     python -m fastopt bench --overhead                        # one 2^10 AdamW update, layer by layer, in us
     python -m fastopt bench --training-step                   # unscale + clip + AdamW: torch's way vs folded
+    python -m fastopt bench --formats                         # bf16 state, bf16 params + fp32 master vs fp32
+    python -m fastopt bench --state bfloat16 --sizes 2^24     # only the bf16-state configurations
 """
 from __future__ import annotations
 
@@ -80,6 +82,14 @@ def parser() -> argparse.ArgumentParser:
                     help="time torch's unscale_ + clip_grad_norm_ + AdamW(fused=True) against fastopt's folded "
                          "step (norm pass + adamw_ with grad_multiplier), on a flat buffer and a small GPT's "
                          "tensors (--sizes, default 2^24 and 50M), on each CPU backend (--backends, default c,numba)")
+    ap.add_argument("--formats", action="store_true",
+                    help="time the storage formats (fastopt.formats: bf16 state, bf16 params and grads with an fp32 "
+                         "master copy, pure bf16) against fp32, torch fused fp32 and torch's master-weight step, "
+                         "in one run (default rule adamw, sizes 2^24,2^26)")
+    ap.add_argument("--state", choices=("float32", "bfloat16"), default=None,
+                    help="with --formats (implied): only the configurations with this state dtype, and fp32")
+    ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="with --formats (implied): only the configurations with this param dtype, and fp32")
     ap.add_argument("--markdown", action="store_true", help="print Markdown tables")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return ap
@@ -150,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from . import report, runner
 
     progress = None if args.quiet else _Progress()
+    if args.formats or args.state or args.param_dtype:
+        return _main_formats(args, timer, progress, competitors)
     if args.lists:
         return _main_lists(args, cases, sizes, timer, progress)
     if args.denormal:
@@ -200,6 +212,31 @@ def _compiled_cpu_backends(args) -> list[str]:
         return _comma_list(args.backends)
     available = [n for n, i in fastopt.backends().items() if i.available and i.device == "cpu"]
     return [b for b in ("c", "numba") if b in available]
+
+
+def _main_formats(args, timer, progress, competitors) -> int:
+    """``--formats``: the storage formats against fp32 and the peers (:mod:`.formats`)."""
+    import json
+
+    from . import formats, runner
+
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error("--formats runs on the CPU backends (its fp32 baseline is --dtype float32)")
+    case = select_cases(args.rules)[0] if args.rules else CASES["adamw"]
+    sizes = list(parse_sizes(args.sizes)) if args.sizes else [1 << 24, 1 << 26]
+    threads = runner.apply_threads(args.threads)
+    try:
+        rows = formats.run(case, sizes, _compiled_cpu_backends(args), timer, progress,
+                           torch="torch" in competitors, configs=formats.select(args.state, args.param_dtype))
+    finally:
+        if progress:
+            progress.close()
+    print(f"threads: {threads}; {case.describe()}; stochastic rounding for bf16 state and master-less bf16 params")
+    print(formats.table(rows, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
 
 
 def _main_denormal(args, timer, progress, competitors) -> int:

@@ -1,0 +1,321 @@
+"""Storage formats: how each buffer of an update is held in memory.
+
+The rules compute in float32 or float64 (:mod:`fastopt.kernels.elements`);
+a *format* says how a buffer role is loaded into the compute dtype and stored
+back (docs/design.md, section 5). A call whose buffers are all float32, or
+all float64, is the plain case. Any other mix is a *mixed-format call*: it
+computes in float32, and each role has its own format:
+
+==============  =====================================  =================================
+role            formats                                stored as
+==============  =====================================  =================================
+param           float32; bfloat16; float16             bf16 without a master copy:
+                                                       stochastic rounding; with one:
+                                                       round to nearest even
+master_param    float32 (optional for a bf16 param,    as computed
+                required for a float16 one)
+grad            float32; bfloat16; float16             (read only)
+each state      float32; bfloat16                      bf16: stochastic rounding
+==============  =====================================  =================================
+
+Host bfloat16 arrays are NumPy arrays of ``ml_dtypes.bfloat16`` (recognised
+by the dtype's name, so this module does not import ml_dtypes). With a master
+copy the update reads ``master_param``, writes it, and writes ``param`` as
+its nearest 16-bit value, in the same pass (apex's and DeepSpeed's master
+weights, without a separate copy kernel).
+
+**Conversions**, defined on the bits so that every backend gives the same
+ones (this module is their executable specification, in NumPy):
+
+* load: bfloat16 to float32 is exact (the bits shifted up by 16); float16 to
+  float32 is exact, a NaN becomes ``0x7fc00000`` with the sign of the input;
+* bfloat16 round to nearest even: ``(b + 0x7fff + (b >> 16 & 1)) >> 16`` of
+  the float32 bits ``b``; a NaN becomes ``0x7fc0`` with its sign (what
+  ``ml_dtypes`` gives);
+* float16 round to nearest even (IEEE, subnormals included, overflow to
+  infinity); a NaN becomes ``0x7e00`` with its sign;
+* bfloat16 stochastic rounding: ``(b + (r & 0xffff)) >> 16``, ``r`` 32
+  random bits (below): rounds away from zero with probability equal to the
+  dropped fraction, so the expected stored value is the computed one (small
+  updates survive in expectation where round-to-nearest loses them); an
+  infinity stays infinite, a NaN becomes ``0x7fc0`` with its sign.
+
+**Random bits** come from a counter-based hash, never from a generator's
+state, so they depend only on (seed, step, tensor position, role, element
+index), not on the thread count, the CPU path or the backend:
+
+* ``mix32``: Chris Wellons' ``lowbias32`` (an invertible 32-bit mixer);
+* the call's key, from ``rounding_seed`` (an int in [0, 2**64)) and the step
+  (:func:`rounding_key`);
+* per tensor ``t`` of the call (0 for a flat buffer) and role ``r`` (0: param,
+  1 + k: state buffer k in the rule's order), the stream
+  ``s = mix32(key ^ mix32(t * 16 + r))``;
+* element ``i`` (C order within its tensor): ``r_i = mix32(s + i)`` (mod
+  2**32; a tensor of more than 2**32 elements repeats its stream).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["FLOAT32", "BFLOAT16", "FLOAT16", "FORMAT_NAMES", "CallFormats", "format_of", "rounding_key",
+           "mix32", "rounding_bits", "load", "bf16_nearest", "bf16_stochastic", "f16_nearest"]
+
+#: Format codes (the C library's ``FASTOPT_FORMAT_*``).
+FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
+FORMAT_NAMES = {FLOAT32: "float32", BFLOAT16: "bfloat16", FLOAT16: "float16"}
+#: A role is at most this many per tensor (param and the state buffers) in a stream's index.
+ROLES_PER_TENSOR = 16
+
+_M32 = 0xFFFFFFFF
+
+
+class CallFormats(NamedTuple):
+    """The formats of one mixed-format call: one code per role (``state``: per state
+    buffer of the rule, None for one the call does not use), and whether a float32
+    master copy of the param is given."""
+    param: int
+    grad: int
+    state: tuple
+    master: bool
+
+
+def format_of(dtype: Any) -> Optional[int]:
+    """The format code of a NumPy dtype (float32, ml_dtypes.bfloat16, float16), else None."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return FLOAT32
+    if dtype == np.float16:
+        return FLOAT16
+    if dtype.name == "bfloat16" and dtype.itemsize == 2:
+        return BFLOAT16
+    return None
+
+
+# ---- random bits ---------------------------------------------------------------
+
+def mix32(x: Any) -> Any:
+    """lowbias32 of a Python int or a uint32 array: ``x ^= x >> 16; x *= 0x7feb352d;
+    x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16``, mod 2**32."""
+    if isinstance(x, np.ndarray):
+        x = x.astype(np.uint32, copy=True)
+        with np.errstate(over="ignore"):
+            x ^= x >> np.uint32(16)
+            x *= np.uint32(0x7FEB352D)
+            x ^= x >> np.uint32(15)
+            x *= np.uint32(0x846CA68B)
+            x ^= x >> np.uint32(16)
+        return x
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def rounding_key(seed: int, step: int) -> int:
+    """The 32-bit key of one call's random bits:
+    ``mix32(lo(seed) ^ mix32(hi(seed) ^ mix32(lo(step) ^ mix32(hi(step)))))``
+    (lo, hi: the low and high 32 bits of a 64-bit value)."""
+    return mix32((seed & _M32) ^ mix32((seed >> 32) ^ mix32((step & _M32) ^ mix32(step >> 32))))
+
+
+def stream(key: int, tensor: int, role: int) -> int:
+    """The stream of role ``role`` of tensor ``tensor`` of a call with key ``key``."""
+    return mix32(key ^ mix32((tensor * ROLES_PER_TENSOR + role) & _M32))
+
+
+def rounding_bits(key: int, tensor: int, role: int, size: int) -> np.ndarray:
+    """The random bits of elements ``0..size-1`` of one buffer (uint32)."""
+    s = np.uint32(stream(key, tensor, role))
+    with np.errstate(over="ignore"):
+        return mix32(np.arange(size, dtype=np.uint64).astype(np.uint32) + s)
+
+
+# ---- conversions (the reference: whole arrays, exact bit rules) ------------------
+
+def load(a: np.ndarray) -> np.ndarray:
+    """The float32 values of a float32, bfloat16 or float16 array (a new array, except
+    for float32: the array itself)."""
+    fmt = format_of(a.dtype)
+    if fmt == FLOAT32:
+        return a
+    bits = a.view(np.uint16)
+    if fmt == BFLOAT16:
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    x = a.astype(np.float32)
+    nan = np.isnan(x)
+    if nan.any():
+        sign = (bits.astype(np.uint32) & np.uint32(0x8000)) << np.uint32(16)
+        x[nan] = (sign[nan] | np.uint32(0x7FC00000)).view(np.float32)
+    return x
+
+
+def _bits32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+
+
+def _nan16(b: np.ndarray, out: np.ndarray, quiet: int) -> np.ndarray:
+    """``out`` with every element whose float32 bits ``b`` are a NaN set to ``quiet``
+    with the NaN's sign."""
+    nan = (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if nan.any():
+        out[nan] = ((b[nan] >> np.uint32(16)) & np.uint32(0x8000) | np.uint32(quiet)).astype(np.uint16)
+    return out
+
+
+def bf16_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 values to bfloat16 bits (uint16), rounding to nearest even."""
+    b = _bits32(x)
+    with np.errstate(over="ignore"):
+        out = ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return _nan16(b, out, 0x7FC0)
+
+
+def bf16_stochastic(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """float32 values to bfloat16 bits (uint16), rounding stochastically with the
+    random ``bits`` (uint32, one per element)."""
+    b = _bits32(x)
+    with np.errstate(over="ignore"):
+        out = ((b + (bits & np.uint32(0xFFFF))) >> np.uint32(16)).astype(np.uint16)
+    return _nan16(b, out, 0x7FC0)
+
+
+def f16_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 values to float16 bits (uint16), rounding to nearest even (IEEE)."""
+    b = _bits32(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16).copy()
+    return _nan16(b, out, 0x7E00)
+
+
+def store(dst: np.ndarray, x: np.ndarray, fmt: int, bits: Optional[np.ndarray] = None) -> None:
+    """Write float32 values ``x`` into ``dst`` of format ``fmt``: float32 as is,
+    bfloat16 stochastically when ``bits`` are given (else to nearest), float16 to
+    nearest."""
+    if fmt == FLOAT32:
+        if dst is not x:
+            dst[...] = x
+        return
+    flat = dst.reshape(-1).view(np.uint16)
+    x = x.reshape(-1)
+    if fmt == BFLOAT16:
+        flat[...] = bf16_nearest(x) if bits is None else bf16_stochastic(x, bits)
+    else:
+        flat[...] = f16_nearest(x)
+
+
+def stochastic_roles(formats: CallFormats) -> list[int]:
+    """The roles a call rounds stochastically: the param (role 0) when it is bfloat16
+    without a master copy, and each bfloat16 state buffer (role 1 + k)."""
+    roles = [0] if formats.param == BFLOAT16 and not formats.master else []
+    return roles + [1 + k for k, f in enumerate(formats.state) if f == BFLOAT16]
+
+
+def describe(formats: CallFormats, state_names: Sequence[str]) -> str:
+    """``param bfloat16 (master float32), grad bfloat16, exp_avg bfloat16, ...`` for messages."""
+    parts = [f"param {FORMAT_NAMES[formats.param]}" + (" (master float32)" if formats.master else ""),
+             f"grad {FORMAT_NAMES[formats.grad]}"]
+    parts += [f"{n} {FORMAT_NAMES[f]}" for n, f in zip(state_names, formats.state) if f is not None]
+    return ", ".join(parts)
+
+
+# ---- the formats of a call --------------------------------------------------------
+
+_ALLOWED = {"param": (FLOAT32, BFLOAT16, FLOAT16), "grad": (FLOAT32, BFLOAT16, FLOAT16),
+            "master_param": (FLOAT32,)}
+_STATE_ALLOWED = (FLOAT32, BFLOAT16)
+
+
+def is_mixed(param: Any, grad: Any, state: Sequence[Any]) -> bool:
+    """Whether a call's host buffers (arrays or lists of arrays) hold a 16-bit format:
+    the first array of each role is looked at (the checks look at every one)."""
+    for buf in (param, grad, *state):
+        a = buf[0] if isinstance(buf, (list, tuple)) and buf else buf
+        if type(a) is np.ndarray and a.dtype.itemsize == 2 and format_of(a.dtype) is not None:
+            return True
+    return False
+
+
+def call_formats(names: Sequence[str], buffers: Sequence[Any], listed: bool, state_names: Sequence[str],
+                 used: Sequence[Any]) -> CallFormats:
+    """The formats of a mixed-format call whose buffers passed the shape, layout and
+    overlap checks (``fastopt.buffers`` with ``any_dtype=True``): ``names[i]`` names
+    ``buffers[i]`` (an array, or a list when ``listed``): param, grad, the state
+    buffers given, then ``master_param`` when given; ``used[k]``: state buffer k of
+    the rule as the call uses it (None: unused). Raises TypeError/ValueError naming
+    the argument (and position) whose dtype no format of its role takes."""
+    found = {}
+    for name, buf in zip(names, buffers):
+        arrays = buf if listed else (buf,)
+        where = (lambda i: f"{name}[{i}]") if listed else (lambda i: name)
+        fmt0 = None
+        for i, a in enumerate(arrays):
+            if type(a) is not np.ndarray:
+                raise TypeError(f"{where(i)} is a device array: updates with bfloat16 or float16 buffers run "
+                                "on the host backends (numpy, numba, c) for now")
+            fmt = format_of(a.dtype)
+            allowed = _ALLOWED.get(name, _STATE_ALLOWED)
+            if fmt not in allowed:
+                kinds = " or ".join(FORMAT_NAMES[f] for f in allowed)
+                raise TypeError(f"{where(i)} has dtype {a.dtype}; in an update with bfloat16 or float16 buffers "
+                                f"(computed in float32) {name} must be {kinds}")
+            if fmt0 is None:
+                fmt0 = fmt
+            elif fmt != fmt0:
+                raise TypeError(f"{where(i)} has dtype {a.dtype}, expected {FORMAT_NAMES[fmt0]} (the dtype of "
+                                f"{where(0)}); every array of one role has one dtype")
+        found[name] = FLOAT32 if fmt0 is None else fmt0
+    master = "master_param" in found
+    param = found["param"]
+    if master and param == FLOAT32:
+        raise ValueError("master_param is the float32 master copy of a bfloat16 or float16 param, "
+                         "but param is float32 (pass no master_param)")
+    if param == FLOAT16 and not master:
+        raise ValueError("a float16 param needs a float32 master copy (master_param=...): float16's range and "
+                         "precision are too small to accumulate updates in (a bfloat16 param may go without one, "
+                         "with stochastic rounding)")
+    state = tuple(None if u is None else found[n] for n, u in zip(state_names, used))
+    return CallFormats(param, found["grad"], state, master)
+
+
+def state_dtype(value: Any, param_dtype: Any, where: str = "state_dtype") -> np.dtype:
+    """The dtype of an optimizer's state buffers from its ``state_dtype`` option: None
+    (float32 for a 16-bit param, else the param's dtype), ``"float32"``,
+    ``"bfloat16"`` (or NumPy/ml_dtypes dtypes of those). TypeError/ValueError names
+    ``where`` and the value."""
+    param_dtype = np.dtype(param_dtype)
+    if value is None:
+        return np.dtype(np.float32) if format_of(param_dtype) in (BFLOAT16, FLOAT16) else param_dtype
+    try:
+        dtype = bfloat16() if isinstance(value, str) and value == "bfloat16" else np.dtype(value)
+    except TypeError:
+        dtype = None
+    if dtype is None or format_of(dtype) not in _STATE_ALLOWED and dtype != np.float64:
+        raise ValueError(f"{where} must be None, 'float32' or 'bfloat16', got {value!r}")
+    if dtype == np.float64 and param_dtype != np.float64:
+        raise ValueError(f"{where} float64 needs a float64 param buffer, got {param_dtype}")
+    if format_of(dtype) == BFLOAT16 and param_dtype == np.float64:
+        raise ValueError(f"{where} bfloat16 needs a float32, bfloat16 or float16 param buffer "
+                         "(an update with bfloat16 buffers computes in float32), got float64")
+    return dtype
+
+
+def bfloat16() -> np.dtype:
+    """NumPy's bfloat16 dtype (from ml_dtypes, imported here, at the first use)."""
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def convert_into(dst: np.ndarray, src: Any) -> None:
+    """Copy ``src`` (any float array of ``dst``'s shape) into ``dst``, converting to its
+    format by round to nearest even (loading a float32 state dict into bfloat16 state)."""
+    src = np.asarray(src)
+    fmt = format_of(dst.dtype)
+    if fmt is None or fmt == FLOAT32 or format_of(src.dtype) == fmt:
+        np.copyto(dst, src if format_of(src.dtype) in (None, FLOAT32) else load(src), casting="unsafe")
+        return
+    x = load(src) if format_of(src.dtype) is not None else src.astype(np.float32)
+    store(dst, np.ascontiguousarray(x, dtype=np.float32), fmt)
