@@ -5,6 +5,7 @@ the optimizer state stored in:
 
 * ``fp32``:                  float32 weights and moments (the reference);
 * ``bf16 state``:            float32 weights, bfloat16 moments (stochastic rounding);
+* ``int8 state``:            float32 weights, 8-bit blockwise moments (bitsandbytes' maps);
 * ``bf16 weights + master``: bfloat16 weights and gradients, a float32 master copy
                              updated in the same pass (``master_param=``);
 * ``pure bf16``:             bfloat16 weights (stochastic rounding), gradients and moments;
@@ -37,6 +38,7 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 FORMATS = {
     "fp32": (np.float32, np.float32, False, False),
     "bf16 state": (np.float32, BF16, False, False),
+    "int8 state": (np.float32, "int8", False, False),
     "bf16 weights + master": (BF16, np.float32, True, False),
     "pure bf16": (BF16, BF16, False, False),
     "bf16 weights, nearest": (BF16, np.float32, True, True),
@@ -65,8 +67,12 @@ def train(fmt: str, steps: int = 600, lr: float = 3e-4, batch: int = 128, seed: 
     start = [p.detach().numpy().copy() for p in model.parameters()]
     weights = [w.astype(weight_dtype) for w in start]
     masters = [w.astype(np.float32) for w in weights] if master else None
-    m = [np.zeros(w.shape, state_dtype) for w in start]
-    v = [np.zeros(w.shape, state_dtype) for w in start]
+    if state_dtype == "int8":  # (the second moment is never negative: the finer unsigned map)
+        m = [fastopt.Int8State.zeros(w.shape) for w in start]
+        v = [fastopt.Int8State.zeros(w.shape, signed=False) for w in start]
+    else:
+        m = [np.zeros(w.shape, state_dtype) for w in start]
+        v = [np.zeros(w.shape, state_dtype) for w in start]
     low = weight_dtype is BF16
     gen = torch.Generator().manual_seed(seed + 1)
     losses = []

@@ -293,7 +293,7 @@ def _adamw_buffers(n=64):
     ("no step with stochastic rounding", ValueError, r"rounds param and exp_avg \(bfloat16\) stochastically.*step="),
     ("negative seed", ValueError, r"rounding_seed must be an int in \[0, 2\*\*64\), got -1"),
     ("float seed", TypeError, r"rounding_seed must be an int.*float"),
-    ("two dtypes in one role", TypeError, r"exp_avg\[1\] has dtype float32, expected bfloat16 \(the dtype of exp_avg\[0\]\)"),
+    ("two dtypes in one role", TypeError, r"exp_avg\[1\] has dtype float32, expected bfloat16 \(the format of exp_avg\[0\]\)"),
 ])
 def test_bad_input_is_refused_before_anything_is_written(backend_name, case, error, match):
     p, g, m, v = _adamw_buffers()
@@ -347,3 +347,120 @@ def test_every_rule_takes_the_formats_through_its_function():
     for name, rule in RULES.items():
         assert "master_param" in getattr(fastopt, name + "_").__code__.co_varnames
         assert "rounding_seed" in getattr(fastopt, name + "_").__code__.co_varnames
+
+
+# ---- 8-bit blockwise state ----------------------------------------------------------------
+
+from fastopt.formats import Int8State  # noqa: E402
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_maps(signed):
+    m = F.dynamic_map(signed)
+    assert m.dtype == np.float32 and m.size == 256 and np.all(np.diff(m) > 0)
+    assert m[-1] == 1.0 and 0.0 in m
+    assert (m[0] < -0.99) if signed else (m[0] == 0.0)
+    # per decade 10^-6..10^0, the midpoints of an even split of [0.1, 1]: 2^i (signed: per sign) values
+    positive = m[m > 0][:-1]
+    decades = np.floor(np.log10(positive.astype(np.float64)) + 1e-9)
+    counts = [int(np.sum(decades == d)) for d in range(-7, 0)]
+    assert counts == [2 ** i * (1 if signed else 2) for i in range(7)]
+    mids = F.map_midpoints(signed)
+    assert np.all((m[:-1] < mids) & (mids < m[1:]))
+
+
+def test_quantize_picks_the_nearest_code_per_block():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(1000) * np.repeat([1e-3, 1.0, 30.0, 1e-6], 250)).astype(np.float32)
+    for signed in (True, False):
+        v = np.abs(x) if not signed else x
+        codes, absmax = F.quantize(v, signed)
+        blocks = np.concatenate([v, np.zeros(24, np.float32)]).reshape(-1, 256)
+        assert np.array_equal(absmax, np.max(np.abs(blocks), axis=1))
+        norm = (blocks / absmax[:, None]).reshape(-1)[:1000]
+        m = F.dynamic_map(signed).astype(np.float64)
+        nearest = np.abs(norm[:, None].astype(np.float64) - m[None, :])
+        best = nearest.min(axis=1)
+        assert np.allclose(nearest[np.arange(1000), codes], best, rtol=0, atol=1e-7)  # (midpoints rounded to f32)
+        back = F.dequantize(codes, absmax, signed)
+        assert np.array_equal(back, F.dynamic_map(signed)[codes] * np.repeat(absmax, 256)[:1000])
+
+
+def test_non_finite_state_spoils_its_block_only():
+    x = np.ones(600, np.float32)
+    x[300] = np.nan
+    codes, absmax = F.quantize(x, True)
+    back = F.dequantize(codes, absmax, True)
+    assert np.isnan(absmax[1]) and np.all(np.isnan(back[256:512]))
+    assert np.array_equal(back[:256], np.ones(256, np.float32)) and np.array_equal(back[512:], np.ones(88, np.float32))
+    zeros = F.quantize(np.zeros(300, np.float32), True)
+    assert np.array_equal(F.dequantize(*zeros, True), np.zeros(300, np.float32))
+
+
+def test_int8_state_update_is_dequantize_update_quantize():
+    p, g, m0 = _rng_arrays(1000, 3, 12)
+    m = Int8State.from_float(m0 * 0.01)
+    v = Int8State.from_float(np.abs(m0) * 1e-3, signed=False)
+    m32, v32 = m.dequantize(), v.dequantize()
+    a, b = p.copy(), p.copy()
+    fastopt.adam_(a, g, m, v, step=3, lr=0.01, backend="numpy")
+    fastopt.adam_(b, g, m32, v32, step=3, lr=0.01, backend="numpy")
+    assert _bits(a) == _bits(b)
+    for st, ref in ((m, m32), (v, v32)):
+        codes, absmax = F.quantize(ref, st.signed)
+        assert np.array_equal(st.codes, codes) and np.array_equal(st.absmax, absmax)
+
+
+def test_int8_state_tracks_float32_over_many_steps():
+    p, = _rng_arrays(4096, 1, 13)
+    rng = np.random.default_rng(14)
+    a, b = p.copy(), p.copy()
+    m8, v8 = Int8State.zeros(p.shape), Int8State.zeros(p.shape, signed=False)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    for t in range(1, 61):
+        g = rng.standard_normal(p.size).astype(np.float32)
+        fastopt.adamw_(a, g, m8, v8, step=t, lr=1e-3, backend="numpy")
+        fastopt.adamw_(b, g, m, v, step=t, lr=1e-3, backend="numpy")
+    # each step moves a parameter by about lr; 8-bit moments change its size by a few percent
+    moved = np.abs(b - p)
+    assert np.median(np.abs(a - b) / moved) < 0.05
+    # a step's quantization error is at most half a map step (0.7% of its block's absmax
+    # at the top of the map); the first moment's decay (0.9) adds up about ten of them
+    assert np.max(np.abs(m8.dequantize() - m)) < 0.05 * np.max(np.abs(m))
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("unsigned map for a signed buffer", ValueError, r"exp_avg uses the unsigned 8-bit map, but exp_avg may be negative"),
+    ("short absmax", ValueError, r"exp_avg\.absmax has 3 values, expected 4 \(one per block of 256 of its 1000"),
+    ("float64 absmax", TypeError, r"exp_avg_sq\.absmax must be a 1-D float32 array"),
+    ("shared absmax", ValueError, r"absmax overlaps"),
+    ("codes of another shape", ValueError, r"exp_avg has shape \(999,\), expected \(1000,\)"),
+])
+def test_bad_int8_state_is_refused_before_anything_is_written(case, error, match):
+    p, g = _rng_arrays(1000, 2, 15)
+    m, v = Int8State.zeros(p.shape), Int8State.zeros(p.shape, signed=False)
+    if case == "unsigned map for a signed buffer":
+        m = Int8State.zeros(p.shape, signed=False)
+    elif case == "short absmax":
+        m.absmax = np.zeros(3, np.float32)
+    elif case == "float64 absmax":
+        v.absmax = np.zeros(4)
+    elif case == "shared absmax":
+        v.absmax = m.absmax
+    elif case == "codes of another shape":
+        m = Int8State.zeros((999,))
+    before = [_bits(a) for a in (p, m.codes, m.absmax, v.codes, v.absmax)]
+    with pytest.raises(error, match=match):
+        fastopt.adamw_(p, g, m, v, step=1, backend="numpy")
+    assert before == [_bits(a) for a in (p, m.codes, m.absmax, v.codes, v.absmax)]
+
+
+def test_a_backend_without_int8_state_says_so():
+    import importlib
+    for name in ("numba", "c"):
+        module = importlib.import_module({"numba": "fastopt.backends.numba_cpu", "c": "fastopt.backends.c"}[name])
+        if F.INT8 in getattr(module, "mixed_formats", ()):
+            continue
+        p, g = _rng_arrays(100, 2, 16)
+        with pytest.raises(TypeError, match=rf"the {name} backend does not run updates with (8-bit state|bfloat16)"):
+            fastopt.lion_(p, g, Int8State.zeros(p.shape), step=1, backend=name)

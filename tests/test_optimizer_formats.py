@@ -119,7 +119,7 @@ def test_float32_state_dict_loads_into_bfloat16_state_rounded_to_nearest():
 
 
 @pytest.mark.parametrize("kwargs,dtype,error,match", [
-    (dict(state_dtype="int4"), np.float32, ValueError, r"state_dtype must be None, 'float32' or 'bfloat16', got 'int4'"),
+    (dict(state_dtype="int4"), np.float32, ValueError, r"state_dtype must be None, 'float32', 'bfloat16' or 'int8', got 'int4'"),
     (dict(state_dtype="bfloat16"), np.float64, ValueError, r"state_dtype bfloat16 needs a float32, bfloat16"),
     (dict(master_weights=True), np.float32, ValueError, r"master_weights=True keeps a float32 copy.*float32"),
     (dict(), np.float16, ValueError, r"float16 params need master_weights=True"),
@@ -160,3 +160,43 @@ def test_a_state_buffer_of_another_dtype_is_refused_before_writing(backend):
     with pytest.raises(TypeError, match=r"exp_avg_sq has dtype float64"):
         opt.step(np.ones(opt.data.size, BF16))
     assert before == (opt.data.tobytes(), opt.state[0]["exp_avg"].tobytes())
+
+
+def test_int8_state_dict_round_trip_resume_and_float32_load(monkeypatch):
+    monkeypatch.setenv("FASTOPT_BACKEND", "numpy")
+    fastopt.dispatch.refresh_environment()
+    try:
+        flat = fastopt.FlatParams(_arrays())
+        grads = _grads(flat, 6)
+        whole = fastopt.AdamW(fastopt.FlatParams(_arrays()), lr=1e-2, state_dtype="int8")
+        for g in grads:
+            whole.step(g)
+        first = fastopt.AdamW(flat, lr=1e-2, state_dtype="int8")
+        for g in grads[:3]:
+            first.step(g)
+        saved = first.state_dict()
+        entry = saved["state"][0]["exp_avg_sq"]
+        assert set(entry) == {"int8_codes", "absmax", "signed"} and entry["signed"] is False
+        assert entry["int8_codes"].dtype == np.uint8 and entry["absmax"].size == F.blocks(flat.data.size)
+        resumed_flat = fastopt.FlatParams(_arrays())
+        resumed_flat.data[...] = flat.data
+        resumed = fastopt.AdamW(resumed_flat, lr=1e-2, state_dtype="int8")
+        resumed.load_state_dict(saved)
+        for g in grads[3:]:
+            resumed.step(g)
+        assert resumed.data.tobytes() == whole.data.tobytes()
+        # a float32 state dict (torch.optim's layout) loads quantized
+        plain = fastopt.AdamW(fastopt.FlatParams(_arrays()), lr=1e-2)
+        plain.step(grads[0])
+        low = fastopt.AdamW(fastopt.FlatParams(_arrays()), lr=1e-2, state_dtype="int8")
+        low.load_state_dict(plain.state_dict())
+        codes, absmax = F.quantize(plain.state[0]["exp_avg"], True)
+        assert np.array_equal(low.state[0]["exp_avg"].codes, codes)
+        bad = {"state": {0: {**saved["state"][0], "exp_avg": {**saved["state"][0]["exp_avg"],
+                                                              "absmax": np.zeros(3, np.float32)}}},
+               "param_groups": saved["param_groups"]}
+        with pytest.raises(TypeError, match=r"\['exp_avg'\]\['absmax'\] must be a float32 array of shape"):
+            resumed.load_state_dict(bad)
+    finally:
+        monkeypatch.undo()
+        fastopt.dispatch.refresh_environment()

@@ -8,6 +8,7 @@ One pass over memory per step, on the CPU (Numba, C/OpenMP) and on NVIDIA GPUs
 
     flat = fastopt.FlatParams(arrays)            # one aligned buffer, views flat.params
     opt = fastopt.AdamW(flat, lr=1e-3)           # stateful; opt.step() reads flat.grad
+    opt = fastopt.AdamW(flat, state_dtype="bfloat16")  # or "int8": fewer bytes per step (fastopt.formats)
 
 PyTorch users: ``fastopt.torch.AdamW(model.parameters(), lr=1e-3)`` (imports torch).
 
@@ -18,6 +19,7 @@ from .denormals import get_flush_denormal, set_flush_denormal
 from .dispatch import BackendInfo
 from .finite import all_finite
 from .flat import FlatParams
+from .formats import Int8State  # 8-bit blockwise state buffers (fastopt.formats)
 from .norms import max_abs, max_abs_each, sum_of_squares, sums_of_squares, total_norm
 from . import functional, optim
 from .functional import *  # noqa: F401,F403  (sgd_ ... lion_: one update function per rule)
@@ -29,5 +31,5 @@ from .trust import lamb_, lars_  # two-pass rules: a trust ratio per tensor
 __version__ = "0.1.0"
 
 __all__ = [*functional.__all__, "lamb_", "lars_", *optim.__all__,
-           "FlatParams", "all_finite", "max_abs", "max_abs_each", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
+           "FlatParams", "Int8State", "all_finite", "max_abs", "max_abs_each", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
            "get_flush_denormal", "set_flush_denormal", "__version__"]

@@ -121,14 +121,14 @@ class Algorithm:
 
     def step_group(self, hyper: Mapping[str, Any], param: Array, grad: Array, state: dict,
                    new: Callable[[float], Array], grad_norm: Any = None, **formats: Any) -> None:
-        """One step of one group: allocate missing state with ``new(fill value)``,
+        """One step of one group: allocate missing state with ``new(fill value, name)``,
         run the functional update, count the step. ``hyper`` must have passed
         :meth:`check_hyper`; ``grad_norm``: the norm of every group's gradients,
         for an update that clips by it (:meth:`clips`); ``formats``: the update's
         ``master_param`` and ``rounding_seed`` (:mod:`fastopt.formats`), when given."""
         for name in self.needs(hyper):
             if name not in state:
-                state[name] = new(float(hyper[self.fill[name]]) if name in self.fill else 0.0)
+                state[name] = new(float(hyper[self.fill[name]]) if name in self.fill else 0.0, name)
         t = state["step"] + 1
         kwargs = {k: hyper[k] for k in self.rule.defaults if k not in self.carry}
         kwargs.update({c: state[c] for c in self.carry})

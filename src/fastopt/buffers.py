@@ -17,7 +17,7 @@ import numpy as np
 
 from . import native
 
-__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "host_tables", "disjoint_table", "device_interface", "is_device_array"]
+__all__ = ["SUPPORTED_DTYPES", "check_buffers", "check_lists", "check_disjoint", "host_tables", "disjoint_table", "device_interface", "is_device_array"]
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPE_NAMES = "float32 or float64"
@@ -276,12 +276,18 @@ def check_lists(names: Sequence[str], lists: Sequence[Any], grad_index: int = 1,
     if not on_device and all(a.flags.owndata for a, _ in everything) \
             and len({id(a) for a, _ in everything}) == len(everything):
         return on_device, None
-    spans = sorted((*_extent(a), where) for a, where in everything)
+    check_disjoint(everything)
+    return on_device, None
+
+
+def check_disjoint(named: Sequence[tuple[Any, str]]) -> None:
+    """Raise ValueError naming two of the (C-contiguous) arrays ``named`` (``(array,
+    name)`` pairs) that share memory: their address ranges sorted once (n log n)."""
+    spans = sorted((*_extent(a), where) for a, where in named)
     spans = [s for s in spans if s[0] != s[1]]  # empty arrays overlap nothing
     for (lo, hi, where), (lo2, hi2, where2) in zip(spans, spans[1:]):
         if lo2 < hi:
             raise _overlaps(where2, where)
-    return on_device, None
 
 
 _tables: Any = None  # fastopt._tables once loaded; False when it is not there

@@ -59,12 +59,12 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FLOAT32", "BFLOAT16", "FLOAT16", "FORMAT_NAMES", "CallFormats", "format_of", "rounding_key",
+__all__ = ["FLOAT32", "BFLOAT16", "FLOAT16", "INT8", "BLOCK", "Int8State", "FORMAT_NAMES", "CallFormats", "format_of", "rounding_key",
            "mix32", "rounding_bits", "load", "bf16_nearest", "bf16_stochastic", "f16_nearest"]
 
-#: Format codes (the C library's ``FASTOPT_FORMAT_*``).
-FLOAT32, BFLOAT16, FLOAT16 = 0, 1, 2
-FORMAT_NAMES = {FLOAT32: "float32", BFLOAT16: "bfloat16", FLOAT16: "float16"}
+#: Format codes (the C library's ``FASTOPT_FORMAT_*``); INT8: 8-bit blockwise state (below).
+FLOAT32, BFLOAT16, FLOAT16, INT8 = 0, 1, 2, 3
+FORMAT_NAMES = {FLOAT32: "float32", BFLOAT16: "bfloat16", FLOAT16: "float16", INT8: "int8"}
 #: A role is at most this many per tensor (param and the state buffers) in a stream's index.
 ROLES_PER_TENSOR = 16
 
@@ -226,7 +226,7 @@ def describe(formats: CallFormats, state_names: Sequence[str]) -> str:
 
 _ALLOWED = {"param": (FLOAT32, BFLOAT16, FLOAT16), "grad": (FLOAT32, BFLOAT16, FLOAT16),
             "master_param": (FLOAT32,)}
-_STATE_ALLOWED = (FLOAT32, BFLOAT16)
+_STATE_ALLOWED = (FLOAT32, BFLOAT16, INT8)
 
 
 def is_mixed(param: Any, grad: Any, state: Sequence[Any]) -> bool:
@@ -234,13 +234,14 @@ def is_mixed(param: Any, grad: Any, state: Sequence[Any]) -> bool:
     the first array of each role is looked at (the checks look at every one)."""
     for buf in (param, grad, *state):
         a = buf[0] if isinstance(buf, (list, tuple)) and buf else buf
-        if type(a) is np.ndarray and a.dtype.itemsize == 2 and format_of(a.dtype) is not None:
+        if type(a) is np.ndarray and a.dtype.itemsize == 2 and format_of(a.dtype) is not None \
+                or type(a) is Int8State:
             return True
     return False
 
 
 def call_formats(names: Sequence[str], buffers: Sequence[Any], listed: bool, state_names: Sequence[str],
-                 used: Sequence[Any]) -> CallFormats:
+                 used: Sequence[Any]) -> CallFormats:  # noqa: C901 (one check after another)
     """The formats of a mixed-format call whose buffers passed the shape, layout and
     overlap checks (``fastopt.buffers`` with ``any_dtype=True``): ``names[i]`` names
     ``buffers[i]`` (an array, or a list when ``listed``): param, grad, the state
@@ -253,20 +254,25 @@ def call_formats(names: Sequence[str], buffers: Sequence[Any], listed: bool, sta
         where = (lambda i: f"{name}[{i}]") if listed else (lambda i: name)
         fmt0 = None
         for i, a in enumerate(arrays):
-            if type(a) is not np.ndarray:
+            if type(a) is Int8State:
+                fmt = INT8
+            elif type(a) is not np.ndarray:
                 raise TypeError(f"{where(i)} is a device array: updates with bfloat16 or float16 buffers run "
                                 "on the host backends (numpy, numba, c) for now")
-            fmt = format_of(a.dtype)
+            else:
+                fmt = format_of(a.dtype)
             allowed = _ALLOWED.get(name, _STATE_ALLOWED)
             if fmt not in allowed:
                 kinds = " or ".join(FORMAT_NAMES[f] for f in allowed)
-                raise TypeError(f"{where(i)} has dtype {a.dtype}; in an update with bfloat16 or float16 buffers "
+                got = "an 8-bit Int8State" if fmt == INT8 else f"dtype {a.dtype}"
+                raise TypeError(f"{where(i)} has {got}; in an update with bfloat16, float16 or 8-bit buffers "
                                 f"(computed in float32) {name} must be {kinds}")
             if fmt0 is None:
                 fmt0 = fmt
             elif fmt != fmt0:
-                raise TypeError(f"{where(i)} has dtype {a.dtype}, expected {FORMAT_NAMES[fmt0]} (the dtype of "
-                                f"{where(0)}); every array of one role has one dtype")
+                got = "an 8-bit Int8State" if fmt == INT8 else f"dtype {a.dtype}"
+                raise TypeError(f"{where(i)} has {got}, expected {FORMAT_NAMES[fmt0]} (the format of "
+                                f"{where(0)}); every array of one role has one format")
         found[name] = FLOAT32 if fmt0 is None else fmt0
     master = "master_param" in found
     param = found["param"]
@@ -284,17 +290,23 @@ def call_formats(names: Sequence[str], buffers: Sequence[Any], listed: bool, sta
 def state_dtype(value: Any, param_dtype: Any, where: str = "state_dtype") -> np.dtype:
     """The dtype of an optimizer's state buffers from its ``state_dtype`` option: None
     (float32 for a 16-bit param, else the param's dtype), ``"float32"``,
-    ``"bfloat16"`` (or NumPy/ml_dtypes dtypes of those). TypeError/ValueError names
+    ``"bfloat16"`` (or NumPy/ml_dtypes dtypes of those), ``"int8"`` (8-bit blockwise:
+    :class:`Int8State`, returned as ``np.dtype(np.int8)``). TypeError/ValueError names
     ``where`` and the value."""
     param_dtype = np.dtype(param_dtype)
     if value is None:
         return np.dtype(np.float32) if format_of(param_dtype) in (BFLOAT16, FLOAT16) else param_dtype
+    if isinstance(value, str) and value == "int8":
+        if param_dtype == np.float64:
+            raise ValueError(f"{where} int8 needs a float32, bfloat16 or float16 param buffer (an update with "
+                             "8-bit state computes in float32), got float64")
+        return np.dtype(np.int8)
     try:
         dtype = bfloat16() if isinstance(value, str) and value == "bfloat16" else np.dtype(value)
     except TypeError:
         dtype = None
     if dtype is None or format_of(dtype) not in _STATE_ALLOWED and dtype != np.float64:
-        raise ValueError(f"{where} must be None, 'float32' or 'bfloat16', got {value!r}")
+        raise ValueError(f"{where} must be None, 'float32', 'bfloat16' or 'int8', got {value!r}")
     if dtype == np.float64 and param_dtype != np.float64:
         raise ValueError(f"{where} float64 needs a float64 param buffer, got {param_dtype}")
     if format_of(dtype) == BFLOAT16 and param_dtype == np.float64:
@@ -319,3 +331,176 @@ def convert_into(dst: np.ndarray, src: Any) -> None:
         return
     x = load(src) if format_of(src.dtype) is not None else src.astype(np.float32)
     store(dst, np.ascontiguousarray(x, dtype=np.float32), fmt)
+
+
+# ---- 8-bit blockwise state (bitsandbytes' scheme) -----------------------------------
+
+#: The block of 8-bit state: one float32 absmax per 256 elements.
+BLOCK = 256
+
+
+def _dynamic_map_values(signed: bool) -> list[float]:
+    """bitsandbytes' ``create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)``
+    (Dettmers 2015, "8-Bit Approximations for Parallelism in Deep Learning"), in float64:
+    per decade 10^-6 .. 10^0 the midpoints of an even split of [0.1, 1] (twice as many
+    per decade for the unsigned map, which has no negative half), then 0 and 1."""
+    data: list[float] = []
+    for i in range(7):
+        items = 2 ** i + 1 if signed else 2 ** (i + 1) + 1
+        bounds = np.linspace(0.1, 1.0, items)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += list(10.0 ** (i - 6) * means)
+        if signed:
+            data += list(-(10.0 ** (i - 6)) * means)
+    data += [0.0, 1.0]
+    assert len(data) == 256
+    return sorted(data)
+
+
+_MAPS: dict = {}
+
+
+def dynamic_map(signed: bool) -> np.ndarray:
+    """The 256 float32 values an 8-bit code stands for (times its block's absmax),
+    ascending: the signed map for buffers that may be negative (first moments), the
+    unsigned one (finer, non-negative) for second moments and sums of squares."""
+    got = _MAPS.get(signed)
+    if got is None:
+        values = np.array(_dynamic_map_values(signed), np.float64)
+        mids = ((values[:-1] + values[1:]) / 2.0).astype(np.float32)
+        got = _MAPS[signed] = (values.astype(np.float32), mids)
+        got[0].setflags(write=False)
+        got[1].setflags(write=False)
+    return got[0]
+
+
+def map_midpoints(signed: bool) -> np.ndarray:
+    """The 255 decision boundaries of quantization: float32 of the float64 midpoints of
+    neighbouring map values. A normalized value ``x`` gets the code ``#{mid < x}``
+    (the nearest map value; a tie goes to the lower one)."""
+    dynamic_map(signed)
+    return _MAPS[signed][1]
+
+
+def blocks(size: int) -> int:
+    """The number of absmax values of an 8-bit buffer of ``size`` elements."""
+    return -(-int(size) // BLOCK)
+
+
+def quantize(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(codes uint8, absmax float32) of float32 values ``x`` (flat), per block of 256
+    elements (the last one shorter): ``absmax = max |x|`` (NaN when the block holds a
+    NaN), ``code = #{mid < x / absmax}`` in float32 (a block of zeros: absmax 0 and
+    every code 0.0's; a NaN ratio: 0.0's code, so a block with a NaN or an infinity
+    dequantizes to NaN or zeros, never to a wrong finite number... see dequantize)."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    n = x.size
+    pad = np.zeros(blocks(n) * BLOCK, np.float32)
+    pad[:n] = x
+    b = pad.reshape(-1, BLOCK)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        absmax = np.max(np.abs(b), axis=1)  # (NaN propagates)
+        norm = b / absmax[:, None]
+    zero = int(np.searchsorted(dynamic_map(signed), 0.0))
+    codes = np.searchsorted(map_midpoints(signed), norm, side="left").astype(np.uint8)
+    codes[~(absmax[:, None] > 0) | np.isnan(norm)] = zero  # (absmax 0 or NaN; a NaN ratio)
+    nan_block = np.isnan(absmax)
+    if nan_block.any():
+        codes[nan_block] = zero
+    return codes.reshape(-1)[:n], absmax.astype(np.float32)
+
+
+def dequantize(codes: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:
+    """float32 values of 8-bit ``codes`` (flat) and their blocks' ``absmax``:
+    ``map[code] * absmax`` in float32. A block whose absmax is NaN or infinite gives NaN
+    (or 0 * inf: NaN) for every element: a non-finite state value spoils its block."""
+    codes = codes.reshape(-1)
+    scale = np.repeat(absmax.astype(np.float32), BLOCK)[:codes.size]
+    with np.errstate(invalid="ignore", over="ignore"):
+        return dynamic_map(signed)[codes] * scale
+
+
+class Int8State:
+    """An 8-bit blockwise state buffer: ``codes`` (uint8, the param's shape), ``absmax``
+    (float32, one per block of 256 elements in C order) and the map (``signed``).
+
+    Pass it where the update takes that state buffer (``fastopt.adamw_(p, g,
+    Int8State.zeros(p.shape), Int8State.zeros(p.shape, signed=False), step=t)``); the
+    update dequantizes each block, updates it and quantizes it again in the same pass.
+    ``dequantize()`` gives the float32 values.
+    """
+
+    __slots__ = ("codes", "absmax", "signed")
+
+    def __init__(self, codes: np.ndarray, absmax: np.ndarray, signed: bool = True) -> None:
+        self.codes, self.absmax, self.signed = codes, absmax, bool(signed)
+
+    @classmethod
+    def zeros(cls, shape: Any, signed: bool = True) -> "Int8State":
+        """State of zeros (a fresh moment buffer) of ``shape``."""
+        size = int(np.prod(shape))
+        zero = int(np.searchsorted(dynamic_map(signed), 0.0))
+        return cls(np.full(shape, zero, np.uint8), np.zeros(blocks(size), np.float32), signed)
+
+    @classmethod
+    def from_float(cls, values: Any, signed: bool = True) -> "Int8State":
+        """The quantized ``values`` (a float array: loading a float32 state dict)."""
+        values = np.asarray(values)
+        x = load(values) if format_of(values.dtype) is not None else values.astype(np.float32)
+        codes, absmax = quantize(x, signed)
+        return cls(codes.reshape(values.shape), absmax, signed)
+
+    @property
+    def shape(self) -> tuple:
+        return self.codes.shape
+
+    @property
+    def size(self) -> int:
+        return self.codes.size
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 values, in the codes' shape."""
+        return dequantize(self.codes, self.absmax, self.signed).reshape(self.codes.shape)
+
+    def __repr__(self) -> str:
+        return f"Int8State(shape={self.codes.shape}, signed={self.signed})"
+
+
+def codes_of(buf: Any) -> Any:
+    """What the layout checks see of a state argument: an Int8State's codes (or a list of
+    them), anything else as it is."""
+    if type(buf) is Int8State:
+        return buf.codes
+    if isinstance(buf, (list, tuple)) and any(type(b) is Int8State for b in buf):
+        return [b.codes if type(b) is Int8State else b for b in buf]
+    return buf
+
+
+def check_int8(name: str, state: Any, signed_buffer: bool) -> list[tuple[str, np.ndarray]]:
+    """Check an 8-bit state argument (an Int8State or a list of them) beyond its codes'
+    layout (checked with the other buffers): codes uint8, absmax a writable C-contiguous
+    float32 array of one value per block, a signed map for a buffer that may be negative.
+    Returns the (name, absmax) pairs, for the overlap check. TypeError/ValueError names
+    the argument and position."""
+    listed = isinstance(state, (list, tuple))
+    out = []
+    for i, st in enumerate(state if listed else (state,)):
+        where = f"{name}[{i}]" if listed else name
+        if type(st) is not Int8State:
+            continue  # (call_formats names a role that mixes formats)
+        if st.codes.dtype != np.uint8:
+            raise TypeError(f"{where}.codes has dtype {st.codes.dtype}, expected uint8")
+        a = st.absmax
+        if type(a) is not np.ndarray or a.dtype != np.float32 or a.ndim != 1:
+            what = f"a {a.dtype} array of shape {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise TypeError(f"{where}.absmax must be a 1-D float32 array, got {what}")
+        if a.size != blocks(st.codes.size):
+            raise ValueError(f"{where}.absmax has {a.size} values, expected {blocks(st.codes.size)} (one per block "
+                             f"of {BLOCK} of its {st.codes.size} elements)")
+        if not a.flags.c_contiguous or not a.flags.writeable:
+            raise ValueError(f"{where}.absmax must be C-contiguous and writable")
+        if signed_buffer and not st.signed:
+            raise ValueError(f"{where} uses the unsigned 8-bit map, but {name} may be negative: "
+                             f"make it with Int8State.zeros(shape, signed=True)")
+        out.append((f"{where}.absmax", a))
+    return out

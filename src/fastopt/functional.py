@@ -38,7 +38,7 @@ import operator
 import numpy as np
 
 from . import dispatch, formats
-from .buffers import check_buffers, check_lists
+from .buffers import check_buffers, check_disjoint, check_lists
 from .checks import _MAX_STEP, real, step_count
 from .rule import Rule
 from .rules import RULES
@@ -111,10 +111,19 @@ def _update_mixed(rule: Rule, param: Buffers, grad: Buffers, state: tuple, neede
         names.append("master_param")
         arrays.append(master_param)
     listed = isinstance(param, (list, tuple))
-    # master_param is written (it is the param the update reads and writes); only grad is read-only
-    on_device = check_lists(names, arrays, any_dtype=True)[0] if listed else \
-        check_buffers(names, arrays, any_dtype=True)
+    # The layout checks see an 8-bit state's codes; master_param is written (it is the
+    # param the update reads and writes); only grad is read-only.
+    layout = list(map(formats.codes_of, arrays))
+    on_device = check_lists(names, layout, any_dtype=True)[0] if listed else \
+        check_buffers(names, layout, any_dtype=True)
     call = formats.call_formats(names, arrays, listed, rule.state, used)
+    if formats.INT8 in call.state:
+        signed = {b.name: b.signed for b in rule.buffers}
+        scales = [pair for n, a, b in zip(names, arrays, layout) if a is not b
+                  for pair in formats.check_int8(n, a, signed[n])]
+        named = [(a, f"{n}[{i}]" if listed else n) for n, b in zip(names, layout)
+                 for i, a in enumerate(b if listed else (b,))]
+        check_disjoint(named + [(a, n) for n, a in scales])
     if on_device:
         raise TypeError("updates with bfloat16 or float16 buffers run on the host backends (numpy, numba, c) "
                         "for now; these are device arrays")
@@ -127,6 +136,10 @@ def _update_mixed(rule: Rule, param: Buffers, grad: Buffers, state: tuple, neede
         return _unchanged(rule, hyper)
     chosen = dispatch.select(backend, False)
     run_mixed = getattr(chosen, "run_mixed", None)
+    takes = getattr(chosen, "mixed_formats", (formats.FLOAT32, formats.BFLOAT16, formats.FLOAT16))
+    if run_mixed is not None and not all(f in takes for f in (call.param, call.grad, *call.state) if f is not None):
+        raise TypeError(f"the {chosen.name} backend does not run updates with 8-bit state "
+                        f"({formats.describe(call, rule.state)}) yet; backend='numpy' does")
     if run_mixed is None:
         raise TypeError(f"the {chosen.name} backend does not run updates with bfloat16 or float16 buffers "
                         f"({formats.describe(call, rule.state)}) yet; backend='numpy' does")

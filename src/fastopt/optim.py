@@ -133,9 +133,16 @@ class Optimizer:
             raise ValueError("float16 params need master_weights=True (float16 cannot accumulate small updates; "
                              "bfloat16 params may go without, with stochastic rounding)")
         self._mixed = low or self.state_dtype != dtype
+        self._signed = {b.name: b.signed for b in self.algorithm.rule.buffers}
         if self._mixed and (self.algorithm.rule.trust is not None or is_device_array(self.data)):
             raise TypeError(f"{name} {'on a GPU' if is_device_array(self.data) else ''} takes float32 or float64 "
                             f"buffers only (params {dtype}, state_dtype {self.state_dtype})".replace("  ", " "))
+
+    def _new_state(self, n: int, value: float, name: str) -> Any:
+        """A state buffer of ``n`` elements of ``value``, in the state's format."""
+        if self.state_dtype == np.int8:  # (8-bit blockwise: the map the rule table gives the buffer)
+            return formats.Int8State.from_float(np.full(n, value, np.float32), self._signed[name])
+        return new_buffer(self.data, n, value, dtype=self.state_dtype)
 
     def _formats(self, state: dict) -> dict:
         """The update's format keywords for a group with ``state`` ({} for a plain step)."""
@@ -183,13 +190,14 @@ class Optimizer:
             self.algorithm.check_step(group, state, f"param_groups[{i}]")
             n = group["params"].stop - group["params"].start
             for name in self.algorithm.rule.state:
-                if name in state and shape_of(state[name]) != (n,):
-                    raise ValueError(f"state[{i}][{name!r}] has shape {shape_of(state[name])}, expected ({n},) "
-                                     f"(the size of param_groups[{i}]['params'])")
+                if name in state and shape_of(formats.codes_of(state[name])) != (n,):
+                    raise ValueError(f"state[{i}][{name!r}] has shape {shape_of(formats.codes_of(state[name]))}, "
+                                     f"expected ({n},) (the size of param_groups[{i}]['params'])")
             held = [name for name in self.algorithm.rule.state if name in state]
             seg = group["params"]
             check_buffers(["params", "grad", *(f"state[{i}][{name!r}]" for name in held)],
-                          [self.data[seg], grad[seg], *(state[name] for name in held)], any_dtype=self._mixed)
+                          [self.data[seg], grad[seg], *(formats.codes_of(state[name]) for name in held)],
+                          any_dtype=self._mixed)
         if self.skip_nonfinite and not all(all_finite(grad[g["params"]]) for g in self.param_groups):
             self.skipped_steps += 1
             return False
@@ -203,8 +211,8 @@ class Optimizer:
                 state["master_param"] = new_buffer(self.data, n, dtype=np.float32)
                 formats.convert_into(state["master_param"], self.data[seg])
             self.algorithm.step_group(group, self.data[seg], grad[seg], state,
-                                      lambda v, n=n: new_buffer(self.data, n, v, dtype=self.state_dtype),
-                                      grad_norm, **self._formats(state))
+                                      lambda v, name, n=n: self._new_state(n, v, name), grad_norm,
+                                      **self._formats(state))
         self._prepared = _PreparedStep.of(self, grad)
         return True
 
@@ -213,7 +221,7 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         """A copy of the state in ``torch.optim``'s layout (buffers as host NumPy arrays)."""
         keys = self.algorithm.state_keys()
-        state = {i: {k: (to_host(v) if k in keys or k == "master_param" else v) for k, v in s.items()}
+        state = {i: {k: (_saved(v) if k in keys or k == "master_param" else v) for k, v in s.items()}
                  for i, s in enumerate(self.state)}
         for s in state.values():
             for name, key in keys.items():
@@ -256,7 +264,8 @@ class Optimizer:
             buffers = {}
             for name, key in self.algorithm.state_keys().items():
                 if key in entry:
-                    buffers[name] = _check_buffer(entry[key], seg.stop - seg.start, dtype, f"{where}[{key!r}]")
+                    buffers[name] = _check_buffer(entry[key], seg.stop - seg.start, dtype, f"{where}[{key!r}]",
+                                                  signed=self._signed[name])
             extra = ("master_param",) if self.master_weights else ()
             if "master_param" in entry and extra:
                 buffers["master_param"] = _check_buffer(entry["master_param"], seg.stop - seg.start,
@@ -268,6 +277,9 @@ class Optimizer:
         self.state = []
         for state, buffers, n in states:
             for name, value in buffers.items():
+                if dtype == np.int8 and name != "master_param":  # (saved 8-bit, or float values quantized)
+                    state[name] = _loaded_int8(value, self._signed[name])
+                    continue
                 state[name] = new_buffer(self.data, n, dtype=np.float32 if name == "master_param" else dtype)
                 if is_device_array(value) or is_device_array(state[name]):
                     copy_into(state[name], value)
@@ -383,9 +395,45 @@ def _expect_keys(d: Any, expected: set, where: str) -> None:
         raise ValueError(f"{where} has an unknown key {unknown[0]!r}")
 
 
-def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str, exact: bool = False) -> Any:
+#: The keys of a saved 8-bit state buffer (Optimizer.state_dict's layout).
+INT8_KEYS = {"int8_codes", "absmax", "signed"}
+
+
+def _saved(buf: Any) -> Any:
+    """A state buffer as a state dict holds it: a host copy; an 8-bit one as
+    ``{"int8_codes": uint8 array, "absmax": float32 array (one per 256 elements), "signed": bool}``."""
+    if type(buf) is formats.Int8State:
+        return {"int8_codes": buf.codes.copy(), "absmax": buf.absmax.copy(), "signed": buf.signed}
+    return to_host(buf)
+
+
+def _loaded_int8(value: Any, signed: bool) -> "formats.Int8State":
+    if isinstance(value, Mapping):
+        return formats.Int8State(np.array(value["int8_codes"], np.uint8), np.array(value["absmax"], np.float32),
+                                 bool(value["signed"]))
+    return formats.Int8State.from_float(to_host(value), signed)
+
+
+def _check_buffer(value: Any, n: int, dtype: np.dtype, where: str, exact: bool = False, signed: bool = True) -> Any:
     """A saved buffer of ``n`` elements of ``dtype`` (the state's); a float32 one is taken
-    for bfloat16 state, and converted (a torch.optim state dict), unless ``exact``."""
+    for bfloat16 state, and converted (a torch.optim state dict), unless ``exact``; for 8-bit
+    state (``dtype`` int8), a saved 8-bit buffer or float values (quantized at load)."""
+    if dtype == np.int8 and isinstance(value, Mapping):
+        _expect_keys(value, INT8_KEYS, where)
+        codes, absmax = value["int8_codes"], value["absmax"]
+        if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.shape != (n,):
+            raise TypeError(f"{where}['int8_codes'] must be a uint8 array of shape ({n},), got "
+                            f"{getattr(codes, 'dtype', type(codes).__name__)} {getattr(codes, 'shape', '')}")
+        if not isinstance(absmax, np.ndarray) or absmax.dtype != np.float32 or absmax.shape != (formats.blocks(n),):
+            raise TypeError(f"{where}['absmax'] must be a float32 array of shape ({formats.blocks(n)},) (one per "
+                            f"block of {formats.BLOCK}), got {getattr(absmax, 'dtype', type(absmax).__name__)} "
+                            f"{getattr(absmax, 'shape', '')}")
+        if signed and not value["signed"]:
+            raise ValueError(f"{where} uses the unsigned 8-bit map, but this buffer may be negative")
+        return value
+    if dtype == np.int8:
+        dtype = np.dtype(np.float32)  # (float values, quantized at load)
+        exact = False
     if not (isinstance(value, np.ndarray) or is_device_array(value)):
         raise TypeError(f"{where} must be an array, got {type(value).__name__}")
     if shape_of(value) != (n,):

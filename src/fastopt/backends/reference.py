@@ -291,22 +291,38 @@ def trust_sums(kernel: str, params, grads, states, scalars, table=None):
 
 # ---- mixed-format calls (fastopt.formats) -------------------------------------
 
+#: The formats run_mixed takes (fastopt.formats' codes): all of them.
+mixed_formats = (0, 1, 2, 3)
+
+
 def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key: int) -> None:
     """A mixed-format update over lists of tensors (``fastopt.formats``): per tensor,
     every buffer loaded into float32, the float32 update (:func:`run`, flushing
     included), then each written buffer stored in its format: ``masters[t]`` (when
     given) is the param updated in place and ``params[t]`` its nearest 16-bit value;
     a bfloat16 param without a master and every bfloat16 state buffer are rounded
-    stochastically with the call's ``key``. ``formats``: a ``fastopt.formats.CallFormats``."""
+    stochastically with the call's ``key``; an 8-bit state buffer (``fastopt.formats.Int8State``)
+    is dequantized, and quantized again block by block after the update. ``formats``: a ``fastopt.formats.CallFormats``."""
     from .. import formats as fmt
+
+    def loaded(buf, f):
+        if f == fmt.INT8:  # (an Int8State: its blocks dequantized)
+            return buf.dequantize()
+        return fmt.load(buf).copy() if f != fmt.FLOAT32 else buf
+
     for t, (p, g) in enumerate(zip(params, grads)):
-        p32 = masters[t] if masters is not None else fmt.load(p).copy() if formats.param != fmt.FLOAT32 else p
-        s32 = tuple(None if s is None else fmt.load(s[t]).copy() if f != fmt.FLOAT32 else s[t]
-                    for s, f in zip(states, formats.state))
+        p32 = masters[t] if masters is not None else loaded(p, formats.param)
+        s32 = tuple(None if s is None else loaded(s[t], f) for s, f in zip(states, formats.state))
         run(kernel, p32, fmt.load(g), s32, scalars)
         if formats.param != fmt.FLOAT32:
             bits = None if masters is not None else fmt.rounding_bits(key, t, 0, p.size)
             fmt.store(p, p32, formats.param, bits)
         for k, (s, f) in enumerate(zip(states, formats.state)):
-            if s is not None and f != fmt.FLOAT32:
+            if s is None or f == fmt.FLOAT32:
+                continue
+            if f == fmt.INT8:  # each block quantized again, by its new absmax
+                codes, absmax = fmt.quantize(s32[k], s[t].signed)
+                s[t].codes.reshape(-1)[...] = codes
+                s[t].absmax[...] = absmax
+            else:
                 fmt.store(s[t], s32[k], f, fmt.rounding_bits(key, t, 1 + k, s[t].size))
