@@ -2,7 +2,8 @@
 
 1. Numba's CUDA simulator (cuda_sim_formats_worker.py, a child process): every rule
    with every state buffer in use, in four combinations of formats, over a list of
-   small tensors, equals the NumPy reference bit for bit; and the device conversions
+   small tensors, equals the NumPy reference bit for bit (8-bit state: one thread block
+   per block of 256, the absmax a shared-memory reduction); and the device conversions
    equal fastopt.formats' on float16/bfloat16 bit patterns (every one with an extreme
    exponent, a sample of the rest) and on float32's edge values (ties, subnormals,
    overflow, NaN payloads).
@@ -81,9 +82,9 @@ def _variants():
         need = set(needed_state(rule, options))
         for combo in ("master-bf16-state-bf16",) if r.kernel != "adam" else COMBOS:
             pdt, gdt, sdt, master = COMBOS[combo]
+            fmt = F.INT8 if sdt == "int8" else F.format_of(sdt)
             out.append((r.kernel, F.CallFormats(F.format_of(pdt), F.format_of(gdt),
-                                                tuple(F.format_of(sdt) if n in need else None for n in r.state),
-                                                master)))
+                                                tuple(fmt if n in need else None for n in r.state), master)))
     return sorted(set(out), key=str)
 
 
@@ -94,14 +95,18 @@ VARIANTS = _variants()
 def test_ptx_compiles_and_assembles(kernel, formats, tmp_path):
     from numba import cuda
 
-    fn = cuda_formats.make_kernel(kernel, formats)
+    signed = tuple(b.signed if f == F.INT8 else None for b, f in zip(RULES[kernel].buffers, formats.state)) \
+        if F.INT8 in formats.state else ()
+    fn = cuda_formats.make_kernel(kernel, formats, False, signed)
     sig = cuda_formats.signature(kernel, formats)
     for cc in [(9, 0)]:
         ptx, _ = cuda.compile_ptx(fn, sig, cc=cc)
         ops = instructions(ptx)
         assert not [op for op in ops if ".f64" in op], f"float64 arithmetic in a float32 kernel: {set(ops)}"
         assert not [op for op in ops if ".ftz" in op or ".approx" in op or ".full" in op], set(ops)
-        assert "st.global.u16" in ops  # (every variant here stores a 16-bit buffer)
+        assert "st.global.u16" in ops or "st.global.u8" in ops  # (every variant here stores 16- or 8-bit values)
+        if F.INT8 in formats.state:
+            assert "bar.sync" in ops  # (the block's absmax: a reduction in shared memory)
         report = assemble(ptx, cc, tmp_path)
         assert "0 bytes spill stores" in report, report
         assert int(re.search(r"Used (\d+) registers", report).group(1)) <= 64, report

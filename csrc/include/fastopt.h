@@ -77,6 +77,45 @@
  * before any buffer is written. The scalars' `measure` flag is pass 1's: every
  * entry point ignores the value in *s (prepare sets it to 0).
  *
+ * Mixed-format updates (fastopt.formats in the Python package):
+ * fastopt_<rule>_mixed_list(f, param, grad, state..., master, n, count, &s)
+ * updates count tensors whose buffers are held in other formats than float32,
+ * computing in float32 with the rule's float32 kernel. *f gives each role's
+ * format (fastopt_formats, below); param, grad and each state argument are
+ * tables of count untyped pointers (void *const *), tensor i's buffer holding
+ * n[i] elements of its role's format (a float, or a uint16_t holding a
+ * bfloat16's or a float16's bits). Per tensor, every element is computed as
+ *   1. load: param from master[i] when master is given (the float32 master
+ *      copy, read and written in place), else from param[i]; grad and each
+ *      state buffer from theirs. bfloat16 and float16 to float32 are exact
+ *      (a float16 NaN becomes 0x7fc00000 with its sign);
+ *   2. the rule's float32 update (fastopt_<rule>_list_f32, flushing included:
+ *      fastopt_set_flush_denormal applies to the float32 results);
+ *   3. store, each written buffer in its format: with a master copy, param[i]
+ *      is the master's value rounded to nearest even (bfloat16:
+ *      (b + 0x7fff + (b >> 16 & 1)) >> 16 of the float bits b; float16: IEEE,
+ *      subnormals included, overflow to infinity); without one, a bfloat16
+ *      param is rounded stochastically, as is every bfloat16 state buffer:
+ *      (b + (r & 0xffff)) >> 16 with r the element's 32 random bits (an
+ *      infinity stays infinite). A NaN stored as bfloat16 is 0x7fc0, as
+ *      float16 0x7e00, with its sign.
+ * The random bits of element j of tensor i, role r (0: param, 1 + k: state
+ * buffer k in the rule's order) are mix32(stream + j) (mod 2^32) with
+ * stream = mix32(f->key ^ mix32(i * 16 + r)) and mix32 Chris Wellons'
+ * lowbias32 (x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b;
+ * x ^= x >> 16): they depend on the key, the tensor's position, the role and
+ * the index only, never on the threads or the CPU path, so results are bitwise
+ * reproducible (and equal to the Python package's backends). The contract of
+ * list calls holds (a table of a buffer the scalars do not use may be NULL and
+ * is never read; master may be NULL: no master copy, else its entries are
+ * non-NULL where n[i] > 0), and also: f must be non-NULL (FASTOPT_ERR_NULL);
+ * FASTOPT_ERR_FORMAT, before anything is written, when a format is unknown or
+ * not one its role takes: param and grad F32, BF16 or F16; a used state buffer
+ * F32 or BF16; a master copy only for a BF16 or F16 param, and an F16 param
+ * only with one (float16 cannot accumulate updates). A float32 role is
+ * computed in place, so an all-F32 call is exactly fastopt_<rule>_list_f32.
+ * The two-pass rules have no mixed-format entry points yet.
+ *
  * Threads: the kernels split large buffers into one contiguous static chunk
  * per OpenMP thread (small buffers run on the calling thread); see
  * fastopt_set_num_threads. CPU path: chosen once at the first call from the
@@ -117,8 +156,31 @@ enum {
     FASTOPT_ERR_LENGTH = -2,   /* n < 0 */
     FASTOPT_ERR_HYPER = -3,    /* a hyperparameter or step is out of range (prepare) */
     FASTOPT_ERR_THREADS = -4,  /* fastopt_set_num_threads: n < 0 */
-    FASTOPT_ERR_MEMORY = -5    /* a two-pass update could not allocate its per-tensor tables */
+    FASTOPT_ERR_MEMORY = -5,   /* a two-pass update could not allocate its per-tensor tables */
+    FASTOPT_ERR_FORMAT = -6    /* a mixed-format update's formats are unknown or not allowed for their roles */
 };
+
+/* Storage formats of a buffer role in a mixed-format update (fastopt_<rule>_mixed_list). */
+enum {
+    FASTOPT_FORMAT_F32 = 0,  /* float (IEEE binary32) */
+    FASTOPT_FORMAT_BF16 = 1, /* bfloat16: the high 16 bits of a float, in a uint16_t */
+    FASTOPT_FORMAT_F16 = 2   /* IEEE binary16, in a uint16_t */
+};
+
+/* The most state buffers a fastopt_formats describes (every rule has fewer). */
+#define FASTOPT_FORMATS_MAX_STATE 8
+
+/* The formats of one mixed-format update and its rounding key (see the top of this file). */
+typedef struct {
+    int param; /* FASTOPT_FORMAT_F32, _BF16 or _F16 (F16 needs a master copy) */
+    int grad;  /* FASTOPT_FORMAT_F32, _BF16 or _F16 */
+    /* state[k]: state buffer k in the rule's order, FASTOPT_FORMAT_F32 or _BF16
+     * (read only for the buffers the update uses) */
+    int state[FASTOPT_FORMATS_MAX_STATE];
+    /* The call's 32-bit key of the random bits of stochastic rounding: a new one
+     * every step (the Python package derives it from a seed and the step). */
+    uint32_t key;
+} fastopt_formats;
 
 /* Library version as "MAJOR.MINOR.PATCH"; a static string, never NULL. */
 FASTOPT_API const char *fastopt_version(void);

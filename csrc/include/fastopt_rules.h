@@ -43,7 +43,8 @@ FASTOPT_API int fastopt_sgd_prepare(fastopt_sgd_scalars *out, double lr, double 
                                     double weight_decay, int nesterov, int maximize, int64_t step);
 
 /* State buffers: momentum_buffer. momentum_buffer: optional, used (and required) only when
- * s->use_momentum (momentum != 0). _list_: count tensors in one call (see fastopt.h). */
+ * s->use_momentum (momentum != 0). _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_sgd_f32(float *param, const float *grad, float *momentum_buffer, int64_t n,
                                 const fastopt_sgd_scalars *s);
 FASTOPT_API int fastopt_sgd_f64(double *param, const double *grad, double *momentum_buffer, int64_t n,
@@ -54,6 +55,9 @@ FASTOPT_API int fastopt_sgd_list_f32(float *const *param, const float *const *gr
 FASTOPT_API int fastopt_sgd_list_f64(double *const *param, const double *const *grad,
                                      double *const *momentum_buffer, const int64_t *n, int64_t count,
                                      const fastopt_sgd_scalars *s);
+FASTOPT_API int fastopt_sgd_mixed_list(const fastopt_formats *f, void *const *param, const void *const *grad,
+                                       void *const *momentum_buffer, float *const *master, const int64_t *n,
+                                       int64_t count, const fastopt_sgd_scalars *s);
 
 /* ---- Adagrad (adagrad) --------------------------------------------------------------------------
  *
@@ -73,7 +77,8 @@ typedef struct {
 FASTOPT_API int fastopt_adagrad_prepare(fastopt_adagrad_scalars *out, double lr, double lr_decay,
                                         double weight_decay, double eps, int maximize, int64_t step);
 
-/* State buffers: state_sum.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: state_sum.  _list_: count tensors in one call; _mixed_list: in other formats than
+ * float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_adagrad_f32(float *param, const float *grad, float *state_sum, int64_t n,
                                     const fastopt_adagrad_scalars *s);
 FASTOPT_API int fastopt_adagrad_f64(double *param, const double *grad, double *state_sum, int64_t n,
@@ -84,6 +89,10 @@ FASTOPT_API int fastopt_adagrad_list_f32(float *const *param, const float *const
 FASTOPT_API int fastopt_adagrad_list_f64(double *const *param, const double *const *grad,
                                          double *const *state_sum, const int64_t *n, int64_t count,
                                          const fastopt_adagrad_scalars *s);
+FASTOPT_API int fastopt_adagrad_mixed_list(const fastopt_formats *f, void *const *param,
+                                           const void *const *grad, void *const *state_sum,
+                                           float *const *master, const int64_t *n, int64_t count,
+                                           const fastopt_adagrad_scalars *s);
 
 /* ---- RMSprop (rmsprop) --------------------------------------------------------------------------
  *
@@ -114,7 +123,8 @@ FASTOPT_API int fastopt_rmsprop_prepare(fastopt_rmsprop_scalars *out, double lr,
 
 /* State buffers: square_avg, momentum_buffer, grad_avg. momentum_buffer: optional, used (and
  * required) only when s->use_momentum (momentum > 0). grad_avg: optional, used (and required) only
- * when s->centered (centered=True). _list_: count tensors in one call (see fastopt.h). */
+ * when s->centered (centered=True). _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_rmsprop_f32(float *param, const float *grad, float *square_avg,
                                     float *momentum_buffer, float *grad_avg, int64_t n,
                                     const fastopt_rmsprop_scalars *s);
@@ -129,6 +139,11 @@ FASTOPT_API int fastopt_rmsprop_list_f64(double *const *param, const double *con
                                          double *const *square_avg, double *const *momentum_buffer,
                                          double *const *grad_avg, const int64_t *n, int64_t count,
                                          const fastopt_rmsprop_scalars *s);
+FASTOPT_API int fastopt_rmsprop_mixed_list(const fastopt_formats *f, void *const *param,
+                                           const void *const *grad, void *const *square_avg,
+                                           void *const *momentum_buffer, void *const *grad_avg,
+                                           float *const *master, const int64_t *n, int64_t count,
+                                           const fastopt_rmsprop_scalars *s);
 
 /* ---- Adadelta (adadelta) ------------------------------------------------------------------------
  *
@@ -150,7 +165,8 @@ typedef struct {
 FASTOPT_API int fastopt_adadelta_prepare(fastopt_adadelta_scalars *out, double lr, double rho, double eps,
                                          double weight_decay, int maximize, int64_t step);
 
-/* State buffers: square_avg, acc_delta.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: square_avg, acc_delta.  _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_adadelta_f32(float *param, const float *grad, float *square_avg, float *acc_delta,
                                      int64_t n, const fastopt_adadelta_scalars *s);
 FASTOPT_API int fastopt_adadelta_f64(double *param, const double *grad, double *square_avg, double *acc_delta,
@@ -161,6 +177,10 @@ FASTOPT_API int fastopt_adadelta_list_f32(float *const *param, const float *cons
 FASTOPT_API int fastopt_adadelta_list_f64(double *const *param, const double *const *grad,
                                           double *const *square_avg, double *const *acc_delta,
                                           const int64_t *n, int64_t count, const fastopt_adadelta_scalars *s);
+FASTOPT_API int fastopt_adadelta_mixed_list(const fastopt_formats *f, void *const *param,
+                                            const void *const *grad, void *const *square_avg,
+                                            void *const *acc_delta, float *const *master, const int64_t *n,
+                                            int64_t count, const fastopt_adadelta_scalars *s);
 
 /* ---- Adam (adam) --------------------------------------------------------------------------------
  *
@@ -192,8 +212,8 @@ FASTOPT_API int fastopt_adam_prepare(fastopt_adam_scalars *out, double lr, doubl
                                      int64_t step);
 
 /* State buffers: exp_avg, exp_avg_sq, max_exp_avg_sq. max_exp_avg_sq: optional, used (and
- * required) only when s->amsgrad (amsgrad=True). _list_: count tensors in one call (see
- * fastopt.h). */
+ * required) only when s->amsgrad (amsgrad=True). _list_: count tensors in one call; _mixed_list:
+ * in other formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_adam_f32(float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
                                  float *max_exp_avg_sq, int64_t n, const fastopt_adam_scalars *s);
 FASTOPT_API int fastopt_adam_f64(double *param, const double *grad, double *exp_avg, double *exp_avg_sq,
@@ -204,6 +224,10 @@ FASTOPT_API int fastopt_adam_list_f32(float *const *param, const float *const *g
 FASTOPT_API int fastopt_adam_list_f64(double *const *param, const double *const *grad, double *const *exp_avg,
                                       double *const *exp_avg_sq, double *const *max_exp_avg_sq,
                                       const int64_t *n, int64_t count, const fastopt_adam_scalars *s);
+FASTOPT_API int fastopt_adam_mixed_list(const fastopt_formats *f, void *const *param, const void *const *grad,
+                                        void *const *exp_avg, void *const *exp_avg_sq,
+                                        void *const *max_exp_avg_sq, float *const *master, const int64_t *n,
+                                        int64_t count, const fastopt_adam_scalars *s);
 
 /* ---- AdamW (adamw) ------------------------------------------------------------------------------
  *
@@ -223,7 +247,8 @@ FASTOPT_API int fastopt_adamw_prepare(fastopt_adam_scalars *out, double lr, doub
 
 /* State buffers: exp_avg, exp_avg_sq, max_exp_avg_sq. max_exp_avg_sq: optional, used (and
  * required) only when s->amsgrad (amsgrad=True). The same kernel as fastopt_adam_*. _list_: count
- * tensors in one call (see fastopt.h). */
+ * tensors in one call; _mixed_list: in other formats than float32, computed in float32 (see
+ * fastopt.h). */
 FASTOPT_API int fastopt_adamw_f32(float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
                                   float *max_exp_avg_sq, int64_t n, const fastopt_adam_scalars *s);
 FASTOPT_API int fastopt_adamw_f64(double *param, const double *grad, double *exp_avg, double *exp_avg_sq,
@@ -235,6 +260,11 @@ FASTOPT_API int fastopt_adamw_list_f64(double *const *param, const double *const
                                        double *const *exp_avg, double *const *exp_avg_sq,
                                        double *const *max_exp_avg_sq, const int64_t *n, int64_t count,
                                        const fastopt_adam_scalars *s);
+FASTOPT_API int fastopt_adamw_mixed_list(const fastopt_formats *f, void *const *param,
+                                         const void *const *grad, void *const *exp_avg,
+                                         void *const *exp_avg_sq, void *const *max_exp_avg_sq,
+                                         float *const *master, const int64_t *n, int64_t count,
+                                         const fastopt_adam_scalars *s);
 
 /* ---- Adamax (adamax) ----------------------------------------------------------------------------
  *
@@ -258,7 +288,8 @@ typedef struct {
 FASTOPT_API int fastopt_adamax_prepare(fastopt_adamax_scalars *out, double lr, double beta1, double beta2,
                                        double eps, double weight_decay, int maximize, int64_t step);
 
-/* State buffers: exp_avg, exp_inf.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: exp_avg, exp_inf.  _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_adamax_f32(float *param, const float *grad, float *exp_avg, float *exp_inf, int64_t n,
                                    const fastopt_adamax_scalars *s);
 FASTOPT_API int fastopt_adamax_f64(double *param, const double *grad, double *exp_avg, double *exp_inf,
@@ -269,6 +300,10 @@ FASTOPT_API int fastopt_adamax_list_f32(float *const *param, const float *const 
 FASTOPT_API int fastopt_adamax_list_f64(double *const *param, const double *const *grad,
                                         double *const *exp_avg, double *const *exp_inf, const int64_t *n,
                                         int64_t count, const fastopt_adamax_scalars *s);
+FASTOPT_API int fastopt_adamax_mixed_list(const fastopt_formats *f, void *const *param,
+                                          const void *const *grad, void *const *exp_avg, void *const *exp_inf,
+                                          float *const *master, const int64_t *n, int64_t count,
+                                          const fastopt_adamax_scalars *s);
 
 /* ---- NAdam (nadam) ------------------------------------------------------------------------------
  *
@@ -301,7 +336,8 @@ FASTOPT_API int fastopt_nadam_prepare(fastopt_nadam_scalars *out, double *mu_pro
                                       double beta2, double eps, double weight_decay, double momentum_decay,
                                       int decoupled_weight_decay, int maximize, int64_t step);
 
-/* State buffers: exp_avg, exp_avg_sq.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: exp_avg, exp_avg_sq.  _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_nadam_f32(float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
                                   int64_t n, const fastopt_nadam_scalars *s);
 FASTOPT_API int fastopt_nadam_f64(double *param, const double *grad, double *exp_avg, double *exp_avg_sq,
@@ -312,6 +348,10 @@ FASTOPT_API int fastopt_nadam_list_f32(float *const *param, const float *const *
 FASTOPT_API int fastopt_nadam_list_f64(double *const *param, const double *const *grad,
                                        double *const *exp_avg, double *const *exp_avg_sq, const int64_t *n,
                                        int64_t count, const fastopt_nadam_scalars *s);
+FASTOPT_API int fastopt_nadam_mixed_list(const fastopt_formats *f, void *const *param,
+                                         const void *const *grad, void *const *exp_avg,
+                                         void *const *exp_avg_sq, float *const *master, const int64_t *n,
+                                         int64_t count, const fastopt_nadam_scalars *s);
 
 /* ---- RAdam (radam) ------------------------------------------------------------------------------
  *
@@ -343,7 +383,8 @@ FASTOPT_API int fastopt_radam_prepare(fastopt_radam_scalars *out, double lr, dou
                                       double eps, double weight_decay, int decoupled_weight_decay,
                                       int maximize, int64_t step);
 
-/* State buffers: exp_avg, exp_avg_sq.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: exp_avg, exp_avg_sq.  _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_radam_f32(float *param, const float *grad, float *exp_avg, float *exp_avg_sq,
                                   int64_t n, const fastopt_radam_scalars *s);
 FASTOPT_API int fastopt_radam_f64(double *param, const double *grad, double *exp_avg, double *exp_avg_sq,
@@ -354,6 +395,10 @@ FASTOPT_API int fastopt_radam_list_f32(float *const *param, const float *const *
 FASTOPT_API int fastopt_radam_list_f64(double *const *param, const double *const *grad,
                                        double *const *exp_avg, double *const *exp_avg_sq, const int64_t *n,
                                        int64_t count, const fastopt_radam_scalars *s);
+FASTOPT_API int fastopt_radam_mixed_list(const fastopt_formats *f, void *const *param,
+                                         const void *const *grad, void *const *exp_avg,
+                                         void *const *exp_avg_sq, float *const *master, const int64_t *n,
+                                         int64_t count, const fastopt_radam_scalars *s);
 
 /* ---- Lion (lion) --------------------------------------------------------------------------------
  *
@@ -377,7 +422,8 @@ typedef struct {
 FASTOPT_API int fastopt_lion_prepare(fastopt_lion_scalars *out, double lr, double beta1, double beta2,
                                      double weight_decay, int maximize);
 
-/* State buffers: exp_avg.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: exp_avg.  _list_: count tensors in one call; _mixed_list: in other formats than
+ * float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_lion_f32(float *param, const float *grad, float *exp_avg, int64_t n,
                                  const fastopt_lion_scalars *s);
 FASTOPT_API int fastopt_lion_f64(double *param, const double *grad, double *exp_avg, int64_t n,
@@ -386,6 +432,9 @@ FASTOPT_API int fastopt_lion_list_f32(float *const *param, const float *const *g
                                       const int64_t *n, int64_t count, const fastopt_lion_scalars *s);
 FASTOPT_API int fastopt_lion_list_f64(double *const *param, const double *const *grad, double *const *exp_avg,
                                       const int64_t *n, int64_t count, const fastopt_lion_scalars *s);
+FASTOPT_API int fastopt_lion_mixed_list(const fastopt_formats *f, void *const *param, const void *const *grad,
+                                        void *const *exp_avg, float *const *master, const int64_t *n,
+                                        int64_t count, const fastopt_lion_scalars *s);
 
 /* ---- Rprop (rprop) ------------------------------------------------------------------------------
  *
@@ -410,7 +459,8 @@ typedef struct {
 FASTOPT_API int fastopt_rprop_prepare(fastopt_rprop_scalars *out, double etaminus, double etaplus,
                                       double step_size_min, double step_size_max, int maximize);
 
-/* State buffers: prev, step_size.  _list_: count tensors in one call (see fastopt.h). */
+/* State buffers: prev, step_size.  _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_rprop_f32(float *param, const float *grad, float *prev, float *step_size, int64_t n,
                                   const fastopt_rprop_scalars *s);
 FASTOPT_API int fastopt_rprop_f64(double *param, const double *grad, double *prev, double *step_size,
@@ -421,6 +471,10 @@ FASTOPT_API int fastopt_rprop_list_f32(float *const *param, const float *const *
 FASTOPT_API int fastopt_rprop_list_f64(double *const *param, const double *const *grad, double *const *prev,
                                        double *const *step_size, const int64_t *n, int64_t count,
                                        const fastopt_rprop_scalars *s);
+FASTOPT_API int fastopt_rprop_mixed_list(const fastopt_formats *f, void *const *param,
+                                         const void *const *grad, void *const *prev, void *const *step_size,
+                                         float *const *master, const int64_t *n, int64_t count,
+                                         const fastopt_rprop_scalars *s);
 
 /* ---- AdEMAMix (ademamix) ------------------------------------------------------------------------
  *
@@ -459,8 +513,8 @@ FASTOPT_API int fastopt_ademamix_prepare(fastopt_ademamix_scalars *out, double l
                                          double beta3_warmup, double alpha_warmup, int maximize,
                                          int64_t step);
 
-/* State buffers: exp_avg_fast, exp_avg_slow, exp_avg_sq.  _list_: count tensors in one call (see
- * fastopt.h). */
+/* State buffers: exp_avg_fast, exp_avg_slow, exp_avg_sq.  _list_: count tensors in one call;
+ * _mixed_list: in other formats than float32, computed in float32 (see fastopt.h). */
 FASTOPT_API int fastopt_ademamix_f32(float *param, const float *grad, float *exp_avg_fast,
                                      float *exp_avg_slow, float *exp_avg_sq, int64_t n,
                                      const fastopt_ademamix_scalars *s);
@@ -475,6 +529,11 @@ FASTOPT_API int fastopt_ademamix_list_f64(double *const *param, const double *co
                                           double *const *exp_avg_fast, double *const *exp_avg_slow,
                                           double *const *exp_avg_sq, const int64_t *n, int64_t count,
                                           const fastopt_ademamix_scalars *s);
+FASTOPT_API int fastopt_ademamix_mixed_list(const fastopt_formats *f, void *const *param,
+                                            const void *const *grad, void *const *exp_avg_fast,
+                                            void *const *exp_avg_slow, void *const *exp_avg_sq,
+                                            float *const *master, const int64_t *n, int64_t count,
+                                            const fastopt_ademamix_scalars *s);
 
 /* ---- LAMB (lamb) --------------------------------------------------------------------------------
  *

@@ -24,6 +24,7 @@ const char *fastopt_strerror(int code)
     case FASTOPT_ERR_HYPER: return "a hyperparameter or the step is out of range";
     case FASTOPT_ERR_THREADS: return "the thread count is < 0";
     case FASTOPT_ERR_MEMORY: return "out of memory (a two-pass update's per-tensor tables)";
+    case FASTOPT_ERR_FORMAT: return "a format is unknown or not allowed for its role (fastopt_formats)";
     default: return "unknown fastopt error code";
     }
 }
@@ -115,7 +116,7 @@ static int64_t fo_head(const void *p, int64_t n, int64_t esize)
 }
 
 /* Threads for `elements` elements of `esize` bytes: FO_MIN_BYTES_PER_THREAD each at least. */
-static int64_t fo_threads_for(int64_t elements, int64_t esize)
+int64_t fo_threads_for(int64_t elements, int64_t esize)
 {
     int64_t threads = fastopt_get_num_threads();
     const int64_t useful = elements / (FO_MIN_BYTES_PER_THREAD / esize);

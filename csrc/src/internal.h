@@ -35,10 +35,23 @@ typedef void (*fo_loop)(void *param, const void *grad, void *const *state, int64
 typedef void (*fo_sums)(const void *param, const void *grad, const void *const *state, int64_t n,
                         const void *scalars, double *param_sumsq, double *update_sumsq);
 
+/* The conversions of the mixed-format updates (formats.c), from convert.inc,
+ * compiled in every CPU path's unit so that they vectorize with its
+ * instructions. A 16-bit value is its bits (uint16_t); n elements each. */
+typedef struct {
+    void (*load_bf16)(float *out, const uint16_t *in, int64_t n); /* exact */
+    void (*load_f16)(float *out, const uint16_t *in, int64_t n);  /* exact; a NaN: 0x7fc00000 | sign */
+    void (*store_bf16_nearest)(uint16_t *out, const float *in, int64_t n);
+    void (*store_f16_nearest)(uint16_t *out, const float *in, int64_t n);
+    /* element i rounded with the random bits fo_mix32(counter + i) */
+    void (*store_bf16_stochastic)(uint16_t *out, const float *in, int64_t n, uint32_t counter);
+} fo_convert;
+
 typedef struct {
     const char *name;  /* "avx512", "avx2", "baseline" */
     fo_loop loop[FO_NKERNELS][FO_NDTYPES];
     fo_sums sums[FO_NKERNELS][FO_NDTYPES]; /* the two-pass kernels' (FO_TRUST_LIST); NULL for the others */
+    fo_convert convert;
 } fo_kernels;
 
 /* One table per CPU path, each from its own translation unit compiled with
@@ -60,6 +73,29 @@ int fo_list_check(int dtype, const void *param, const void *grad, const void *co
                   const int64_t *n, int64_t count, const void *scalars, int64_t *total);
 int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad, const void *const *state,
                      unsigned need, const int64_t *n, int64_t count, const void *scalars, int64_t stride);
+
+/* api.c: the threads for `elements` elements of `esize` bytes (the same rule
+ * for every entry point: FO_MIN_BYTES_PER_THREAD bytes per thread at least). */
+int64_t fo_threads_for(int64_t elements, int64_t esize);
+
+/* formats.c: the mixed-format list update of fastopt_<rule>_mixed_list (state:
+ * FO_MAX_STATE tables, NULL for an unused buffer; bit k of `need`: state[k] is
+ * required). */
+int fo_run_mixed(int kernel, const fastopt_formats *f, void *const *param, const void *const *grad,
+                 void *const *const *state, float *const *master, unsigned need, const int64_t *n, int64_t count,
+                 const void *scalars);
+
+/* lowbias32 (Chris Wellons): the invertible 32-bit mixer behind the random bits of
+ * stochastic rounding (fastopt.formats.mix32). */
+static inline uint32_t fo_mix32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
 
 /* trust.c: the two-pass entry points' drivers. fo_ratio writes a tensor's value of
  * the rule's trust field into the scalars at out (a copy of *scalars). */

@@ -17,7 +17,9 @@ reports it; the rest of the package works.
 ``run_list`` updates a list of tensors in one native call (the
 ``fastopt_<rule>_list_*`` entry points: one pointer table per role, the
 threads spread over all the elements), from the tables that
-:func:`fastopt.buffers.check_lists` built when it could.
+:func:`fastopt.buffers.check_lists` built when it could. ``run_mixed`` does
+the same for the mixed-format calls of :mod:`fastopt.formats` (bfloat16 and
+float16 buffers, a float32 master copy: ``fastopt_<rule>_mixed_list``).
 
 The per-step scalars go to C as the rule's struct, filled positionally from the
 rule's NamedTuple (the header's structs have the same fields in the same order,
@@ -250,6 +252,54 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
         rc = fn(*tables, new("int64_t[]", [a.size for a in params]), len(params), new(struct, scalars))
     if rc:
         raise RuntimeError(f"fastopt_{kernel}_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
+
+
+#: The formats run_mixed takes (fastopt.formats' codes, the C library's FASTOPT_FORMAT_*):
+#: float32, bfloat16 and float16; 8-bit state not yet.
+mixed_formats = (0, 1, 2)
+_mixed_fns: dict = {}  # kernel -> (fastopt_<kernel>_mixed_list, its scalars struct type)
+
+
+def _mixed_fn(kernel: str):
+    got = _mixed_fns.get(kernel)
+    if got is None:
+        if _load():
+            raise RuntimeError(f"backend 'c' is unavailable: {_reason}")
+        lib = _ext.lib
+        if not hasattr(lib, f"fastopt_{kernel}_mixed_list"):
+            raise TypeError(f"the c backend has no mixed-format update for the {kernel} kernel")
+        got = (getattr(lib, f"fastopt_{kernel}_mixed_list"), _ext.ffi.typeof(f"fastopt_{kernel}_scalars *"))
+        _mixed_fns[kernel] = got
+    return got
+
+
+def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key: int) -> None:
+    """A mixed-format update (:mod:`fastopt.formats`) over lists of tensors in one
+    native call, ``fastopt_<kernel>_mixed_list``: bitwise
+    ``fastopt.backends.reference.run_mixed``, for any thread count.
+
+    ``params``, ``grads``: lists of validated C-contiguous host arrays, each role of
+    one dtype (float32, ``ml_dtypes.bfloat16`` or float16); ``states``: per state
+    buffer of the rule a list (float32 or bfloat16) or None when unused;
+    ``masters``: None or a list of float32 arrays, the params' master copies;
+    ``formats``: the call's ``fastopt.formats.CallFormats``; ``key``: its 32-bit
+    rounding key."""
+    if not params:
+        return
+    fn, struct = _mixed_fn(kernel)
+    fb, new, null = _from_buffer, _new, _null
+
+    def table(arrays):  # (from_buffer: ~0.5 us an array, __array_interface__ ~3.5)
+        return null if arrays is None else new("void *[]", [fb(a) for a in arrays])
+
+    master = null if masters is None else new("float *[]", [fb("float[]", a) for a in masters])
+    tables = [table(params), table(grads), *map(table, states), master]
+    sizes = new("int64_t[]", [a.size for a in params])
+    state_formats = [0 if f is None else f for f in formats.state]  # (an unused buffer's is never read)
+    f = new("fastopt_formats *", {"param": formats.param, "grad": formats.grad, "state": state_formats, "key": key})
+    rc = fn(f, *tables, sizes, len(params), new(struct, scalars))
+    if rc:
+        raise RuntimeError(f"fastopt_{kernel}_mixed_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
 
 
 def _reduce_list(what: str, arrays, each) -> float:

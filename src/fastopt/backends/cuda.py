@@ -280,13 +280,18 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
     run_each(run, kernel, params, grads, states, scalars, stream)
 
 
-def compiled_mixed(kernel: str, formats: CallFormats, flush: bool = False) -> _Compiled:
+def compiled_mixed(kernel: str, formats: CallFormats, flush: bool = False, signed: tuple = ()) -> _Compiled:
     """The compiled mixed-format variant (:mod:`fastopt.kernels.cuda_formats`), compiled on first use."""
-    key = (kernel, "mixed", formats) + (("flush",) if flush else ())
+    key = (kernel, "mixed", formats, signed) + (("flush",) if flush else ())
     got = _compiled.get(key)
     if got is None:
-        got = _compile(key, cuda_formats.make_kernel(kernel, formats, flush), cuda_formats.signature(kernel, formats))
+        got = _compile(key, cuda_formats.make_kernel(kernel, formats, flush, signed),
+                       cuda_formats.signature(kernel, formats))
     return got
+
+
+#: The formats run_mixed takes (fastopt.formats' codes): every one, 8-bit state included.
+mixed_formats = (0, 1, 2, 3)
 
 
 def _bits16(view):
@@ -302,18 +307,29 @@ def run_mixed(kernel: str, params, grads, states, masters, formats: CallFormats,
     stochastic rounding draws from the streams ``fastopt.formats.stream(key, t, role)``."""
     from .. import formats as fmt
 
-    entry = compiled_mixed(kernel, formats, _flush)
+    signed = tuple(s[0].signed if f == fmt.INT8 and s else None for s, f in zip(states, formats.state)) \
+        if fmt.INT8 in formats.state else ()
+    entry = compiled_mixed(kernel, formats, _flush, signed)
     roles = cuda_formats.roles(formats)
     cast = _cast(scalars, np.dtype(np.float32)) if SIMULATOR else scalars
     tiny = np.float32(np.finfo(np.float32).tiny)
     for t, (p, g) in enumerate(zip(params, grads)):
-        arrays = (p, g, *(s[t] for s in states if s is not None), *((masters[t],) if masters is not None else ()))
+        arrays = [p, g]
+        for s, f in zip(states, formats.state):
+            if s is not None:  # (an 8-bit buffer is two arguments: its codes, its absmax)
+                arrays += [s[t].codes, s[t].absmax] if f == fmt.INT8 else [s[t]]
+        arrays += [masters[t]] if masters is not None else []
         views, producers = zip(*(flat_view(a) for a in arrays))
         n = views[0].size
         if n == 0:
             continue
         streams = tuple(np.uint64(fmt.stream(key, t, r)) for r in roles)
-        _launch(entry, n, _resolve_stream(stream, producers), (*map(_bits16, views), cast, tiny, streams))
+        args = (*map(_bits16, views), cast, tiny, streams)
+        if signed:  # one thread block per block of 256 elements
+            blocks = min(-(-n // fmt.BLOCK), MAX_BLOCKS or 65535)
+            entry.dispatcher[blocks, fmt.BLOCK, _resolve_stream(stream, producers)](*args)
+        else:
+            _launch(entry, n, _resolve_stream(stream, producers), args)
 
 
 def all_finite(array, stream=None) -> bool:

@@ -2,7 +2,9 @@
 
 The loops live in :mod:`fastopt.kernels.numba_loops` (compiled from the
 shared element functions, cached on disk). This module only picks the serial
-or the parallel loop and passes the thread count.
+or the parallel loop and passes the thread count. Mixed-format updates
+(:func:`run_mixed`: bfloat16/float16 buffers) run the loops of
+:mod:`fastopt.kernels.numba_formats`, imported at the first such call.
 
 Updates that move less than :data:`PARALLEL_MIN_BYTES` take the serial loop:
 waking Numba's thread pool costs 1-4 microseconds per call (more on a busy
@@ -28,6 +30,7 @@ import numpy as np
 
 from .. import denormals, threads
 from . import run_each
+from ..formats import BFLOAT16, FLOAT16, FLOAT32
 from ..kernels import stores
 from ..kernels.numba_loops import LIST_LOOPS, LOOPS, N_FLOATS
 
@@ -151,6 +154,55 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
     rows = tuple(None if st is None else 2 + k for k, st in enumerate(states))
     args = (table, rows, scalars[:n], scalars[n:], _TINY[itemsize])
     if not _on_pool(_moved(itemsize, int(table[-1].sum()), states)):
+        serial(*args, 1)
+        return
+    try:
+        parallel(*args, _threads)
+    finally:
+        _pool.release()
+
+
+# ---- mixed-format updates (fastopt.formats) ---------------------------------------
+
+#: The formats run_mixed takes (not 8-bit state yet: functional.py says so).
+mixed_formats = (FLOAT32, BFLOAT16, FLOAT16)
+#: Bytes per element of each of those formats, by code.
+_FORMAT_BYTES = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2}
+
+
+def _mixed_moved(formats, elements: int) -> int:
+    """Bytes a mixed-format update moves: param (and master) and each used state
+    buffer read and written, grad read, each in its format."""
+    per = 2 * _FORMAT_BYTES[formats.param] + _FORMAT_BYTES[formats.grad] + (8 if formats.master else 0)
+    for fmt in formats.state:
+        if fmt is not None:
+            per += 2 * _FORMAT_BYTES[fmt]
+    return per * elements
+
+
+def _addresses(arrays) -> list:
+    return [a.__array_interface__["data"][0] for a in arrays]
+
+
+def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key: int) -> None:
+    """A mixed-format update over lists of tensors (validated host arrays; ``formats``
+    a ``fastopt.formats.CallFormats``, ``key`` the call's rounding key) in one
+    compiled call over their pointer table (:mod:`fastopt.kernels.numba_formats`),
+    bitwise the NumPy reference's ``run_mixed``."""
+    from ..kernels.numba_formats import FIRST_STATE, MIXED_LOOPS
+    sizes = [a.size for a in params]
+    unused = [0] * len(params)  # the row of a buffer the call does not have (never read)
+    # rows: numba_formats.PARAM, GRAD, MASTER, then FIRST_STATE + k, then the element counts
+    table = np.array([_addresses(params), _addresses(grads), unused if masters is None else _addresses(masters),
+                      *(unused if st is None else _addresses(st) for st in states), sizes], dtype=np.int64)
+    rows = tuple(None if st is None else FIRST_STATE + k for k, st in enumerate(states))
+    roles = (formats.param, formats.grad, formats.master)
+    fmts = tuple(FLOAT32 if f is None else f for f in formats.state)
+    n = N_FLOATS[kernel]
+    store = stores.flush_subnormal if denormals.get_flush_denormal() else stores.keep
+    serial, parallel = MIXED_LOOPS[kernel, store]
+    args = (table, rows, roles, fmts, scalars[:n], scalars[n:], _TINY[4], key)
+    if not _on_pool(_mixed_moved(formats, sum(sizes))):
         serial(*args, 1)
         return
     try:

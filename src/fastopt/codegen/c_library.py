@@ -3,7 +3,9 @@
 ``generate()`` returns {path relative to the checkout: text} for:
 
 * ``csrc/include/fastopt_rules.h``  public: per rule its documentation, the
-  scalars struct, ``fastopt_<rule>_prepare``, the flat and list kernels;
+  scalars struct, ``fastopt_<rule>_prepare``, the flat and list kernels and
+  the mixed-format list kernel (``fastopt_<rule>_mixed_list``, over
+  csrc/src/formats.c; not for the two-pass rules yet);
 * ``csrc/src/rules_internal.h``     the kernel enum, the kernel list (X-macro)
   and the most state buffers of a rule, for ``internal.h``;
 * ``csrc/src/rules_kernels.inc``    per kernel and dtype: the scalars in the
@@ -155,7 +157,8 @@ class RuleInfo:
             cond = None
             if buf.when is not None:
                 cond = tr.translate_when(buf.when, "s->", self.field_types, f"{where}, when of {buf.name}")
-            if buf.name in tr.C_RESERVED or buf.name in ("p", "g", "n", "i", "s", "count", "param", "grad", "state"):
+            if buf.name in tr.C_RESERVED or buf.name in ("p", "g", "n", "i", "s", "f", "count", "param", "grad",
+                                                         "state", "master"):
                 raise tr.TranslationError(f"{where}: the state name {buf.name!r} is reserved in the generated C")
             self.states.append((buf.name, cond, buf))
         # a two-pass rule: (its Trust, the ratio's C statements, its value, `when` over s->)
@@ -188,6 +191,13 @@ class RuleInfo:
             return out + ["const int64_t *n", "int64_t count", f"const {self.struct} *s"]
         out = [f"{ctype} *param", f"const {ctype} *grad"] + [f"{ctype} *{name}" for name, _, _ in self.states]
         return out + ["int64_t n", f"const {self.struct} *s"]
+
+    def mixed_params(self) -> list[str]:
+        """The mixed-format list entry point's parameters (fastopt.h, "Mixed-format updates"):
+        the formats, untyped tables of the buffers (each role in its format), the master copy."""
+        out = ["const fastopt_formats *f", "void *const *param", "const void *const *grad"]
+        out += [f"void *const *{name}" for name, _, _ in self.states]
+        return out + ["float *const *master", "const int64_t *n", "int64_t count", f"const {self.struct} *s"]
 
     def norms_params(self, ctype: str, lists: bool) -> list[str]:
         """Pass 1's parameters: the update's buffers, read-only, then the two sums' outputs."""
@@ -343,11 +353,15 @@ def _header(rinfos: list[RuleInfo]) -> str:
         out.append("/* " + "\n * ".join(textwrap.wrap(
             "State buffers: " + ", ".join(n for n, _, _ in ri.states) + ". " + " ".join(notes)
             + (" The same kernel as fastopt_" + ri.kernel + "_*." if ri.kernel != r.name else "")
-            + " _list_: count tensors in one call (see fastopt.h).", 96)) + " */")
+            + " _list_: count tensors in one call" + ("" if ri.trust else "; _mixed_list: in other formats than "
+                                                       "float32, computed in float32")
+            + " (see fastopt.h).", 96)) + " */")
         for ctype, sfx in (("float", "f32"), ("double", "f64")):
             out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_{sfx}", ri.kernel_params(ctype, False)))
         for ctype, sfx in (("float", "f32"), ("double", "f64")):
             out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_list_{sfx}", ri.kernel_params(ctype, True)))
+        if not ri.trust:
+            out.append(_proto(f"FASTOPT_API int fastopt_{r.name}_mixed_list", ri.mixed_params()))
         if ri.trust:
             out += _trust_header(ri)
     out += ["", CFFI_END, "", "#ifdef __cplusplus", "}", "#endif", "#endif /* FASTOPT_RULES_H */", ""]
@@ -660,7 +674,7 @@ def _store(buf: str, value: str) -> str:
 
 def _api(rinfos: list[RuleInfo]) -> str:
     out = [_banner("Included by api.c: per rule the prepare function (the checks and formulas of the\n"
-                   "rule table, in double precision) and the flat and list entry points.")]
+                   "rule table, in double precision) and the flat, list and mixed-format list entry points.")]
     for ri in rinfos:
         r = ri.rule
         out += ["", f"/* ---- {r.name} " + "-" * max(4, 90 - len(r.name)) + " */", ""]
@@ -721,6 +735,14 @@ def _api(rinfos: list[RuleInfo]) -> str:
             out.append("{")
             out.append(f"    const void *state[FO_MAX_STATE] = {{{', '.join(n for n, _, _ in ri.states)}}};")
             out.append(f"    return fo_run_list(FO_{ri.upper}, {dt}, param, grad, state, "
+                       f"s ? fo_need_{r.name}(s) : 0u, n, count, s);")
+            out.append("}")
+        if not ri.trust:
+            out.append("")
+            out.append(_proto(f"int fastopt_{r.name}_mixed_list", ri.mixed_params(), ""))
+            out.append("{")
+            out.append(f"    void *const *const state[FO_MAX_STATE] = {{{', '.join(n for n, _, _ in ri.states)}}};")
+            out.append(f"    return fo_run_mixed(FO_{ri.upper}, f, param, grad, state, master, "
                        f"s ? fo_need_{r.name}(s) : 0u, n, count, s);")
             out.append("}")
         if ri.trust:
@@ -906,6 +928,8 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
         "      in *carry;\n"
         "  fo_t_need(rule, s): the state buffers the call requires (bit k: state k);\n"
         "  fo_t_run_f32/_f64(rule, param, grad, state, n, s), fo_t_list_f32/_f64(...): the kernels;\n"
+        "  fo_t_mixed_list(rule, f, param, grad, state, master, n, count, s): the mixed-format kernel\n"
+        "      (-100 for a two-pass rule, which has none);\n"
         "  fo_t_ref_f32/_f64(rule, param, grad, state, n, s): the reference;\n"
         "  fo_t_two_pass(rule), fo_t_ratio, fo_t_norms_list_*, fo_t_trust_list_*, fo_t_trust_*: the\n"
         "      entry points of the two-pass rules (test_trust.c).\n"
@@ -1096,6 +1120,18 @@ def _tests(rinfos: list[RuleInfo], kinfos: list[KernelInfo]) -> str:
                 ["n", "count", f"s ? &s->{ri.kernel} : NULL"]
             out.append(f"    case {k}: return fastopt_{ri.name}_list_{sfx}({', '.join(args)});")
         out += ["    default: return -100;", "    }", "}"]
+
+    # the mixed-format entry points (fastopt.h, "Mixed-format updates")
+    out += ["", "FO_T_FN int fo_t_mixed_list(int rule, const fastopt_formats *f, void *const *p, const void *const *g, "
+            "void *const *const *st, float *const *master, const int64_t *n, int64_t count, const fo_t_scalars *s)",
+            "{", "    switch (rule) {"]
+    for k, ri in enumerate(rinfos):
+        if ri.trust:
+            continue
+        args = ["f", "p", "g"] + [f"st[{j}]" for j in range(len(ri.states))] + \
+            ["master", "n", "count", f"s ? &s->{ri.kernel} : NULL"]
+        out.append(f"    case {k}: return fastopt_{ri.name}_mixed_list({', '.join(args)});")
+    out += ["    default: return -100;", "    }", "}"]
 
     # the two-pass rules' entry points (fastopt.h, "Two-pass rules")
     trusted = [(k, ri) for k, ri in enumerate(rinfos) if ri.trust]

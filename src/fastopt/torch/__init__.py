@@ -32,10 +32,39 @@ The classes subclass ``torch.optim.Optimizer`` and keep its semantics:
   torch's fused optimizers (no unscaling pass), and ``opt.clip_grad_norm_``
   (optionally with ``grad_scaler=``) folds clipping into the next step.
 
+Mixed precision (keyword arguments of the constructor, for the whole optimizer):
+
+* ``state_dtype``: None (default: the parameter's dtype, except that a
+  bfloat16 or float16 parameter gets float32 state, where ``torch.optim``
+  keeps bfloat16 state that rounds Adam's small increments away), ``"float32"``
+  or ``"bfloat16"`` (or ``torch.float32``/``torch.bfloat16``): bfloat16 state
+  is stored with stochastic rounding, 2 bytes per element;
+* ``master_weights=True``: each bfloat16 or float16 parameter keeps a float32
+  master copy (``state[p]["master_param"]``, made from the parameter at its
+  first step), which the update reads and writes, the parameter getting its
+  nearest value in the same pass. Required for float16 parameters; without it
+  a bfloat16 parameter is rounded stochastically. float32 and float64
+  parameters have nothing to keep (no error: a model may mix them). The master
+  copy is the weight: write a parameter (loading a model checkpoint) before its
+  first step, or load the optimizer's state dict with it;
+* ``rounding_seed`` (an int in [0, 2**64), default 0): the seed of stochastic
+  rounding's random bits, which also depend on the step, the tensor's position
+  in its call and the element, so a run (and a resumed one, made with the same
+  seed) is reproducible bit for bit.
+
+A model may mix dtypes: each step is one call per group and dtype, as above.
+Gradients have the parameter's dtype (a 16-bit parameter's may be float32).
+bfloat16 state and ``master_param`` are saved as such by ``state_dict()`` and
+loaded exactly; a float32 (``torch.optim``) state dict loads into bfloat16
+state rounded to nearest even; :meth:`Optimizer.state_dict_fp32` gives the
+state in ``torch.optim``'s layout with float32 buffers. See ``.precision``.
+
 Differences: parameters must be float32 or float64 on the CPU or a CUDA
-device, dense and contiguous; ``capturable=True`` and ``differentiable=True``
-are refused (``foreach`` and ``fused`` pick torch's implementation and are
-accepted and ignored).
+device, or bfloat16 or float16 on the CPU, dense and contiguous (bfloat16
+state, too, is for CPU tensors; the two-pass LAMB and LARS take float32 and
+float64 only); ``capturable=True`` and ``differentiable=True`` are refused
+(``foreach`` and ``fused`` pick torch's implementation and are accepted and
+ignored).
 
 This module imports torch; ``import fastopt`` does not import it.
 """
@@ -43,26 +72,27 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from itertools import chain
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
 
 from ..algorithm import Algorithm, one_class_per_rule
 from ..checks import flag
-from ..finite import all_finite
-from ..functional import table_backend
+from ..functional import _seed, table_backend
 from ..norms import sum_of_squares, total_norm
 from ..rules import ALL_RULES
 from .hooks import hooked_step
-from .steps import PLAIN, Call, Plan, Record, grad_view, local, pointer, run, view
+from .precision import LOW, Formats, finite, formats_of, option_text, state_dtype_option
+from .steps import PLAIN, Call, MixedPlan, Plan, Record, grad_view, local, pointer, run, view
 
 __all__ = ["Optimizer"]
 
 #: torch options that choose torch's own implementation: accepted, kept in the
 #: groups (so state dicts round-trip) and ignored, since fastopt is the implementation.
 IGNORED_TORCH_OPTIONS = ("foreach", "fused")
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, *LOW)
 
 
 def _scalar_dtype() -> torch.dtype:
@@ -96,6 +126,8 @@ class Optimizer(torch.optim.Optimizer):
     ``(name, tensor)`` pairs or of group dicts. ``skip_nonfinite=True`` drops a
     step whose gradients hold a NaN or Inf (counted in ``skipped_steps``,
     flagged by ``last_step_skipped``); by default they propagate as in torch.
+    ``state_dtype``, ``master_weights`` and ``rounding_seed``: the storage of
+    bfloat16 and float16 models and of the state (see :mod:`fastopt.torch`).
     """
 
     core: ClassVar[Algorithm]
@@ -124,8 +156,13 @@ class Optimizer(torch.optim.Optimizer):
                        f"{core.describe()}")
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, *, skip_nonfinite: bool = False,
+                 state_dtype: Any = None, master_weights: bool = False, rounding_seed: int = 0,
                  **hyper: Any) -> None:
         self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
+        self.state_dtype: Optional[torch.dtype] = state_dtype_option(state_dtype)
+        self.master_weights = flag("master_weights", master_weights)
+        self.rounding_seed = _seed(rounding_seed)
+        self._formats: dict[torch.dtype, Formats] = {}  # per parameter dtype, under these options
         self.skipped_steps, self.last_step_skipped = 0, False
         self._records: dict[int, Record] = {}
         self._plans: dict[int, Plan] = {}
@@ -165,36 +202,65 @@ class Optimizer(torch.optim.Optimizer):
                 shard = local(p)
                 if shard.dtype not in _DTYPES or shard.device.type not in ("cpu", "cuda") or shard.is_sparse:
                     raise TypeError(f"{_where(i, j)} is a {shard.dtype} tensor on {shard.device} "
-                                    f"({shard.layout}); fastopt.torch needs dense float32 or float64 "
-                                    "parameters on the CPU or a CUDA device")
+                                    f"({shard.layout}); fastopt.torch needs dense float32, float64, bfloat16 "
+                                    "or float16 parameters on the CPU or a CUDA device")
+                self._format(shard, _where(i, j))
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
 
+    def _format(self, p: torch.Tensor, where: str) -> Formats:
+        """How ``p`` (a float32, float64, bfloat16 or float16 tensor) is stepped under
+        the optimizer's options (:mod:`.precision`), or TypeError/ValueError naming it
+        (``where``) and the option that refuses it."""
+        fmt = self._formats.get(p.dtype)
+        if fmt is None:
+            fmt = formats_of(p.dtype, self.state_dtype, self.master_weights, self.saves_step,
+                             self.core.rule.trust is not None, where, type(self).__name__)
+            self._formats[p.dtype] = fmt
+        if fmt.mixed and p.is_cuda:
+            raise TypeError(f"{where} is a {p.dtype} CUDA tensor" + (
+                f" with state_dtype={option_text(self.state_dtype)}" if p.dtype not in LOW else "")
+                + ": fastopt.torch steps bfloat16 and float16 parameters and bfloat16 state on CPU tensors only "
+                "(the functional API's bfloat16/float16 calls take host arrays)")
+        return fmt
+
     # ---- one step ---------------------------------------------------------------
 
-    def _state_of(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str]) -> dict:
+    def _state_of(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str], fmt: Formats,
+                  stepped: bool) -> dict:
         """``state[p]`` with every buffer the group's options need (made now, as
-        torch makes them at a parameter's first step, on its device and dtype) and,
-        for rules whose state counts steps, its ``step`` (and carried value)."""
+        torch makes them at a parameter's first step, on its device, in the state's
+        dtype), its master copy if it keeps one, and, if its state counts steps, its
+        ``step`` (and carried value)."""
         keys = self.core.state_keys()
         state = self.state.get(p)
         if state is None:  # (not self.state[p]: torch.optim.SGD without momentum saves no empty entries)
             state = {}
-            if self.saves_step or needs:
+            if fmt.counts or needs or fmt.master:
                 self.state[p] = state
-        if self.saves_step:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=_scalar_dtype())
-                for c, initial in self.core.carry.items():
-                    state[c] = torch.tensor(initial, dtype=_scalar_dtype())
+        if fmt.counts and "step" not in state:
+            # (a rule whose torch state counts no steps counts from 1 once it has its buffers,
+            # as the kernel's first step initialises them)
+            state["step"] = torch.tensor(float(stepped and not self.saves_step), dtype=_scalar_dtype())
+            for c, initial in self.core.carry.items():
+                state[c] = torch.tensor(initial, dtype=_scalar_dtype())
         for name in needs:
             buf = state.get(keys[name])
             if buf is None:
                 fill = float(group[self.core.fill[name]]) if name in self.core.fill else 0.0
-                state[keys[name]] = torch.full_like(p, fill, memory_format=torch.preserve_format).detach()
-            elif buf.dtype != p.dtype or buf.device != p.device:  # the model was moved or cast
-                state[keys[name]] = buf.to(dtype=p.dtype, device=p.device)
+                state[keys[name]] = torch.full_like(p, fill, dtype=fmt.state,
+                                                    memory_format=torch.preserve_format).detach()
+            elif buf.dtype != fmt.state or buf.device != p.device:  # the model was moved or cast
+                state[keys[name]] = buf.to(dtype=fmt.state, device=p.device)
+        master = state.get("master_param")
+        if fmt.master:
+            if master is None:
+                state["master_param"] = p.detach().to(dtype=torch.float32, copy=True)
+            elif master.device != p.device:
+                state["master_param"] = master.to(device=p.device)
+        elif master is not None:  # the model was cast to float32 or float64: it is its own master now
+            del state["master_param"]
         return state
 
     def _record(self, p: torch.Tensor, group: Mapping[str, Any], needs: Mapping[str, str],
@@ -208,15 +274,18 @@ class Optimizer(torch.optim.Optimizer):
             return rec, True
         keys = self.core.state_keys()
         stepped = state is not None and all(keys[name] in state for name in needs)
-        state = self._state_of(p, group, needs)
+        fmt = self._formats[local(p).dtype]  # (made by _checked)
+        state = self._state_of(p, group, needs, fmt, stepped)
         rec = Record()
         rec.param, rec.pointer, rec.needs, rec.state, rec.param_view = p, pointer(p), needs, state, view(p)
-        rec.key = (p.dtype, p.get_device())
+        rec.key, rec.formats = (p.dtype, p.get_device()), fmt
         rec.views = tuple(view(state[keys[name]]) if name in needs else None for name in self.core.rule.state)
-        scalars = ("step", *self.core.carry) if self.saves_step else ()
-        rec.tensors = tuple((k, state[k]) for k in (*scalars, *(keys[name] for name in needs)))
-        rec.step = view(state["step"]) if self.saves_step else None
+        scalars = ("step", *self.core.carry) if fmt.counts else ()
+        kept = (*scalars, *(keys[name] for name in needs), *(("master_param",) if fmt.master else ()))
+        rec.tensors = tuple((k, state[k]) for k in kept)
+        rec.step = view(state["step"]) if fmt.counts else None
         rec.carry = tuple(view(state[c]) for c in self.core.carry)
+        rec.master = view(state["master_param"]) if fmt.master else None
         return rec, stepped
 
     def _checked(self, groups: Iterable[int]) -> list[list[tuple[int, int, torch.Tensor, Any]]]:
@@ -233,16 +302,21 @@ class Optimizer(torch.optim.Optimizer):
                 g = p.grad
                 if g is None:
                     continue
-                # (torch itself keeps a gradient's shape and device the parameter's)
-                if g.layout is not torch.strided or g.dtype is not p.dtype:
-                    raise TypeError(f"the gradient of {_where(i, j)} is a {g.dtype} {g.layout} tensor; expected "
-                                    f"a dense {p.dtype} one, like the parameter")
                 if p.dtype not in _DTYPES:
                     raise TypeError(f"{_where(i, j)} is {p.dtype} (the model was cast after the optimizer was "
-                                    "made?); fastopt.torch needs float32 or float64 parameters")
+                                    "made?); fastopt.torch needs float32, float64, bfloat16 or float16 parameters")
+                fmt = self._format(local(p), _where(i, j))  # (the model may have been cast or moved since)
+                # (torch itself keeps a gradient's shape and device the parameter's)
+                if g.layout is not torch.strided or g.dtype is not p.dtype and not (
+                        p.dtype in LOW and g.dtype is torch.float32):
+                    raise TypeError(f"the gradient of {_where(i, j)} is a {g.dtype} {g.layout} tensor; expected "
+                                    f"a dense {p.dtype} one, like the parameter"
+                                    + (" (or float32)" if p.dtype in LOW else ""))
                 if not (p.is_contiguous() and g.is_contiguous()):
                     raise ValueError(f"{_where(i, j)} or its gradient is not contiguous; fastopt.torch needs "
                                      "contiguous parameters and gradients")
+                if fmt.strict:
+                    self._check_state_formats(p, fmt, _where(i, j))
                 if carry:
                     state = self.state.get(p)
                     if state and state.keys() >= carry.keys():
@@ -256,10 +330,34 @@ class Optimizer(torch.optim.Optimizer):
                 rounds[k].append((i, j, p, grad_view(g)))
         return rounds
 
+    def _check_state_formats(self, p: torch.Tensor, fmt: Formats, where: str) -> None:
+        """Check ``p``'s saved state against its formats: with an explicit ``state_dtype``,
+        every buffer in that dtype (no cast of the model changes it, so another dtype is
+        an edit, refused rather than followed); a master copy float32, of ``p``'s shape."""
+        state = self.state.get(p)
+        if not state:
+            return
+        if self.state_dtype is not None:
+            for key in self.core.state_keys().values():
+                buf = state.get(key)
+                if buf is not None and not (isinstance(buf, torch.Tensor) and buf.dtype is fmt.state):
+                    raise TypeError(f"state[{key!r}] of {where} is {_kind(buf)}; expected a {fmt.state} tensor "
+                                    f"(state_dtype={option_text(self.state_dtype)})")
+        master = state.get("master_param") if fmt.master else None
+        if master is not None:
+            if not (isinstance(master, torch.Tensor) and master.dtype is torch.float32):
+                raise TypeError(f"state['master_param'] of {where} is {_kind(master)}; expected a torch.float32 "
+                                "tensor (the parameter's master copy)")
+            if master.shape != p.shape or not master.is_contiguous():
+                raise ValueError(f"state['master_param'] of {where} has shape {tuple(master.shape)}"
+                                 f"{'' if master.is_contiguous() else ' (not contiguous)'}; expected a contiguous "
+                                 f"{tuple(p.shape)} tensor (the parameter's)")
+
     def _buckets(self, members: list[tuple[int, int, torch.Tensor, Any]], old: dict[int, Record],
                  new: dict[int, Record]) -> list[tuple[int, dict, list[tuple[Record, Any, int]]]]:
-        """Bucket the parameters by (group, dtype, device, step, carried value): one
-        kernel call each, with the group's hyperparameters and that step and value.
+        """Bucket the parameters by (group, dtype, device, the gradient's dtype, step,
+        carried value): one kernel call each, with the group's hyperparameters and that
+        step and value (a mixed-format call is by step for every rule: its random bits are).
         Returns (group index, hyperparameters, members), each member (record, grad's
         array, its step count after this step)."""
         buckets: dict[tuple, tuple[int, dict, list]] = {}
@@ -274,7 +372,7 @@ class Optimizer(torch.optim.Optimizer):
             # torch.optim.SGD counts no steps: a parameter is at step 1 until it has its buffers
             t = int(rec.step[()]) if rec.step is not None else int(stepped)
             values = tuple(float(v[()]) for v in rec.carry) if carry else ()
-            key = (i, rec.key, t if by_step else 0, values)
+            key = (i, rec.key, g.dtype, t if by_step or rec.formats.mixed else 0, values)
             bucket = buckets.get(key)
             if bucket is None:
                 bucket = buckets[key] = (i, {**group, "step": t + 1, **dict(zip(carry, values))}, [])
@@ -314,7 +412,7 @@ class Optimizer(torch.optim.Optimizer):
         multiplier, skip = self._amp_scaling()
         if self.skip_nonfinite and not skip:
             grads = [g for call in calls for g in call.grads] + [g for r in rounds for _, _, _, g in r]
-            skip = not all(map(all_finite, grads))
+            skip = not all(map(finite, grads))
         self.last_step_skipped = skip
         if skip:
             self.skipped_steps += 1
@@ -356,20 +454,26 @@ class Optimizer(torch.optim.Optimizer):
             records = [rec for rec, _, _ in bucket]
             state = [[rec.views[k] for rec in records] if view is not None else None
                      for k, view in enumerate(records[0].views)]
+            fmt = records[0].formats
             call = Call(core, hyper, [rec.param_view for rec in records], [g for _, g, _ in bucket], state,
-                         [rec.step for rec in records if rec.step is not None], [t for _, _, t in bucket],
-                         [v for rec in records for v in rec.carry], None, hyper["step"])
+                        [rec.step for rec in records if rec.step is not None], [t for _, _, t in bucket],
+                        [v for rec in records for v in rec.carry], None, hyper["step"],
+                        masters=[rec.master for rec in records] if fmt.master else None,
+                        seed=self.rounding_seed if fmt.mixed else None)
             calls.append(call)
             by_group.setdefault(i, []).append((call, records))
         if plan:
             for i, made in by_group.items():
                 self._plans.pop(i, None)
                 params = self.param_groups[i]["params"]
+                call, records = made[0]
+                # (a plan's gradients have its parameters' dtype: float32 ones of 16-bit parameters
+                # take the general path)
                 if len(made) == 1 and all(type(rec.param) in PLAIN and rec.param.device.type == "cpu"
-                                          for rec in made[0][1]):
-                    call, records = made[0]
+                                          for rec in records) and call.grads[0].dtype == call.params[0].dtype:
                     has_grad = [p.grad is not None for p in params]
-                    self._plans[i] = Plan(self.param_groups[i], has_grad, call._replace(grads=[]), records)
+                    kind = Plan if call.seed is None else MixedPlan
+                    self._plans[i] = kind(self.param_groups[i], has_grad, call._replace(grads=[]), records)
         return calls
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -402,7 +506,7 @@ class Optimizer(torch.optim.Optimizer):
         if not grads:
             return torch.tensor(0.0)
         shards = [local(g) for g in grads]
-        if all(not g.is_cuda for g in shards):
+        if all(not g.is_cuda and g.dtype not in LOW for g in shards):  # (fastopt's norms: float32 and float64)
             norm = total_norm([grad_view(g) for g in shards], norm_type)
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type, dtype=torch.float64)
@@ -438,9 +542,24 @@ class Optimizer(torch.optim.Optimizer):
         (casting floating-point state to the parameters' dtype and device, and
         calling the load hooks). Steps and carried values become 0-d CPU tensors
         (a fused or capturable torch optimizer keeps them on the device).
+
+        The state then takes each parameter's state dtype (``state_dtype``: a float32
+        buffer loaded into bfloat16 state is rounded to nearest even, a bfloat16 one
+        into float32 state is exact) and ``master_param`` float32, converted from the
+        saved tensors themselves, not from torch's cast to the parameter's dtype
+        (which would drop a float32 buffer's low bits for a bfloat16 parameter),
+        before the post-hooks run. A saved master copy of a parameter that keeps
+        none (float32, or ``master_weights=False``) is dropped.
         """
         self._check_state_dict(state_dict)
-        super().load_state_dict(state_dict)
+        loaded: list = []
+        hooks = (self.register_load_state_dict_pre_hook(lambda _, sd: loaded.append(sd)),  # (last: after the user's)
+                 self.register_load_state_dict_post_hook(lambda _: self._restore_formats(loaded[-1]), prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for hook in hooks:
+                hook.remove()
         for state in self.state.values():
             for key in ("step", *self.core.carry):
                 value = state.get(key)
@@ -449,6 +568,43 @@ class Optimizer(torch.optim.Optimizer):
                 elif value is not None and not isinstance(value, torch.Tensor):
                     state[key] = torch.tensor(float(value), dtype=_scalar_dtype())
         self._records, self._plans = {}, {}
+
+    def _restore_formats(self, saved: Mapping[str, Any]) -> None:
+        """After torch's load of ``saved``: each buffer in its parameter's state dtype and
+        each master copy float32, from the saved tensors (see :meth:`load_state_dict`)."""
+        keys = set(self.core.state_keys().values())
+        ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
+        for k, p in zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)):
+            entry = saved["state"].get(k)
+            if not entry or p.dtype not in _DTYPES:
+                continue
+            fmt, state = self._format(local(p), ""), self.state[p]  # (checked by _check_state_dict)
+            for key, value in entry.items():
+                if key == "master_param":
+                    if fmt.master:
+                        state[key] = value.detach().to(dtype=torch.float32, device=p.device)
+                    else:
+                        del state[key]
+                elif key in keys and state[key].dtype is not fmt.state:
+                    state[key] = value.detach().to(dtype=fmt.state, device=p.device)
+
+    def state_dict_fp32(self) -> dict[str, Any]:
+        """``state_dict()`` in ``torch.optim``'s layout with float32 buffers: what the
+        matching ``torch.optim`` class loads as its own (a checkpoint to hand on).
+
+        Every bfloat16 or float16 state buffer widened to float32 (exactly; float32
+        and float64 ones as they are, shared with the live state as in
+        ``state_dict()``), no ``master_param`` (the model's weights, not optimizer
+        state: read ``state[p]["master_param"]`` for them), and no ``step`` where
+        torch's state has none (SGD, which here counts steps for stochastic rounding).
+        The optimizer's own state is not changed."""
+        sd = self.state_dict()
+        buffers = set(self.core.state_keys().values())
+        kept = buffers | ({"step", *self.core.carry} if self.saves_step else set())
+        state = {k: {key: value.float() if key in buffers and value.dtype in LOW else value
+                     for key, value in entry.items() if key in kept}
+                 for k, entry in sd["state"].items()}
+        return {**sd, "state": state}
 
     def _check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         for key in ("state", "param_groups"):
@@ -467,28 +623,42 @@ class Optimizer(torch.optim.Optimizer):
             new = {**self.torch_options, **{k: v for k, v in saved.items() if k not in ("params", "param_names")}}
             self._core_of(new).check_hyper(new, where)
             self._check_group(new, where)
-            id_map.update((k, (p, new)) for k, p in zip(saved["params"], group["params"]))
+            id_map.update((k, (p, new, _where(i, j))) for j, (k, p) in enumerate(zip(saved["params"], group["params"])))
         keys = self.core.state_keys()
         for k, entry in saved_state.items():
             if k not in id_map:
                 raise ValueError(f"state_dict['state'] has an entry {k!r} for no parameter")
-            p, hyper = id_map[k]
+            p, hyper, param = id_map[k]
             where = f"state_dict['state'][{k!r}]"
             buffers = {name: _check_tensor(entry[key], p, f"{where}[{key!r}]") for name, key in keys.items()
                        if key in entry}
-            self.core.check_entry(entry, buffers, hyper, where, step_optional=not self.saves_step)
+            if "master_param" in entry:
+                _check_tensor(entry["master_param"], p, f"{where}['master_param']")
+            self.core.check_entry(entry, buffers, hyper, where, step_optional=not self.saves_step,
+                                  extra_keys=("master_param",))
+            if p.dtype in _DTYPES:  # (else torch's load casts the state, and the next step names the parameter)
+                self._format(local(p), param)  # (the model may have been cast since: checked before loading)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's pickles only defaults, state and groups; the views are rebuilt.
         return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite,
-                "skipped_steps": self.skipped_steps, "last_step_skipped": self.last_step_skipped}
+                "skipped_steps": self.skipped_steps, "last_step_skipped": self.last_step_skipped,
+                "state_dtype": self.state_dtype, "master_weights": self.master_weights,
+                "rounding_seed": self.rounding_seed}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("skip_nonfinite", False)
-        state.setdefault("skipped_steps", 0)
-        state.setdefault("last_step_skipped", False)
+        # (torch's load_state_dict calls this too, with the state and groups only: the
+        # options then stay as they are)
+        for key, default in (("skip_nonfinite", False), ("skipped_steps", 0), ("last_step_skipped", False),
+                             ("state_dtype", None), ("master_weights", False), ("rounding_seed", 0)):
+            state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
-        self._records, self._plans = {}, {}
+        self._records, self._plans, self._formats = {}, {}, {}
+
+
+def _kind(value: Any) -> str:
+    """``a torch.float64 tensor`` or ``a float`` (what a state entry is, for messages)."""
+    return f"a {value.dtype} tensor" if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
 def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:

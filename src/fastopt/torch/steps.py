@@ -10,7 +10,8 @@ the adapter's whole cost, so it is made once and then *replayed*:
 * a :class:`Plan` keeps a whole group's call, and replays it while the group
   is unchanged, checked with ``map`` over C callables; on the C and Numba
   backends a replayed call runs from a pointer table, so a gradient costs its
-  address, not an array.
+  address, not an array. A mixed-format call (bfloat16/float16 tensors, a
+  master copy: :mod:`.precision`) replays as a :class:`MixedPlan`, with arrays.
 
 Anything a plan cannot vouch for goes back to the general path in
 :mod:`fastopt.torch`, which checks each parameter and names what is wrong.
@@ -28,13 +29,14 @@ from ..algorithm import Algorithm
 from ..buffers import _extension, disjoint_table
 from ..functional import _run_table
 from ..rule import _cacheable
+from .precision import bfloat16_array
 
 try:  # FSDP2's parameters; torch builds without distributed have none
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover
     DTensor = ()
 
-__all__ = ["Call", "Record", "Plan", "run", "view", "grad_view", "pointer", "local", "PLAIN"]
+__all__ = ["Call", "Record", "Plan", "MixedPlan", "run", "view", "grad_view", "pointer", "local", "PLAIN"]
 
 PLAIN = (torch.Tensor, torch.nn.Parameter)  # (an exact type test is 4x cheaper than isinstance on DTensor)
 
@@ -49,7 +51,9 @@ def view(t: torch.Tensor) -> Any:
     t = local(t)
     if t.requires_grad:
         t = t.detach()
-    return t if t.is_cuda else t.numpy()  # CUDA tensors export __cuda_array_interface__
+    if t.is_cuda:
+        return t  # CUDA tensors export __cuda_array_interface__
+    return bfloat16_array(t) if t.dtype is torch.bfloat16 else t.numpy()
 
 
 def grad_view(g: torch.Tensor) -> Any:
@@ -78,7 +82,8 @@ class Record:
     holding the old ones would keep their memory alive.
     """
 
-    __slots__ = ("param", "pointer", "needs", "state", "tensors", "param_view", "views", "step", "carry", "key")
+    __slots__ = ("param", "pointer", "needs", "state", "tensors", "param_view", "views", "step", "carry", "key",
+                 "formats", "master")
 
     def holds(self, p: torch.Tensor, needs: Mapping[str, str], state: Any) -> bool:
         if self.param is not p or self.state is not state or self.pointer != pointer(p) or (
@@ -104,6 +109,8 @@ class Call(NamedTuple):
     table: Any = None  # the pointer table, when the call runs from one (fastopt.functional._run_table)
     step: Any = None  # the members' step count after this call (None: the rule counts none)
     values: Any = None  # the functional update's hyperparameters in its order, if already made from hyper
+    masters: Any = None  # the arrays of the members' float32 master copies, if they keep them
+    seed: Any = None  # the rounding seed of a mixed-format call (None: a plain float32/float64 call)
 
 
 _GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
@@ -241,11 +248,29 @@ class Plan:
             return Call(call.core, hyper, call.params, grads, call.state, call.steps, counts, call.carry, table, step,
                         values)
         try:
-            arrays = list(map(torch.Tensor.numpy, grads))
+            arrays = list(map(self.array, grads))
         except (TypeError, RuntimeError):  # a gradient that requires grad, say
             return None
         return Call(call.core, hyper, call.params, arrays, call.state, call.steps, counts, call.carry, None, step,
-                    values)
+                    values, call.masters, call.seed)
+
+    #: a gradient's array (the members' dtype has a ``Tensor.numpy()``)
+    array = staticmethod(torch.Tensor.numpy)
+
+
+class MixedPlan(Plan):
+    """The plan of a mixed-format call: replayed as a :class:`Plan` is, with arrays,
+    since the pointer-table calls take float32 or float64 buffers only."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, group: Mapping[str, Any], has_grad: list, call: Call, records: list[Record]) -> None:
+        super().__init__(group, has_grad, call, records)
+        self.array = bfloat16_array if self.dtype is torch.bfloat16 else torch.Tensor.numpy
+
+    def replay(self, group: Mapping[str, Any], core: Algorithm, state: Mapping, tables: bool,
+               known: bool = False) -> Optional[Call]:
+        return super().replay(group, core, state, False, known)
 
 
 class _Snapshot:
@@ -293,6 +318,9 @@ def run(call: Call, grad_multiplier: float = 1.0, grad_norm: Optional[float] = N
         options = {k: call.hyper[k] for k in core.passed}  # (LAMB's max_grad_norm)
         if grad_norm is not None:
             options["grad_norm"] = grad_norm
+        if call.seed is not None:  # (stochastic rounding draws its bits by step: Lion's too)
+            options.update(master_param=call.masters, rounding_seed=call.seed)
+            step = call.step
         out = core.update(call.params, call.grads, *call.state, step=step, grad_multiplier=grad_multiplier,
                           **dict(zip(core.rule.defaults, values)), **options)
     for view, t in zip(call.steps, call.counts):

@@ -1,0 +1,241 @@
+/* Mixed-format updates (fastopt_<rule>_mixed_list; the contract is in
+ * fastopt.h): bfloat16 and float16 params and grads, a float32 master copy of
+ * the param, bfloat16 state with stochastic rounding.
+ *
+ * Every rule's math stays in its generated float32 loop: this file only moves
+ * data around it. The threads split the call's elements as a float32 list call
+ * does (fo_threads_for on the total, one contiguous range per thread), and
+ * each thread walks its range in tiles of FO_TILE elements. Per tile, a role
+ * held in float32 goes to the loop in place (a master copy is the param); any
+ * other is converted into the thread's float32 scratch, small enough to stay
+ * in L1 from the load through the loop to the store; the loop runs on the
+ * tile; then each converted role it writes is stored back in its format. The
+ * conversions are the CPU path's (convert.inc, via fo_kernels.convert).
+ *
+ * The random bits of element j of tensor i, role r, are
+ * fo_mix32(stream(key, i, r) + j): they depend neither on the tiles nor on the
+ * threads, so any split gives the same bits, and every element's result is
+ * that of the reference (load, float32 update, store) on its own. */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "internal.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Elements per tile. The scratch is (2 + FO_MAX_STATE) * FO_TILE floats per
+ * thread (20 KiB at 1024, on its stack): tiles so large that a loop call and a
+ * conversion call per role are a small part of each, yet the scratch stays in
+ * L1 (32 KiB or more) beside the streaming buffers. Measured (AdamW at 2^24,
+ * 2 threads, a 2-core AVX2 VM): 256 to 4096 all within the noise, the update
+ * being bound by the conversions' arithmetic there (docs/design.md, 5). */
+#ifndef FO_TILE /* a -D on the compiler command line can tune it */
+#define FO_TILE 1024
+#endif
+
+/* Roles per tensor in a stream's index (fastopt.formats.ROLES_PER_TENSOR):
+ * role 0 the param, 1 + k state buffer k. */
+#define FO_ROLES_PER_TENSOR 16
+
+/* fastopt_formats has a format for each state buffer of every rule. */
+typedef char fo_formats_hold_every_state[FO_MAX_STATE <= FASTOPT_FORMATS_MAX_STATE ? 1 : -1];
+typedef char fo_roles_fit_a_stream[1 + FO_MAX_STATE <= FO_ROLES_PER_TENSOR ? 1 : -1];
+
+#if defined(__GNUC__)
+#define FO_ALIGN64 __attribute__((aligned(64)))
+#else
+#define FO_ALIGN64
+#endif
+
+/* The stream of role `role` of tensor t: mix32(key ^ mix32(t * 16 + role)), mod 2^32. */
+static uint32_t fo_stream(uint32_t key, int64_t t, int role)
+{
+    return fo_mix32(key ^ fo_mix32((uint32_t)((uint64_t)t * FO_ROLES_PER_TENSOR + (uint64_t)role)));
+}
+
+/* One call: its arguments, checked, and what every tile needs. */
+typedef struct {
+    fo_loop loop;         /* the kernel's float32 loop */
+    const fo_convert *cv; /* the conversions of the same CPU path */
+    const fastopt_formats *f;
+    void *const *param;
+    const void *const *grad;
+    void *const *state[FO_MAX_STATE]; /* NULL: a buffer the update does not use */
+    float *const *master;             /* NULL: no master copy */
+    const int64_t *n;
+    int64_t count;
+    const void *scalars;
+    int flush; /* fastopt_get_flush_denormal(), read once per call */
+} fo_mixed;
+
+/* Tensor t's buffers and the streams of its stochastically rounded roles. */
+typedef struct {
+    void *param;
+    const void *grad;
+    void *state[FO_MAX_STATE];
+    float *master;
+    uint32_t stream[1 + FO_MAX_STATE]; /* by role */
+} fo_tensor;
+
+/* A thread's float32 tiles of the roles it may convert. */
+typedef struct {
+    float param[FO_TILE], grad[FO_TILE], state[FO_MAX_STATE][FO_TILE];
+} fo_scratch;
+
+static fo_tensor fo_tensor_at(const fo_mixed *M, int64_t t)
+{
+    fo_tensor T;
+    T.param = M->param[t];
+    T.grad = M->grad[t];
+    T.master = M->master ? M->master[t] : NULL;
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        T.state[k] = M->state[k] ? M->state[k][t] : NULL;
+    for (int r = 0; r < 1 + FO_MAX_STATE; r++)
+        T.stream[r] = fo_stream(M->f->key, t, r);
+    return T;
+}
+
+/* The float32 values of elements [lo, lo + len) of a buffer of `format`: the
+ * buffer itself when it is float32 (the loop then reads and writes it in
+ * place), else its values converted into `scratch`. */
+static float *fo_load(const fo_convert *cv, int format, const void *buf, int64_t lo, int64_t len, float *scratch)
+{
+    if (format == FASTOPT_FORMAT_F32)
+        return (float *)buf + lo;
+    const uint16_t *in = (const uint16_t *)buf + lo;
+    if (format == FASTOPT_FORMAT_BF16)
+        cv->load_bf16(scratch, in, len);
+    else
+        cv->load_f16(scratch, in, len);
+    return scratch;
+}
+
+/* Elements [lo, lo + len) of tensor T (len <= FO_TILE): load, update, store. */
+static void fo_mixed_tile(const fo_mixed *M, const fo_tensor *T, int64_t lo, int64_t len, fo_scratch *w)
+{
+    const fo_convert *cv = M->cv;
+    const fastopt_formats *f = M->f;
+    float *p = T->master ? T->master + lo : fo_load(cv, f->param, T->param, lo, len, w->param);
+    const float *g = fo_load(cv, f->grad, T->grad, lo, len, w->grad);
+    void *st[FO_MAX_STATE];
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        st[k] = T->state[k] ? fo_load(cv, f->state[k], T->state[k], lo, len, w->state[k]) : NULL;
+
+    M->loop(p, g, st, len, M->scalars, M->flush);
+
+    if (f->param != FASTOPT_FORMAT_F32) {
+        uint16_t *out = (uint16_t *)T->param + lo;
+        if (!T->master) /* (a bfloat16 param: checked) */
+            cv->store_bf16_stochastic(out, p, len, T->stream[0] + (uint32_t)lo);
+        else if (f->param == FASTOPT_FORMAT_BF16)
+            cv->store_bf16_nearest(out, p, len);
+        else
+            cv->store_f16_nearest(out, p, len);
+    }
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        if (T->state[k] && f->state[k] == FASTOPT_FORMAT_BF16)
+            cv->store_bf16_stochastic((uint16_t *)T->state[k] + lo, st[k], len, T->stream[1 + k] + (uint32_t)lo);
+}
+
+/* The elements [lo, hi) of the concatenation of the tensors. */
+static void fo_mixed_range(const fo_mixed *M, int64_t lo, int64_t hi)
+{
+    FO_ALIGN64 fo_scratch w;
+    int64_t offset = 0;
+    for (int64_t t = 0; t < M->count && offset < hi; offset += M->n[t], t++) {
+        const int64_t n = M->n[t];
+        if (n == 0 || offset + n <= lo)
+            continue;
+        const fo_tensor T = fo_tensor_at(M, t);
+        const int64_t a = lo > offset ? lo - offset : 0, b = hi - offset < n ? hi - offset : n;
+        for (int64_t x = a; x < b; x += FO_TILE)
+            fo_mixed_tile(M, &T, x, b - x < FO_TILE ? b - x : FO_TILE, &w);
+    }
+}
+
+static int fo_format_known(int format)
+{
+    return format == FASTOPT_FORMAT_F32 || format == FASTOPT_FORMAT_BF16 || format == FASTOPT_FORMAT_F16;
+}
+
+/* The formats fastopt.h allows (fastopt.formats.call_formats in Python). */
+static int fo_formats_ok(const fastopt_formats *f, int master, unsigned need)
+{
+    if (!fo_format_known(f->param) || !fo_format_known(f->grad))
+        return 0;
+    if (master ? f->param == FASTOPT_FORMAT_F32 : f->param == FASTOPT_FORMAT_F16)
+        return 0;
+    for (int k = 0; k < FO_MAX_STATE; k++)
+        if ((need >> k & 1u) && f->state[k] != FASTOPT_FORMAT_F32 && f->state[k] != FASTOPT_FORMAT_BF16)
+            return 0;
+    return 1;
+}
+
+/* Every check of fastopt.h's contract, before anything is written: FASTOPT_OK
+ * with *total the element count, or the error. Only M's tables are read. */
+static int fo_mixed_check(const fo_mixed *M, int64_t *total)
+{
+    *total = 0;
+    if (M->count < 0)
+        return FASTOPT_ERR_LENGTH;
+    if (M->count == 0)
+        return FASTOPT_OK;
+    if (!M->n || !M->param || !M->grad)
+        return FASTOPT_ERR_NULL;
+    int64_t sum = 0;
+    for (int64_t i = 0; i < M->count; i++) {
+        const int64_t n = M->n[i];
+        if (n < 0 || n > INT64_MAX / 4 - sum)
+            return FASTOPT_ERR_LENGTH;
+        if (n == 0)
+            continue;
+        if (!M->param[i] || !M->grad[i] || (M->master && !M->master[i]))
+            return FASTOPT_ERR_NULL;
+        for (int k = 0; k < FO_MAX_STATE; k++)
+            if (M->state[k] && !M->state[k][i])
+                return FASTOPT_ERR_NULL;
+        sum += n;
+    }
+    *total = sum;
+    return FASTOPT_OK;
+}
+
+int fo_run_mixed(int kernel, const fastopt_formats *f, void *const *param, const void *const *grad,
+                 void *const *const *state, float *const *master, unsigned need, const int64_t *n, int64_t count,
+                 const void *scalars)
+{
+    if (!f || !scalars)
+        return FASTOPT_ERR_NULL;
+    if (!fo_formats_ok(f, master != NULL, need))
+        return FASTOPT_ERR_FORMAT;
+    const fo_kernels *kernels = fo_kernels_selected();
+    fo_mixed M = {kernels->loop[kernel][FO_F32], &kernels->convert, f, param, grad, {NULL}, master, n, count,
+                  scalars, fastopt_get_flush_denormal()};
+    for (int k = 0; k < FO_MAX_STATE; k++) {
+        if ((need >> k & 1u) && !state[k])
+            return FASTOPT_ERR_NULL;
+        M.state[k] = need >> k & 1u ? state[k] : NULL; /* a buffer the update does not use is never read */
+    }
+    int64_t total;
+    const int rc = fo_mixed_check(&M, &total);
+    if (rc != FASTOPT_OK || total == 0)
+        return rc;
+    const int64_t threads = fo_threads_for(total, 4);
+    if (threads <= 1) {
+        fo_mixed_range(&M, 0, total);
+        return FASTOPT_OK;
+    }
+#ifdef _OPENMP
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int64_t nt = omp_get_num_threads();
+        const int64_t chunk = (total + nt - 1) / nt;
+        const int64_t lo = omp_get_thread_num() * chunk;
+        if (lo < total)
+            fo_mixed_range(&M, lo, total - lo < chunk ? total : lo + chunk);
+    }
+#endif
+    return FASTOPT_OK;
+}
