@@ -588,3 +588,32 @@ def test_interleaved_blocks_run_inside_their_context():
     assert state["entered"] == 1 + 3  # calibration, then one per repeat
     with pytest.raises(ValueError, match="around has 1 entries, expected 2"):
         timing.measure_interleaved([a, b], settings, around=[None])
+
+
+# ---- --formats: the storage formats against fp32 and torch ---------------------------
+
+def test_formats_bytes_follow_the_formats():
+    from fastopt.bench import formats as bf
+    by_name = {c.name: c for c in bf.CONFIGS}
+    assert [by_name[n].bytes_moved(2) for n in ("fp32", "bf16 state", "bf16 params + master",
+                                               "bf16 params + master, bf16 state", "pure bf16")] == [28, 20, 28, 20, 14]
+    assert [by_name[n].bytes_kept(2) for n in ("fp32", "bf16 state", "bf16 params + master", "pure bf16")] == \
+        [12, 8, 14, 6]
+    assert [c.name for c in bf.select(state="bfloat16")] == ["fp32", "bf16 state", "bf16 params + master, bf16 state",
+                                                              "pure bf16"]
+
+
+def test_cli_formats_mode(tmp_path, capsys):
+    out = tmp_path / "formats.json"
+    rc = cli.main(["--formats", "--quick", "--sizes", "2^12", "--backends", "numpy,c",
+                   "--competitors", "torch" if torch_importable() else "none", "--json", str(out), "--quiet"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    impls = {r["impl"] for r in rows}
+    assert {"numpy", "c"} <= impls and len([r for r in rows if r["impl"] == "c"]) == 5
+    if torch_importable():
+        assert any(i.startswith("torch master") for i in impls)
+        master = next(r for r in rows if r["impl"].startswith("torch master"))
+        assert master["bytes_moved"] == 40  # grad upcast 6 + fp32 AdamW 28 + copy to bf16 6
+    assert all(r["ns_per_elem"] > 0 for r in rows) and "pure bf16" in text and "x own fp32" in text
