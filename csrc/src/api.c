@@ -242,6 +242,9 @@ static void fo_list_range(const fo_list *L, int64_t lo, int64_t hi)
     }
 }
 
+/* fo_list_range as a fo_range. */
+static void fo_list_range_of(const void *ctx, int64_t lo, int64_t hi) { fo_list_range((const fo_list *)ctx, lo, hi); }
+
 int fo_list_check(int dtype, const void *param, const void *grad, const void *const *state, unsigned need,
                   const int64_t *n, int64_t count, const void *scalars, int64_t *total)
 {
@@ -291,10 +294,16 @@ int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad,
     const int64_t esize = dtype == FO_F32 ? 4 : 8;
     const fo_list L = {fo_kernels_selected()->loop[kernel][dtype], dtype, esize, FO_ALIGN_BYTES / esize, count,
                        param, grad, state, n, scalars, stride, fo_flush_denormal};
+    fo_split(total, esize, fo_list_range_of, &L);
+    return FASTOPT_OK;
+}
+
+void fo_split(int64_t total, int64_t esize, fo_range range, const void *ctx)
+{
     const int64_t threads = fo_threads_for(total, esize);
     if (threads <= 1) {
-        fo_list_range(&L, 0, total);
-        return FASTOPT_OK;
+        range(ctx, 0, total);
+        return;
     }
 #ifdef _OPENMP
 #pragma omp parallel num_threads((int)threads)
@@ -303,10 +312,9 @@ int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad,
         const int64_t chunk = (total + nt - 1) / nt;
         const int64_t lo = omp_get_thread_num() * chunk;
         if (lo < total)
-            fo_list_range(&L, lo, total - lo < chunk ? total : lo + chunk);
+            range(ctx, lo, total - lo < chunk ? total : lo + chunk);
     }
 #endif
-    return FASTOPT_OK;
 }
 
 /* ---- prepare: hyperparameters and step -> scalars ------------------------

@@ -21,9 +21,6 @@
 
 #include "internal.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* Elements per tile. The scratch is (2 + FO_MAX_STATE) * FO_TILE floats per
  * thread (20 KiB at 1024, on its stack): tiles so large that a loop call and a
@@ -155,6 +152,9 @@ static void fo_mixed_range(const fo_mixed *M, int64_t lo, int64_t hi)
     }
 }
 
+/* fo_mixed_range as a fo_range. */
+static void fo_mixed_range_of(const void *ctx, int64_t lo, int64_t hi) { fo_mixed_range((const fo_mixed *)ctx, lo, hi); }
+
 static int fo_format_known(int format)
 {
     return format == FASTOPT_FORMAT_F32 || format == FASTOPT_FORMAT_BF16 || format == FASTOPT_FORMAT_F16;
@@ -222,20 +222,6 @@ int fo_run_mixed(int kernel, const fastopt_formats *f, void *const *param, const
     const int rc = fo_mixed_check(&M, &total);
     if (rc != FASTOPT_OK || total == 0)
         return rc;
-    const int64_t threads = fo_threads_for(total, 4);
-    if (threads <= 1) {
-        fo_mixed_range(&M, 0, total);
-        return FASTOPT_OK;
-    }
-#ifdef _OPENMP
-#pragma omp parallel num_threads((int)threads)
-    {
-        const int64_t nt = omp_get_num_threads();
-        const int64_t chunk = (total + nt - 1) / nt;
-        const int64_t lo = omp_get_thread_num() * chunk;
-        if (lo < total)
-            fo_mixed_range(&M, lo, total - lo < chunk ? total : lo + chunk);
-    }
-#endif
+    fo_split(total, 4, fo_mixed_range_of, &M);
     return FASTOPT_OK;
 }

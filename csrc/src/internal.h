@@ -77,6 +77,11 @@ int fo_run_list_each(int kernel, int dtype, const void *param, const void *grad,
 /* api.c: the threads for `elements` elements of `esize` bytes (the same rule
  * for every entry point: FO_MIN_BYTES_PER_THREAD bytes per thread at least). */
 int64_t fo_threads_for(int64_t elements, int64_t esize);
+/* Run range(ctx, lo, hi) over [0, total) split into one contiguous range per thread
+ * (fo_threads_for's count for elements of esize bytes; the calling thread alone below
+ * it): the list calls' and the mixed-format calls' thread split. */
+typedef void (*fo_range)(const void *ctx, int64_t lo, int64_t hi);
+void fo_split(int64_t total, int64_t esize, fo_range range, const void *ctx);
 
 /* formats.c: the mixed-format list update of fastopt_<rule>_mixed_list (state:
  * FO_MAX_STATE tables, NULL for an unused buffer; bit k of `need`: state[k] is
