@@ -59,7 +59,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["FLOAT32", "BFLOAT16", "FLOAT16", "INT8", "BLOCK", "Int8State", "FORMAT_NAMES", "CallFormats", "format_of", "rounding_key",
+__all__ = ["FLOAT32", "BFLOAT16", "FLOAT16", "INT8", "BLOCK", "QUIET_NAN", "Int8State", "FORMAT_NAMES", "CallFormats", "format_of", "rounding_key",
            "mix32", "rounding_bits", "load", "bf16_nearest", "bf16_stochastic", "f16_nearest"]
 
 #: Format codes (the C library's ``FASTOPT_FORMAT_*``); INT8: 8-bit blockwise state (below).
@@ -389,8 +389,8 @@ def blocks(size: int) -> int:
 
 def quantize(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     """(codes uint8, absmax float32) of float32 values ``x`` (flat), per block of 256
-    elements (the last one shorter): ``absmax = max |x|`` (NaN when the block holds a
-    NaN), ``code = #{mid < x / absmax}`` in float32 (a block of zeros: absmax 0 and
+    elements (the last one shorter): ``absmax = max |x|`` (the quiet NaN ``0x7fc00000``
+    when the block holds a NaN), ``code = #{mid < x / absmax}`` in float32 (a block of zeros: absmax 0 and
     every code 0.0's; a NaN ratio: 0.0's code, so a block with a NaN or an infinity
     dequantizes to NaN or zeros, never to a wrong finite number... see dequantize)."""
     x = np.ascontiguousarray(x, np.float32).reshape(-1)
@@ -407,7 +407,71 @@ def quantize(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     nan_block = np.isnan(absmax)
     if nan_block.any():
         codes[nan_block] = zero
+        absmax[nan_block] = QUIET_NAN  # (one NaN, whichever payloads the block held)
     return codes.reshape(-1)[:n], absmax.astype(np.float32)
+
+
+#: The absmax of a block holding a NaN: the float32 quiet NaN 0x7fc00000.
+QUIET_NAN = np.uint32(0x7FC00000).view(np.float32)
+
+# ---- quantization without a search (the compiled backends) ----------------------------
+# A code is #{mid < v} for v = x / absmax in [-1, 1]. The compiled backends find it
+# with one table lookup and one compare instead of a binary search: the top 16 bits
+# of v's float32 bits (sign, exponent, 7 mantissa bits) name a *bucket*, an interval
+# of values holding at most one midpoint (checked below), and
+#     code = first[bucket] + (padded_mids[first[bucket]] < v)
+# where first[bucket] = #{mid < every value of the bucket} and padded_mids is the
+# midpoints with +inf appended (index 255). Buckets of magnitudes below 2**-27 hold
+# no midpoint (the smallest is 1.6e-7) and share the bucket of 2**-27.
+
+#: The magnitude buckets kept: top-16-bit values (sign cleared) BUCKET_LO..BUCKET_HI,
+#: exponents 100..127 (2**-27 up to 1.0, the largest |v|).
+BUCKET_LO, BUCKET_HI = 100 << 7, (127 << 7) | 0x7F
+BUCKETS = BUCKET_HI - BUCKET_LO + 1  # per sign
+
+
+def bucket_of(v_bits: Any) -> Any:
+    """The bucket index (0 .. 2 * BUCKETS - 1) of the float32 bits of ``v``
+    (a uint32 array or int): ``clamp(b >> 16 & 0x7fff, BUCKET_LO, BUCKET_HI) - BUCKET_LO``,
+    plus BUCKETS for a negative sign."""
+    b = np.asarray(v_bits, dtype=np.uint32)
+    top = np.clip((b >> np.uint32(16)) & np.uint32(0x7FFF), BUCKET_LO, BUCKET_HI) - np.uint32(BUCKET_LO)
+    return (top + (b >> np.uint32(31)) * np.uint32(BUCKETS)).astype(np.uint32)
+
+
+_FAST: dict = {}
+
+
+def quantize_tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(first, padded_mids) of the map: ``first`` uint8, one entry per bucket
+    (:func:`bucket_of`); ``padded_mids`` float32, the 255 midpoints and +inf."""
+    got = _FAST.get(signed)
+    if got is not None:
+        return got
+    mids = map_midpoints(signed)
+    mb = mids.view(np.uint32)
+    assert np.all(np.abs(mids) >= np.float32(2.0 ** -26)), "a midpoint in the clamped bucket"
+    assert np.unique(mb >> np.uint32(16)).size == mids.size, "a bucket with two midpoints"
+    top = np.arange(BUCKET_LO, BUCKET_HI + 1, dtype=np.uint32)
+    # the smallest value of a positive bucket is its first float; of a negative one,
+    # the negative of its last float (a clamped bucket: the same count, no midpoint near 0)
+    low_pos = (top << np.uint32(16)).view(np.float32)
+    low_neg = -((top << np.uint32(16)) | np.uint32(0xFFFF)).view(np.float32)
+    first = np.concatenate([np.searchsorted(mids, low_pos, side="left"),
+                            np.searchsorted(mids, low_neg, side="left")]).astype(np.uint8)
+    padded = np.append(mids, np.float32(np.inf)).astype(np.float32)
+    first.setflags(write=False)
+    padded.setflags(write=False)
+    got = _FAST[signed] = (first, padded)
+    return got
+
+
+def fast_codes(v: np.ndarray, signed: bool) -> np.ndarray:
+    """The codes of normalized values ``v`` (float32, no NaN, |v| <= 1) by the table
+    lookup the compiled backends run: equal to ``searchsorted(mids, v)`` (tested)."""
+    first, padded = quantize_tables(signed)
+    c = first[bucket_of(np.ascontiguousarray(v, np.float32).view(np.uint32))]
+    return (c + (padded[c] < v)).astype(np.uint8)
 
 
 def dequantize(codes: np.ndarray, absmax: np.ndarray, signed: bool) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import denormals, threads
 from . import run_each
-from ..formats import BFLOAT16, FLOAT16, FLOAT32
+from ..formats import BFLOAT16, FLOAT16, FLOAT32, INT8
 from ..kernels import stores
 from ..kernels.numba_loops import LIST_LOOPS, LOOPS, N_FLOATS
 
@@ -164,10 +164,10 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
 
 # ---- mixed-format updates (fastopt.formats) ---------------------------------------
 
-#: The formats run_mixed takes (not 8-bit state yet: functional.py says so).
-mixed_formats = (FLOAT32, BFLOAT16, FLOAT16)
+#: The formats run_mixed takes: all of them.
+mixed_formats = (FLOAT32, BFLOAT16, FLOAT16, INT8)
 #: Bytes per element of each of those formats, by code.
-_FORMAT_BYTES = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2}
+_FORMAT_BYTES = {FLOAT32: 4, BFLOAT16: 2, FLOAT16: 2, INT8: 1}  # (8-bit: plus 4 bytes per 256)
 
 
 def _mixed_moved(formats, elements: int) -> int:
@@ -192,16 +192,24 @@ def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key
     from ..kernels.numba_formats import FIRST_STATE, MIXED_LOOPS
     sizes = [a.size for a in params]
     unused = [0] * len(params)  # the row of a buffer the call does not have (never read)
-    # rows: numba_formats.PARAM, GRAD, MASTER, then FIRST_STATE + k, then the element counts
+    # rows: numba_formats.PARAM, GRAD, MASTER, then per state buffer k two, FIRST_STATE + 2k
+    # (its values, or an 8-bit one's codes) and the next (an 8-bit one's absmax), then
+    # the element counts
+    state_rows = []
+    for st, f in zip(states, formats.state):
+        int8 = f == INT8
+        state_rows.append(unused if st is None else _addresses([s.codes for s in st] if int8 else st))
+        state_rows.append(_addresses([s.absmax for s in st]) if int8 else unused)
     table = np.array([_addresses(params), _addresses(grads), unused if masters is None else _addresses(masters),
-                      *(unused if st is None else _addresses(st) for st in states), sizes], dtype=np.int64)
-    rows = tuple(None if st is None else FIRST_STATE + k for k, st in enumerate(states))
+                      *state_rows, sizes], dtype=np.int64)
+    rows = tuple(None if st is None else FIRST_STATE + 2 * k for k, st in enumerate(states))
     roles = (formats.param, formats.grad, formats.master)
     fmts = tuple(FLOAT32 if f is None else f for f in formats.state)
+    signs = tuple(f == INT8 and st[0].signed for st, f in zip(states, formats.state))
     n = N_FLOATS[kernel]
     store = stores.flush_subnormal if denormals.get_flush_denormal() else stores.keep
     serial, parallel = MIXED_LOOPS[kernel, store]
-    args = (table, rows, roles, fmts, scalars[:n], scalars[n:], _TINY[4], key)
+    args = (table, rows, roles, fmts, signs, scalars[:n], scalars[n:], _TINY[4], key)
     if not _on_pool(_mixed_moved(formats, sum(sizes))):
         serial(*args, 1)
         return

@@ -44,7 +44,7 @@ __all__ = ["make_kernel", "signature", "roles"]
 _SIMULATOR = bool(config.ENABLE_CUDASIM)
 _M32, _M16 = uint64(0xFFFFFFFF), uint64(0xFFFF)
 _SIGN16, _QNAN_BF16, _QNAN_F16 = uint64(0x8000), uint64(0x7FC0), uint64(0x7E00)
-_ABS32, _INF32 = uint64(0x7FFFFFFF), uint64(0x7F800000)
+_ABS32, _INF32, _QNAN32 = uint64(0x7FFFFFFF), uint64(0x7F800000), uint64(0x7FC00000)
 _S16, _S13, _S15, _S10, _S23, _U1 = uint64(16), uint64(13), uint64(15), uint64(10), uint64(23), uint64(1)
 _K1, _K2 = uint64(0x7FEB352D), uint64(0x846CA68B)
 _TWO_M24 = float32(2.0 ** -24)  # a float16 subnormal's unit: exact in float32
@@ -272,7 +272,7 @@ def make_kernel(kernel: str, formats: CallFormats, flush: bool = False, signed: 
                          f"        if inside:\n"
                          f"            {n}_codes[i] = quantize_{'signed' if sg else 'unsigned'}(x, absmax)\n"
                          f"        if t == uint64(0):\n"
-                         f"            {n}_absmax[blk] = absmax\n")
+                         f"            {n}_absmax[blk] = absmax if absmax == absmax else as_float(_QNAN32)\n")
     name = _name(kernel, formats, flush, signed)
     args = "".join((f"{n}_codes, {n}_absmax, " if f == INT8 else f"{n}, ") for n, f, _ in present if f is not None)
     source = (_BLOCK_TEMPLATE if blocked else _TEMPLATE).format(
@@ -285,7 +285,7 @@ def make_kernel(kernel: str, formats: CallFormats, flush: bool = False, signed: 
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     namespace = {"__name__": __name__, "cuda": cuda, "uint64": uint64, "float32": float32, "BLOCK": BLOCK,
                  "element": _element(kernel), "store": _store(flush), "MAP_SIGNED": _MAP_SIGNED,
-                 "MAP_UNSIGNED": _MAP_UNSIGNED, **_DEVICE}
+                 "MAP_UNSIGNED": _MAP_UNSIGNED, "_QNAN32": _QNAN32, **_DEVICE}
     exec(compile(source, filename, "exec"), namespace)
     return namespace[name]
 

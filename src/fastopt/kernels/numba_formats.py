@@ -6,19 +6,21 @@ buffer is viewed as ``uint16`` and converted with integer code (the bit rules
 of :mod:`fastopt.formats`, which the NumPy reference runs on whole arrays).
 
 Each call runs from a pointer table (rows of addresses: :data:`PARAM`,
-:data:`GRAD`, :data:`MASTER`, then one per state buffer from
+:data:`GRAD`, :data:`MASTER`, then two per state buffer from
 :data:`FIRST_STATE`, then the element counts), split into one contiguous range
-of elements per thread as in ``numba_loops``' list loops. A thread walks its
-range in tiles of :data:`TILE` elements. Per tile:
+of elements per thread as in ``numba_loops``' list loops, with the ends cut at
+multiples of the 8-bit block (:data:`fastopt.formats.BLOCK`) within each
+tensor. A thread walks its range in tiles of :data:`TILE` elements. Per tile:
 
-1. each 16-bit input role is loaded into a float32 scratch array of the
-   thread (a float32 role is used in place; with a master copy the master is
-   the param the update reads and writes);
+1. each 16-bit or 8-bit input role is loaded into a float32 scratch array of
+   the thread (a float32 role is used in place; with a master copy the master
+   is the param the update reads and writes);
 2. the serial float32 flat loop of the kernel (``numba_loops``' segment, the
    one the plain list loops run, flushing included) updates the float32 views;
 3. each 16-bit written role is stored back from its view: the param to the
    nearest 16-bit value of the master, else (bfloat16 without a master) and
-   every bfloat16 state buffer with stochastic rounding.
+   every bfloat16 state buffer with stochastic rounding; each 8-bit state
+   buffer is quantized again, block by block (the tile's blocks are whole).
 
 The scratch arrays are small enough to stay in the core's cache, so the only
 memory traffic is the buffers' own; the update itself is the very loop of
@@ -55,7 +57,7 @@ from numba.extending import intrinsic, overload
 from . import numba_loops
 from .numba_loops import SOURCE_KEY, _STORES, _pointer, _suffix, _view
 from .. import formats
-from ..formats import BFLOAT16, FLOAT32, ROLES_PER_TENSOR
+from ..formats import BFLOAT16, BLOCK, BUCKET_HI, BUCKET_LO, BUCKETS, FLOAT32, INT8, ROLES_PER_TENSOR
 from ..rules import KERNEL_SCALARS
 
 __all__ = ["MIXED_LOOPS", "TILE", "PARAM", "GRAD", "MASTER", "FIRST_STATE"]
@@ -69,7 +71,7 @@ _JIT = dict(error_model="numpy", cache=True)
 #: still stays in its L2 cache.
 TILE = 4096
 
-#: Rows of the pointer table (then one row per state buffer, then the element counts).
+#: Rows of the pointer table (then two rows per state buffer, then the element counts).
 PARAM, GRAD, MASTER, FIRST_STATE = 0, 1, 2, 3
 
 
@@ -115,23 +117,23 @@ def _as_uint32(typingctx, x):
     return types.uint32(x), codegen
 
 
-@intrinsic
-def _uint16_pointer(typingctx, address):
-    """The int64 ``address`` as a pointer to uint16 values."""
-    if not isinstance(address, types.Integer):
-        return None
-    ptr = types.CPointer(types.uint16)
-
-    def codegen(context, builder, sig, args):
-        return builder.inttoptr(args[0], context.get_value_type(ptr))
-
-    return ptr(address), codegen
-
-
 @numba.njit(inline="always", **_JIT)
 def _view16(table, row, t, lo, n):
     """Elements ``[lo, lo + n)`` of tensor ``t`` of 16-bit role ``row`` as a uint16 array."""
-    return numba.carray(_uint16_pointer(table[row, t] + lo * 2), n)
+    return numba.carray(_pointer(table[row, t] + lo * 2, np.uint16(0)), n)
+
+
+@numba.njit(inline="always", **_JIT)
+def _view8(table, row, t, lo, n):
+    """Elements ``[lo, lo + n)`` of tensor ``t`` of 8-bit role ``row`` (its codes) as a uint8 array."""
+    return numba.carray(_pointer(table[row, t] + lo, np.uint8(0)), n)
+
+
+@numba.njit(inline="always", **_JIT)
+def _absmax_view(table, row, t, lo, n, tiny):
+    """The absmax values of the 8-bit blocks of elements ``[lo, lo + n)`` (``lo`` a
+    multiple of BLOCK) of tensor ``t``, whose absmax addresses are in row ``row``."""
+    return numba.carray(_pointer(table[row, t] + (lo // BLOCK) * 4, tiny), (n + BLOCK - 1) // BLOCK)
 
 
 # ---- the conversions (fastopt.formats' bit rules, on uint32 values) ----------------
@@ -277,6 +279,58 @@ def store_bf16_stochastic(src, dst, stream, first):
         _quiet_nans(bits, dst)
 
 
+# ---- 8-bit blockwise state (fastopt.formats.quantize and dequantize) ---------------
+# Tiles start on a block (the ranges are cut at multiples of BLOCK within each tensor),
+# so a tile's blocks are whole blocks of its tensor, the last one maybe shorter.
+
+_MAP_SIGNED, _MAP_UNSIGNED = formats.dynamic_map(True), formats.dynamic_map(False)
+_FIRST_SIGNED, _MIDS_SIGNED = formats.quantize_tables(True)
+_FIRST_UNSIGNED, _MIDS_UNSIGNED = formats.quantize_tables(False)
+_ZERO_SIGNED, _ZERO_UNSIGNED = (int(np.searchsorted(m, 0.0)) for m in (_MAP_SIGNED, _MAP_UNSIGNED))
+
+
+@numba.njit(**_JIT)
+def load_int8(codes, absmax, values, dst):
+    """8-bit ``codes`` and their blocks' ``absmax`` into float32 ``dst``:
+    ``values[code] * absmax`` (``values``: the map)."""
+    n = codes.size
+    for b in range(absmax.size):
+        scale = absmax[b]
+        for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
+            dst[i] = values[codes[i]] * scale
+
+
+@numba.njit(**_JIT)
+def store_int8(src, codes, absmax, first, mids, zero):
+    """float32 ``src`` into 8-bit ``codes`` and ``absmax``, block by block: the block's
+    largest magnitude (the quiet NaN if it holds a NaN), then each code by the bucket
+    lookup of fastopt.formats.fast_codes (``first``, ``mids``: the map's tables;
+    ``zero``: 0.0's code, for a block of zeros, of a NaN, or a NaN ratio)."""
+    n = src.size
+    for b in range(absmax.size):
+        lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
+        largest = np.float32(0)
+        nan = False
+        for i in range(lo, hi):
+            a = abs(src[i])
+            largest = a if a > largest else largest
+            nan = nan or a != a
+        if nan:
+            largest = _as_float32(np.uint32(0x7FC00000))
+        absmax[b] = largest
+        if not largest > np.float32(0):  # (zero, or NaN)
+            for i in range(lo, hi):
+                codes[i] = zero
+            continue
+        for i in range(lo, hi):
+            v = src[i] / largest
+            bits = np.int64(_as_uint32(v))
+            bucket = min(max((bits >> 16) & 0x7FFF, BUCKET_LO), BUCKET_HI) - BUCKET_LO + (bits >> 31) * BUCKETS
+            c = np.int64(first[bucket])
+            code = c + 1 if mids[c] < v else c
+            codes[i] = zero if v != v else code  # (inf / inf)
+
+
 # ---- one role of one tile: the float32 view in, the stored format out ----------------
 # A thread's scratch is one float32 array of TILE elements per role: param (0),
 # grad (1), each state buffer (2 + k). Its views are made from its address, as
@@ -307,42 +361,61 @@ def _load(table, row, fmt, t, lo, n, scratch, j, tiny):
     return x
 
 
-def _load_states(table, rows, fmts, t, lo, n, scratch, j, tiny):
-    """``(_load(table, rows[k], fmts[k], ..., scratch, j + k, tiny), ...)`` for each
-    state buffer k; None for an unused one."""
+@numba.njit(inline="always", **_JIT)
+def _load_state(table, row, fmt, signed, t, lo, n, scratch, j, tiny):
+    """``_load`` of a state buffer, which may also be 8-bit (its absmax addresses in
+    row ``row + 1``, its map the signed one when ``signed``)."""
+    if fmt != INT8:
+        return _load(table, row, fmt, t, lo, n, scratch, j, tiny)
+    x = _scratch_view(scratch, j, n, tiny)
+    load_int8(_view8(table, row, t, lo, n), _absmax_view(table, row + 1, t, lo, n, tiny),
+              _MAP_SIGNED if signed else _MAP_UNSIGNED, x)
+    return x
+
+
+def _load_states(table, rows, fmts, signs, t, lo, n, scratch, j, tiny):
+    """``(_load_state(table, rows[k], fmts[k], signs[k], ..., scratch, j + k, tiny), ...)``
+    for each state buffer k; None for an unused one."""
 
 
 @overload(_load_states, inline="always")
-def _load_states_impl(table, rows, fmts, t, lo, n, scratch, j, tiny):
+def _load_states_impl(table, rows, fmts, signs, t, lo, n, scratch, j, tiny):
     if len(rows) == 0:
-        return lambda table, rows, fmts, t, lo, n, scratch, j, tiny: ()
+        return lambda table, rows, fmts, signs, t, lo, n, scratch, j, tiny: ()
     if isinstance(rows[0], types.NoneType):
-        return lambda table, rows, fmts, t, lo, n, scratch, j, tiny: \
-            (None,) + _load_states(table, rows[1:], fmts[1:], t, lo, n, scratch, j + 1, tiny)
-    return lambda table, rows, fmts, t, lo, n, scratch, j, tiny: \
-        ((_load(table, rows[0], fmts[0], t, lo, n, scratch, j, tiny),)
-         + _load_states(table, rows[1:], fmts[1:], t, lo, n, scratch, j + 1, tiny))
+        return lambda table, rows, fmts, signs, t, lo, n, scratch, j, tiny: \
+            (None,) + _load_states(table, rows[1:], fmts[1:], signs[1:], t, lo, n, scratch, j + 1, tiny)
+    return lambda table, rows, fmts, signs, t, lo, n, scratch, j, tiny: \
+        ((_load_state(table, rows[0], fmts[0], signs[0], t, lo, n, scratch, j, tiny),)
+         + _load_states(table, rows[1:], fmts[1:], signs[1:], t, lo, n, scratch, j + 1, tiny))
 
 
-def _store_states(table, rows, fmts, t, lo, values, key, role):
-    """Store each bfloat16 state buffer k's tile from its float32 view ``values[k]``,
-    rounded stochastically with the bits of role ``role + k`` (a float32 one was
-    updated in place; an unused one is None)."""
+def _store_states(table, rows, fmts, signs, t, lo, values, key, role, tiny):
+    """Store each 16-bit or 8-bit state buffer k's tile from its float32 view
+    ``values[k]``: bfloat16 rounded stochastically with the bits of role ``role + k``,
+    8-bit quantized block by block (a float32 one was updated in place; an unused
+    one is None)."""
 
 
 @overload(_store_states, inline="always")
-def _store_states_impl(table, rows, fmts, t, lo, values, key, role):
+def _store_states_impl(table, rows, fmts, signs, t, lo, values, key, role, tiny):
     if len(rows) == 0:
-        return lambda table, rows, fmts, t, lo, values, key, role: None
+        return lambda table, rows, fmts, signs, t, lo, values, key, role, tiny: None
     if isinstance(rows[0], types.NoneType):
-        return lambda table, rows, fmts, t, lo, values, key, role: \
-            _store_states(table, rows[1:], fmts[1:], t, lo, values[1:], key, role + 1)
+        return lambda table, rows, fmts, signs, t, lo, values, key, role, tiny: \
+            _store_states(table, rows[1:], fmts[1:], signs[1:], t, lo, values[1:], key, role + 1, tiny)
 
-    def store_states(table, rows, fmts, t, lo, values, key, role):
+    def store_states(table, rows, fmts, signs, t, lo, values, key, role, tiny):
+        x = values[0]
         if fmts[0] == BFLOAT16:
-            x = values[0]
             store_bf16_stochastic(x, _view16(table, rows[0], t, lo, x.size), _stream(key, t, role), lo)
-        _store_states(table, rows[1:], fmts[1:], t, lo, values[1:], key, role + 1)
+        elif fmts[0] == INT8:
+            codes, absmax = _view8(table, rows[0], t, lo, x.size), _absmax_view(table, rows[0] + 1, t, lo, x.size, tiny)
+            if signs[0]:
+                store_int8(x, codes, absmax, _FIRST_SIGNED, _MIDS_SIGNED, _ZERO_SIGNED)
+            else:
+                store_int8(x, codes, absmax, _FIRST_UNSIGNED, _MIDS_UNSIGNED, _ZERO_UNSIGNED)
+        _store_states(table, rows[1:], fmts[1:], signs[1:], t, lo, values[1:], key, role + 1, tiny)
     return store_states
 
 
@@ -376,7 +449,7 @@ def _mixed_loop(segment, rng, source_key):
     # (param, grad) formats and whether there is a master copy; ``fmts``: each
     # state buffer's format; ``key``: the call's rounding key; ``blocks``: the
     # number of ranges, one per thread.
-    def loop(table, rows, roles, fmts, floats, flags, tiny, key, blocks):
+    def loop(table, rows, roles, fmts, signs, floats, flags, tiny, key, blocks):
         source_key  # noqa: B018  (only to be in the closure, hence in the cache key)
         param_fmt, grad_fmt, master = roles
         count = table.shape[1]
@@ -393,15 +466,18 @@ def _mixed_loop(segment, rng, source_key):
             for t in range(count):
                 n = sizes[t]
                 if offset < hi and offset + n > lo:
-                    end = min(hi - offset, n)
-                    for first in range(max(lo - offset, 0), end, TILE):
+                    # the range's ends within the tensor, rounded up to a multiple of BLOCK:
+                    # consecutive ranges still partition it, and an 8-bit block is never split
+                    start = (max(lo - offset, 0) + BLOCK - 1) // BLOCK * BLOCK
+                    end = min((hi - offset + BLOCK - 1) // BLOCK * BLOCK, n)
+                    for first in range(start, end, TILE):
                         m = min(TILE, end - first)
                         p = _load_param(table, param_fmt, master, t, first, m, scratch, tiny)
                         g = _load(table, GRAD, grad_fmt, t, first, m, scratch, 1, tiny)
-                        state = _load_states(table, rows, fmts, t, first, m, scratch, 2, tiny)
+                        state = _load_states(table, rows, fmts, signs, t, first, m, scratch, 2, tiny)
                         segment(p, g, *state, floats, flags, tiny)
                         _store_param(table, param_fmt, master, t, first, p, key)
-                        _store_states(table, rows, fmts, t, first, state, key, 1)
+                        _store_states(table, rows, fmts, signs, t, first, state, key, 1, tiny)
                 offset += n
     return loop
 
@@ -414,11 +490,13 @@ def _build(kernel: str, parallel: bool, store):
 
 
 #: (kernel name, store function) -> (serial, parallel) mixed-format loops, each
-#: ``loop(table, rows, roles, fmts, floats, flags, tiny, key, blocks)``: ``table``
+#: ``loop(table, rows, roles, fmts, signs, floats, flags, tiny, key, blocks)``: ``table``
 #: the pointer table (rows PARAM, GRAD, MASTER (any value without a master copy),
-#: a row per state buffer, the element counts), ``rows`` the row of each state
-#: buffer (None: unused), ``roles = (param format, grad format, has master)``,
-#: ``fmts`` each state buffer's format (any value when unused), ``floats, flags``
-#: as in numba_loops, ``tiny`` a float32, ``key`` the call's rounding key.
+#: two rows per state buffer (its values, or an 8-bit one's codes; an 8-bit one's
+#: absmax), the element counts), ``rows`` the first row of each state buffer (None:
+#: unused), ``roles = (param format, grad format, has master)``, ``fmts`` each state
+#: buffer's format (any value when unused), ``signs`` for each whether an 8-bit one
+#: uses the signed map, ``floats, flags`` as in numba_loops, ``tiny`` a float32,
+#: ``key`` the call's rounding key.
 MIXED_LOOPS = {(k, store): (_build(k, False, store), _build(k, True, store))
                for k in KERNEL_SCALARS for store in _STORES}

@@ -233,8 +233,9 @@ LOOPS = {(k, store): (_build(k, False, store), _build(k, True, store)) for k in 
 
 @intrinsic
 def _pointer(typingctx, address, like):
-    """The int64 ``address`` as a pointer to values of the scalar type of ``like``."""
-    if not isinstance(address, types.Integer) or not isinstance(like, types.Float):
+    """The int64 ``address`` as a pointer to values of the scalar type of ``like``
+    (a float, or an integer: the 16-bit and 8-bit buffers of numba_formats)."""
+    if not isinstance(address, types.Integer) or not isinstance(like, (types.Float, types.Integer)):
         return None
     ptr = types.CPointer(like)
 
