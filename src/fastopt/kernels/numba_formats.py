@@ -57,7 +57,7 @@ from numba.extending import intrinsic, overload
 from . import numba_loops
 from .numba_loops import SOURCE_KEY, _STORES, _pointer, _suffix, _view
 from .. import formats
-from ..formats import BFLOAT16, BLOCK, BUCKET_HI, BUCKET_LO, BUCKETS, FLOAT32, INT8, ROLES_PER_TENSOR
+from ..formats import BFLOAT16, BLOCK, FLOAT32, INT8, ROLES_PER_TENSOR
 from ..rules import KERNEL_SCALARS
 
 __all__ = ["MIXED_LOOPS", "TILE", "PARAM", "GRAD", "MASTER", "FIRST_STATE"]
@@ -284,9 +284,22 @@ def store_bf16_stochastic(src, dst, stream, first):
 # so a tile's blocks are whole blocks of its tensor, the last one maybe shorter.
 
 _MAP_SIGNED, _MAP_UNSIGNED = formats.dynamic_map(True), formats.dynamic_map(False)
-_FIRST_SIGNED, _MIDS_SIGNED = formats.quantize_tables(True)
-_FIRST_UNSIGNED, _MIDS_UNSIGNED = formats.quantize_tables(False)
+# The bucket tables of fastopt.formats indexed by the whole top 16 bits of a ratio (64 KiB
+# each, of which a block touches a few lines): no clamp, no sign test per element.
+_TOPS = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
+_FIRST_SIGNED, _FIRST_UNSIGNED = (formats.quantize_tables(s)[0][formats.bucket_of(_TOPS)] for s in (True, False))
+_MIDS_SIGNED, _MIDS_UNSIGNED = (formats.quantize_tables(s)[1] for s in (True, False))
 _ZERO_SIGNED, _ZERO_UNSIGNED = (int(np.searchsorted(m, 0.0)) for m in (_MAP_SIGNED, _MAP_UNSIGNED))
+
+
+# Indices here are unsigned or count from 0 over a block's own views: Numba wraps a
+# signed index that may be negative (``a[i]`` with ``i < 0``), and that test kept
+# LLVM from vectorizing (it gathered the wrapped indices instead).
+
+@numba.njit(**_JIT)
+def _dequantize_block(codes, scale, values, dst):
+    for i in range(codes.size):
+        dst[i] = values[codes[i]] * scale
 
 
 @numba.njit(**_JIT)
@@ -295,9 +308,41 @@ def load_int8(codes, absmax, values, dst):
     ``values[code] * absmax`` (``values``: the map)."""
     n = codes.size
     for b in range(absmax.size):
-        scale = absmax[b]
-        for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
-            dst[i] = values[codes[i]] * scale
+        lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
+        _dequantize_block(codes[lo:hi], absmax[b], values, dst[lo:hi])
+
+
+@numba.njit(**_JIT)
+def _quantize_block(x, codes, first, mids, zero, ratio):
+    """One block: its absmax (returned), and its codes (``first``: the bucket table
+    indexed by the top 16 bits of a ratio; ``ratio``: a float32 scratch of the block's
+    size)."""
+    bits = x.view(np.uint32)
+    # the largest magnitude as bits: an integer max, which orders non-negative floats
+    # as their values and puts any NaN (above 0x7f800000) on top
+    largest = np.uint32(0)
+    for i in range(bits.size):
+        largest = max(largest, _magnitude(bits[i]))
+    nan = largest > np.uint32(0x7F800000)
+    if nan or largest == np.uint32(0):
+        for i in range(codes.size):
+            codes[i] = zero
+        return _as_float32(np.uint32(0x7FC00000) if nan else largest)
+    scale = _as_float32(largest)
+    # the divisions first, in a loop of their own that LLVM vectorizes; the table
+    # lookups stay scalar (LLVM does not gather on this CPU), but cheap: with a
+    # finite scale every ratio is in [-1, 1], and its top 16 bits index the table
+    for i in range(x.size):
+        ratio[i] = x[i] / scale
+    r = ratio.view(np.uint32)
+    for i in range(x.size):
+        c = np.uint32(first[r[i] >> np.uint32(16)])
+        codes[i] = np.uint8(np.uint32(c + np.uint32(1)) if mids[c] < ratio[i] else c)
+    if largest == np.uint32(0x7F800000):  # an infinite scale: an infinity's ratio is NaN
+        for i in range(x.size):
+            if ratio[i] != ratio[i]:
+                codes[i] = zero
+    return scale
 
 
 @numba.njit(**_JIT)
@@ -307,28 +352,10 @@ def store_int8(src, codes, absmax, first, mids, zero):
     lookup of fastopt.formats.fast_codes (``first``, ``mids``: the map's tables;
     ``zero``: 0.0's code, for a block of zeros, of a NaN, or a NaN ratio)."""
     n = src.size
+    ratio = np.empty(BLOCK, np.float32)
     for b in range(absmax.size):
         lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
-        largest = np.float32(0)
-        nan = False
-        for i in range(lo, hi):
-            a = abs(src[i])
-            largest = a if a > largest else largest
-            nan = nan or a != a
-        if nan:
-            largest = _as_float32(np.uint32(0x7FC00000))
-        absmax[b] = largest
-        if not largest > np.float32(0):  # (zero, or NaN)
-            for i in range(lo, hi):
-                codes[i] = zero
-            continue
-        for i in range(lo, hi):
-            v = src[i] / largest
-            bits = np.int64(_as_uint32(v))
-            bucket = min(max((bits >> 16) & 0x7FFF, BUCKET_LO), BUCKET_HI) - BUCKET_LO + (bits >> 31) * BUCKETS
-            c = np.int64(first[bucket])
-            code = c + 1 if mids[c] < v else c
-            codes[i] = zero if v != v else code  # (inf / inf)
+        absmax[b] = _quantize_block(src[lo:hi], codes[lo:hi], first, mids, np.uint8(zero), ratio[:hi - lo])
 
 
 # ---- one role of one tile: the float32 view in, the stored format out ----------------
