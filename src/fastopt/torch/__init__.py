@@ -36,9 +36,17 @@ Mixed precision (keyword arguments of the constructor, for the whole optimizer):
 
 * ``state_dtype``: None (default: the parameter's dtype, except that a
   bfloat16 or float16 parameter gets float32 state, where ``torch.optim``
-  keeps bfloat16 state that rounds Adam's small increments away), ``"float32"``
-  or ``"bfloat16"`` (or ``torch.float32``/``torch.bfloat16``): bfloat16 state
-  is stored with stochastic rounding, 2 bytes per element;
+  keeps bfloat16 state that rounds Adam's small increments away), ``"float32"``,
+  ``"bfloat16"`` (or ``torch.float32``/``torch.bfloat16``): bfloat16 state
+  is stored with stochastic rounding, 2 bytes per element; or ``"int8"`` (or
+  ``torch.int8``): 8-bit blockwise state as bitsandbytes' 8-bit optimizers keep
+  it, one byte per element and a float32 absmax per block of 256
+  (``state[p]["exp_avg"]`` the uint8 codes, ``state[p]["exp_avg_absmax"]`` the
+  scales; see ``.precision``), for every one-pass rule (not LAMB or LARS) on
+  float32, bfloat16 and float16 parameters (not float64);
+* ``min_8bit_size`` (an int >= 0, default 4096: bitsandbytes' name and
+  default): with ``state_dtype="int8"``, a parameter of fewer elements keeps
+  float32 state (biases and norms: few bytes, and they quantize worst);
 * ``master_weights=True``: each bfloat16 or float16 parameter keeps a float32
   master copy (``state[p]["master_param"]``, made from the parameter at its
   first step), which the update reads and writes, the parameter getting its
@@ -56,15 +64,18 @@ A model may mix dtypes: each step is one call per group and dtype, as above.
 Gradients have the parameter's dtype (a 16-bit parameter's may be float32).
 bfloat16 state and ``master_param`` are saved as such by ``state_dict()`` and
 loaded exactly; a float32 (``torch.optim``) state dict loads into bfloat16
-state rounded to nearest even; :meth:`Optimizer.state_dict_fp32` gives the
-state in ``torch.optim``'s layout with float32 buffers. See ``.precision``.
+state rounded to nearest even; 8-bit state is saved as its codes and absmax
+tensors and loaded exactly, a float32 or bfloat16 buffer loads into 8-bit state
+quantized (``fastopt.Int8State.from_float``), and an 8-bit one into float state
+dequantized; :meth:`Optimizer.state_dict_fp32` gives the state in
+``torch.optim``'s layout with float32 buffers. See ``.precision``.
 
 Differences: parameters must be float32 or float64 on the CPU or a CUDA
 device, or bfloat16 or float16 on the CPU, dense and contiguous (bfloat16
-state, too, is for CPU tensors; the two-pass LAMB and LARS take float32 and
-float64 only); ``capturable=True`` and ``differentiable=True`` are refused
-(``foreach`` and ``fused`` pick torch's implementation and are accepted and
-ignored).
+and 8-bit state, too, are for CPU tensors, and 8-bit state for plain ones, not
+DTensors; the two-pass LAMB and LARS take float32 and float64 only);
+``capturable=True`` and ``differentiable=True`` are refused (``foreach`` and
+``fused`` pick torch's implementation and are accepted and ignored).
 
 This module imports torch; ``import fastopt`` does not import it.
 """
@@ -78,13 +89,16 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional
 import numpy as np
 import torch
 
+from .. import dispatch
 from ..algorithm import Algorithm, one_class_per_rule
 from ..checks import flag
+from ..formats import INT8 as INT8_FORMAT, Int8State, blocks
 from ..functional import _seed, table_backend
 from ..norms import sum_of_squares, total_norm
 from ..rules import ALL_RULES
 from .hooks import hooked_step
-from .precision import LOW, Formats, finite, formats_of, option_text, state_dtype_option
+from .precision import (INT8, LOW, Formats, absmax_key, finite, formats_of, min_8bit_size_option, option_text,
+                        state_dtype_option)
 from .steps import PLAIN, Call, MixedPlan, Plan, Record, grad_view, local, pointer, run, view
 
 __all__ = ["Optimizer"]
@@ -126,8 +140,11 @@ class Optimizer(torch.optim.Optimizer):
     ``(name, tensor)`` pairs or of group dicts. ``skip_nonfinite=True`` drops a
     step whose gradients hold a NaN or Inf (counted in ``skipped_steps``,
     flagged by ``last_step_skipped``); by default they propagate as in torch.
-    ``state_dtype``, ``master_weights`` and ``rounding_seed``: the storage of
-    bfloat16 and float16 models and of the state (see :mod:`fastopt.torch`).
+    ``state_dtype`` (None, ``"float32"``, ``"bfloat16"`` or ``"int8"``: 8-bit
+    blockwise state), ``min_8bit_size`` (default 4096: smaller parameters keep
+    float32 state under ``"int8"``), ``master_weights`` and ``rounding_seed``:
+    the storage of bfloat16 and float16 models and of the state (see
+    :mod:`fastopt.torch` and :mod:`fastopt.torch.precision`).
     """
 
     core: ClassVar[Algorithm]
@@ -137,6 +154,8 @@ class Optimizer(torch.optim.Optimizer):
     saves_step: ClassVar[bool]
     #: the algorithm of a group with ``decoupled_weight_decay=True`` (Adam's: AdamW), if the rule has one.
     decoupled_core: ClassVar[Algorithm | None]
+    #: functional state buffer name -> whether its 8-bit map is the signed one (the rule table's).
+    _signed: ClassVar[dict[str, bool]]
 
     def __init_subclass__(cls, rule: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -145,6 +164,7 @@ class Optimizer(torch.optim.Optimizer):
         core = cls.core = Algorithm(ALL_RULES[rule])
         theirs = getattr(torch.optim, core.name, None)
         cls.saves_step = ALL_RULES[rule].saves_step
+        cls._signed = {b.name: b.signed for b in core.rule.buffers}  # (each buffer's 8-bit map: the rule's)
         cls.decoupled_core = Algorithm(ALL_RULES[core.rule.decoupled]) if core.rule.decoupled else None
         cls.torch_options = {}
         if theirs is not None:  # read torch's own group keys, so a newer torch's options are known
@@ -152,17 +172,27 @@ class Optimizer(torch.optim.Optimizer):
                 if name not in core.hyper_defaults():
                     cls.torch_options[name] = default
         like = f"Drop-in for ``torch.optim.{core.name}``" if theirs else "A ``torch.optim.Optimizer``"
+        if core.rule.trust is None:
+            storage = ("``state_dtype``: None, ``\"float32\"``, ``\"bfloat16\"`` or ``\"int8\"`` (8-bit "
+                       "blockwise state, bitsandbytes' scheme, for parameters of at least ``min_8bit_size`` "
+                       "elements, default 4096); ``master_weights``, ``rounding_seed``: see "
+                       ":mod:`fastopt.torch.precision`.")
+        else:
+            storage = ("Two-pass: float32 and float64 parameters and state only (``state_dtype`` None or "
+                       "``\"float32\"``).")
         cls.__doc__ = (f"{like} running fastopt's fused list kernels (see :mod:`fastopt.torch`).\n\n"
-                       f"{core.describe()}")
+                       f"{core.describe()}\n\n{storage}")
 
     def __init__(self, params: Iterable[Any], lr: float | None = None, *, skip_nonfinite: bool = False,
                  state_dtype: Any = None, master_weights: bool = False, rounding_seed: int = 0,
-                 **hyper: Any) -> None:
+                 min_8bit_size: int = 4096, **hyper: Any) -> None:
         self.skip_nonfinite = flag("skip_nonfinite", skip_nonfinite)
         self.state_dtype: Optional[torch.dtype] = state_dtype_option(state_dtype)
         self.master_weights = flag("master_weights", master_weights)
         self.rounding_seed = _seed(rounding_seed)
-        self._formats: dict[torch.dtype, Formats] = {}  # per parameter dtype, under these options
+        self.min_8bit_size = min_8bit_size_option(min_8bit_size)
+        # per (parameter dtype, whether it has 8-bit state), under these options
+        self._formats: dict[tuple[torch.dtype, bool], Formats] = {}
         self.skipped_steps, self.last_step_skipped = 0, False
         self._records: dict[int, Record] = {}
         self._plans: dict[int, Plan] = {}
@@ -204,25 +234,30 @@ class Optimizer(torch.optim.Optimizer):
                     raise TypeError(f"{_where(i, j)} is a {shard.dtype} tensor on {shard.device} "
                                     f"({shard.layout}); fastopt.torch needs dense float32, float64, bfloat16 "
                                     "or float16 parameters on the CPU or a CUDA device")
-                self._format(shard, _where(i, j))
+                self._format(shard, _where(i, j), shard is not p)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
 
-    def _format(self, p: torch.Tensor, where: str) -> Formats:
-        """How ``p`` (a float32, float64, bfloat16 or float16 tensor) is stepped under
-        the optimizer's options (:mod:`.precision`), or TypeError/ValueError naming it
-        (``where``) and the option that refuses it."""
-        fmt = self._formats.get(p.dtype)
+    def _format(self, p: torch.Tensor, where: str, sharded: bool = False) -> Formats:
+        """How ``p`` (a float32, float64, bfloat16 or float16 tensor: a DTensor's local
+        shard when ``sharded``) is stepped under the optimizer's options (:mod:`.precision`),
+        or TypeError/ValueError naming it (``where``) and the option that refuses it."""
+        eight = self.state_dtype is INT8 and p.numel() >= self.min_8bit_size
+        fmt = self._formats.get((p.dtype, eight))
         if fmt is None:
             fmt = formats_of(p.dtype, self.state_dtype, self.master_weights, self.saves_step,
-                             self.core.rule.trust is not None, where, type(self).__name__)
-            self._formats[p.dtype] = fmt
-        if fmt.mixed and p.is_cuda:
+                             self.core.rule.trust is not None, where, type(self).__name__, eight)
+            self._formats[p.dtype, eight] = fmt
+        if (fmt.mixed or self.state_dtype is INT8) and p.is_cuda:  # (int8: small parameters too)
             raise TypeError(f"{where} is a {p.dtype} CUDA tensor" + (
                 f" with state_dtype={option_text(self.state_dtype)}" if p.dtype not in LOW else "")
-                + ": fastopt.torch steps bfloat16 and float16 parameters and bfloat16 state on CPU tensors only "
-                "(the functional API's bfloat16/float16 calls take host arrays)")
+                + ": fastopt.torch steps bfloat16 and float16 parameters and bfloat16 or 8-bit state on CPU "
+                "tensors only (the functional API's bfloat16/float16/8-bit calls take host arrays)")
+        if sharded and self.state_dtype is INT8:
+            raise TypeError(f"{where} is a DTensor (FSDP2) with state_dtype='int8': fastopt.torch keeps 8-bit "
+                            "state for plain tensors only (its absmax blocks are per local shard, which a "
+                            "DTensor state could not reshard)")
         return fmt
 
     # ---- one step ---------------------------------------------------------------
@@ -247,6 +282,14 @@ class Optimizer(torch.optim.Optimizer):
                 state[c] = torch.tensor(initial, dtype=_scalar_dtype())
         for name in needs:
             buf = state.get(keys[name])
+            if fmt.int8:  # (8-bit codes, checked by _check_state_formats, and their absmax)
+                if buf is None:
+                    fill = float(group[self.core.fill[name]]) if name in self.core.fill else 0.0
+                    q = Int8State.from_float(np.full(p.shape, fill, np.float32), self._signed[name]) if fill \
+                        else Int8State.zeros(tuple(p.shape), self._signed[name])
+                    state[keys[name]], state[absmax_key(keys[name])] = torch.from_numpy(q.codes), \
+                        torch.from_numpy(q.absmax)
+                continue
             if buf is None:
                 fill = float(group[self.core.fill[name]]) if name in self.core.fill else 0.0
                 state[keys[name]] = torch.full_like(p, fill, dtype=fmt.state,
@@ -274,14 +317,20 @@ class Optimizer(torch.optim.Optimizer):
             return rec, True
         keys = self.core.state_keys()
         stepped = state is not None and all(keys[name] in state for name in needs)
-        fmt = self._formats[local(p).dtype]  # (made by _checked)
+        fmt = self._format(local(p), "")  # (made and checked by _checked)
         state = self._state_of(p, group, needs, fmt, stepped)
         rec = Record()
         rec.param, rec.pointer, rec.needs, rec.state, rec.param_view = p, pointer(p), needs, state, view(p)
-        rec.key, rec.formats = (p.dtype, p.get_device()), fmt
-        rec.views = tuple(view(state[keys[name]]) if name in needs else None for name in self.core.rule.state)
+        rec.key, rec.formats = (p.dtype, p.get_device(), fmt.int8), fmt  # (one format per role in a call)
+        if fmt.int8:  # (an Int8State over the memory of the codes and absmax tensors)
+            rec.views = tuple(Int8State(view(state[keys[name]]), view(state[absmax_key(keys[name])]),
+                                        self._signed[name]) if name in needs else None
+                              for name in self.core.rule.state)
+        else:
+            rec.views = tuple(view(state[keys[name]]) if name in needs else None for name in self.core.rule.state)
         scalars = ("step", *self.core.carry) if fmt.counts else ()
-        kept = (*scalars, *(keys[name] for name in needs), *(("master_param",) if fmt.master else ()))
+        scales = tuple(absmax_key(keys[name]) for name in needs) if fmt.int8 else ()
+        kept = (*scalars, *(keys[name] for name in needs), *scales, *(("master_param",) if fmt.master else ()))
         rec.tensors = tuple((k, state[k]) for k in kept)
         rec.step = view(state["step"]) if fmt.counts else None
         rec.carry = tuple(view(state[c]) for c in self.core.carry)
@@ -305,7 +354,8 @@ class Optimizer(torch.optim.Optimizer):
                 if p.dtype not in _DTYPES:
                     raise TypeError(f"{_where(i, j)} is {p.dtype} (the model was cast after the optimizer was "
                                     "made?); fastopt.torch needs float32, float64, bfloat16 or float16 parameters")
-                fmt = self._format(local(p), _where(i, j))  # (the model may have been cast or moved since)
+                shard = local(p)
+                fmt = self._format(shard, _where(i, j), shard is not p)  # (the model may have been cast or moved)
                 # (torch itself keeps a gradient's shape and device the parameter's)
                 if g.layout is not torch.strided or g.dtype is not p.dtype and not (
                         p.dtype in LOW and g.dtype is torch.float32):
@@ -337,12 +387,17 @@ class Optimizer(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return
-        if self.state_dtype is not None:
+        if fmt.int8:
+            for key in self.core.state_keys().values():
+                _check_int8_state(state, key, p, where)
+        elif self.state_dtype is not None:
             for key in self.core.state_keys().values():
                 buf = state.get(key)
                 if buf is not None and not (isinstance(buf, torch.Tensor) and buf.dtype is fmt.state):
                     raise TypeError(f"state[{key!r}] of {where} is {_kind(buf)}; expected a {fmt.state} tensor "
-                                    f"(state_dtype={option_text(self.state_dtype)})")
+                                    f"(state_dtype={option_text(self.state_dtype)}"
+                                    + (f": it has fewer than min_8bit_size={self.min_8bit_size} elements, so "
+                                       "float32 state)" if self.state_dtype is INT8 else ")"))
         master = state.get("master_param") if fmt.master else None
         if master is not None:
             if not (isinstance(master, torch.Tensor) and master.dtype is torch.float32):
@@ -420,6 +475,8 @@ class Optimizer(torch.optim.Optimizer):
         old, new = self._records, {}
         if rounds[0]:
             calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
+        if self.state_dtype is INT8:  # (refused before any call runs, not after the float32 ones)
+            _check_int8_backend(calls)
         # LAMB clips by the norm of every gradient of the step (apex FusedLAMB): one read pass.
         grad_norm = abs(multiplier) * _global_norm([g for call in calls for g in call.grads]) \
             if self.core.clips(self.param_groups) else None
@@ -547,9 +604,13 @@ class Optimizer(torch.optim.Optimizer):
         buffer loaded into bfloat16 state is rounded to nearest even, a bfloat16 one
         into float32 state is exact) and ``master_param`` float32, converted from the
         saved tensors themselves, not from torch's cast to the parameter's dtype
-        (which would drop a float32 buffer's low bits for a bfloat16 parameter),
-        before the post-hooks run. A saved master copy of a parameter that keeps
-        none (float32, or ``master_weights=False``) is dropped.
+        (which would drop a float32 buffer's low bits for a bfloat16 parameter, and
+        turn 8-bit codes into floats), before the post-hooks run. 8-bit state (a
+        ``<key>`` of uint8 codes and its ``<key>_absmax``) loads as it is into a
+        parameter with 8-bit state, and dequantized into one with float state; a
+        float buffer into 8-bit state is quantized (``Int8State.from_float`` of its
+        float32 values, with the rule's map). A saved master copy of a parameter that
+        keeps none (float32, or ``master_weights=False``) is dropped.
         """
         self._check_state_dict(state_dict)
         loaded: list = []
@@ -572,7 +633,7 @@ class Optimizer(torch.optim.Optimizer):
     def _restore_formats(self, saved: Mapping[str, Any]) -> None:
         """After torch's load of ``saved``: each buffer in its parameter's state dtype and
         each master copy float32, from the saved tensors (see :meth:`load_state_dict`)."""
-        keys = set(self.core.state_keys().values())
+        keys = {key: name for name, key in self.core.state_keys().items()}
         ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         for k, p in zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)):
             entry = saved["state"].get(k)
@@ -585,7 +646,24 @@ class Optimizer(torch.optim.Optimizer):
                         state[key] = value.detach().to(dtype=torch.float32, device=p.device)
                     else:
                         del state[key]
-                elif key in keys and state[key].dtype is not fmt.state:
+                    continue
+                if key not in keys:
+                    continue
+                signed, scales = self._signed[keys[key]], entry.get(absmax_key(key))
+                if fmt.int8:
+                    if scales is not None:  # (8-bit saved: as it is, as torch's load keeps a tensor)
+                        codes, absmax = value.detach().cpu().contiguous(), scales.detach().cpu().contiguous()
+                    else:  # (float values: quantized)
+                        q = Int8State.from_float(value.detach().float().cpu().numpy(), signed)
+                        codes, absmax = torch.from_numpy(q.codes), torch.from_numpy(q.absmax)
+                    state[key], state[absmax_key(key)] = codes, absmax
+                    continue
+                if scales is not None:  # (8-bit saved into float state: dequantized)
+                    value = torch.from_numpy(Int8State(value.detach().cpu().contiguous().numpy(),
+                                                       scales.detach().cpu().float().contiguous().numpy(),
+                                                       signed).dequantize())
+                    del state[absmax_key(key)]
+                if state[key].dtype is not fmt.state or scales is not None:
                     state[key] = value.detach().to(dtype=fmt.state, device=p.device)
 
     def state_dict_fp32(self) -> dict[str, Any]:
@@ -594,15 +672,25 @@ class Optimizer(torch.optim.Optimizer):
 
         Every bfloat16 or float16 state buffer widened to float32 (exactly; float32
         and float64 ones as they are, shared with the live state as in
-        ``state_dict()``), no ``master_param`` (the model's weights, not optimizer
+        ``state_dict()``), every 8-bit one dequantized to float32 (its ``_absmax``
+        key dropped), no ``master_param`` (the model's weights, not optimizer
         state: read ``state[p]["master_param"]`` for them), and no ``step`` where
         torch's state has none (SGD, which here counts steps for stochastic rounding).
         The optimizer's own state is not changed."""
         sd = self.state_dict()
-        buffers = set(self.core.state_keys().values())
-        kept = buffers | ({"step", *self.core.carry} if self.saves_step else set())
-        state = {k: {key: value.float() if key in buffers and value.dtype in LOW else value
-                     for key, value in entry.items() if key in kept}
+        buffers = {key: name for name, key in self.core.state_keys().items()}
+        kept = set(buffers) | ({"step", *self.core.carry} if self.saves_step else set())
+
+        def fp32(key: str, value: Any, entry: Mapping[str, Any]) -> Any:
+            if key not in buffers:
+                return value
+            scales = entry.get(absmax_key(key))
+            if scales is not None and value.dtype is torch.uint8:
+                return torch.from_numpy(Int8State(value.detach().cpu().contiguous().numpy(),
+                                                  scales.detach().cpu().float().contiguous().numpy(),
+                                                  self._signed[buffers[key]]).dequantize())
+            return value.float() if value.dtype in LOW else value
+        state = {k: {key: fp32(key, value, entry) for key, value in entry.items() if key in kept}
                  for k, entry in sd["state"].items()}
         return {**sd, "state": state}
 
@@ -630,12 +718,17 @@ class Optimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict['state'] has an entry {k!r} for no parameter")
             p, hyper, param = id_map[k]
             where = f"state_dict['state'][{k!r}]"
-            buffers = {name: _check_tensor(entry[key], p, f"{where}[{key!r}]") for name, key in keys.items()
+            if not isinstance(entry, Mapping):
+                raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
+            buffers = {name: _check_saved_buffer(entry, key, p, where) for name, key in keys.items()
                        if key in entry}
+            for key in keys.values():
+                if absmax_key(key) in entry and key not in entry:
+                    raise ValueError(f"{where} has {absmax_key(key)!r} but no {key!r} (the 8-bit codes it scales)")
             if "master_param" in entry:
                 _check_tensor(entry["master_param"], p, f"{where}['master_param']")
             self.core.check_entry(entry, buffers, hyper, where, step_optional=not self.saves_step,
-                                  extra_keys=("master_param",))
+                                  extra_keys=("master_param", *map(absmax_key, keys.values())))
             if p.dtype in _DTYPES:  # (else torch's load casts the state, and the next step names the parameter)
                 self._format(local(p), param)  # (the model may have been cast since: checked before loading)
 
@@ -644,13 +737,14 @@ class Optimizer(torch.optim.Optimizer):
         return {**super().__getstate__(), "skip_nonfinite": self.skip_nonfinite,
                 "skipped_steps": self.skipped_steps, "last_step_skipped": self.last_step_skipped,
                 "state_dtype": self.state_dtype, "master_weights": self.master_weights,
-                "rounding_seed": self.rounding_seed}
+                "rounding_seed": self.rounding_seed, "min_8bit_size": self.min_8bit_size}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # (torch's load_state_dict calls this too, with the state and groups only: the
         # options then stay as they are)
         for key, default in (("skip_nonfinite", False), ("skipped_steps", 0), ("last_step_skipped", False),
-                             ("state_dtype", None), ("master_weights", False), ("rounding_seed", 0)):
+                             ("state_dtype", None), ("master_weights", False), ("rounding_seed", 0),
+                             ("min_8bit_size", 4096)):
             state.setdefault(key, self.__dict__.get(key, default))
         super().__setstate__(state)
         self._records, self._plans, self._formats = {}, {}, {}
@@ -669,6 +763,66 @@ def _check_tensor(value: Any, p: torch.Tensor, where: str) -> torch.Tensor:
     if not value.is_floating_point():
         raise TypeError(f"{where} has dtype {value.dtype}, expected a floating-point dtype")
     return value
+
+
+def _check_saved_buffer(entry: Mapping[str, Any], key: str, p: torch.Tensor, where: str) -> torch.Tensor:
+    """A saved state buffer ``entry[key]`` of parameter ``p``: a float tensor of ``p``'s
+    shape, or 8-bit state: uint8 codes of ``p``'s shape with ``entry[key + "_absmax"]``,
+    a float32 tensor of one value per block of 256 elements."""
+    value, scales = entry[key], entry.get(absmax_key(key))
+    if scales is None:
+        if isinstance(value, torch.Tensor) and value.dtype is torch.uint8:
+            raise ValueError(f"{where}[{key!r}] is 8-bit codes (torch.uint8), but {where} has no "
+                             f"{absmax_key(key)!r} (their scales)")
+        return _check_tensor(value, p, f"{where}[{key!r}]")
+    if not (isinstance(value, torch.Tensor) and value.dtype is torch.uint8):
+        raise TypeError(f"{where}[{key!r}] must be a torch.uint8 tensor (8-bit codes, with "
+                        f"{absmax_key(key)!r}), got {_kind(value)}")
+    if value.shape != p.shape:
+        raise ValueError(f"{where}[{key!r}] has shape {tuple(value.shape)}, expected {tuple(p.shape)} "
+                         "(the parameter's: one 8-bit code per element)")
+    n = blocks(p.numel())
+    if not (isinstance(scales, torch.Tensor) and scales.dtype is torch.float32):
+        raise TypeError(f"{where}[{absmax_key(key)!r}] must be a torch.float32 tensor, got {_kind(scales)}")
+    if scales.shape != (n,):
+        raise ValueError(f"{where}[{absmax_key(key)!r}] has shape {tuple(scales.shape)}, expected ({n},) "
+                         f"(one absmax per block of 256 of the parameter's {p.numel()} elements)")
+    return value
+
+
+def _check_int8_state(state: Mapping[str, Any], key: str, p: torch.Tensor, where: str) -> None:
+    """Check 8-bit state before a step: ``state[key]`` (when there) contiguous uint8 codes
+    of ``p``'s shape on the CPU, ``state[key + "_absmax"]`` a contiguous float32 CPU
+    tensor of one value per block of 256 elements."""
+    codes = state.get(key)
+    if codes is None:
+        return
+    if not (isinstance(codes, torch.Tensor) and codes.dtype is torch.uint8):
+        raise TypeError(f"state[{key!r}] of {where} is {_kind(codes)}; expected a torch.uint8 tensor "
+                        "(8-bit codes: state_dtype='int8')")
+    if codes.shape != p.shape or not codes.is_contiguous() or codes.device.type != "cpu":
+        raise ValueError(f"state[{key!r}] of {where} has shape {tuple(codes.shape)} on {codes.device}"
+                         f"{'' if codes.is_contiguous() else ' (not contiguous)'}; expected a contiguous "
+                         f"{tuple(p.shape)} CPU tensor (the parameter's shape: one 8-bit code per element)")
+    scales, name, n = state.get(absmax_key(key)), absmax_key(key), blocks(p.numel())
+    if scales is None:
+        raise ValueError(f"state[{key!r}] of {where} holds 8-bit codes, but state[{name!r}] (their scales) "
+                         "is missing")
+    if not (isinstance(scales, torch.Tensor) and scales.dtype is torch.float32):
+        raise TypeError(f"state[{name!r}] of {where} is {_kind(scales)}; expected a torch.float32 tensor")
+    if scales.shape != (n,) or not scales.is_contiguous() or scales.device.type != "cpu":
+        raise ValueError(f"state[{name!r}] of {where} has shape {tuple(scales.shape)} on {scales.device}; "
+                         f"expected a contiguous ({n},) CPU tensor (one absmax per block of 256 of the "
+                         f"parameter's {p.numel()} elements)")
+
+
+def _check_int8_backend(calls: list) -> None:
+    """Refuse, before any call runs, a step whose 8-bit calls the host backend cannot run."""
+    if any(call.seed is not None and any(a and type(a[0]) is Int8State for a in call.state) for call in calls):
+        backend = dispatch.select(None, False)
+        if INT8_FORMAT not in getattr(backend, "mixed_formats", ()):
+            raise TypeError(f"the {backend.name} backend does not run updates with 8-bit state yet "
+                            "(state_dtype='int8'); FASTOPT_BACKEND=numpy or numba does")
 
 
 # ---- the algorithms: one class per rule of the table -------------------------------

@@ -11,7 +11,9 @@ the adapter's whole cost, so it is made once and then *replayed*:
   is unchanged, checked with ``map`` over C callables; on the C and Numba
   backends a replayed call runs from a pointer table, so a gradient costs its
   address, not an array. A mixed-format call (bfloat16/float16 tensors, a
-  master copy: :mod:`.precision`) replays as a :class:`MixedPlan`, with arrays.
+  master copy, 8-bit state: :mod:`.precision`) replays as a :class:`MixedPlan`,
+  with arrays (an 8-bit buffer as a ``fastopt.formats.Int8State`` over the
+  memory of its codes and absmax tensors).
 
 Anything a plan cannot vouch for goes back to the general path in
 :mod:`fastopt.torch`, which checks each parameter and names what is wrong.
@@ -27,6 +29,7 @@ import torch
 
 from ..algorithm import Algorithm
 from ..buffers import _extension, disjoint_table
+from ..formats import codes_of
 from ..functional import _run_table
 from ..rule import _cacheable
 from .precision import bfloat16_array
@@ -156,8 +159,8 @@ class Plan:
         self.table = np.zeros((3 + len(call.state), len(records)), dtype=np.int64)
         self.table[0] = self.pointers
         for k, arrays in enumerate(call.state):
-            if arrays is not None:
-                self.table[2 + k] = [a.__array_interface__["data"][0] for a in arrays]
+            if arrays is not None:  # (an 8-bit buffer's row: its codes' addresses; a MixedPlan uses no table)
+                self.table[2 + k] = [codes_of(a).__array_interface__["data"][0] for a in arrays]
         self.table[-1] = self.sizes
         self.shapes = [p.shape for p in self.members]
         self.grad_forms = [(torch.strided, self.dtype, shape) for shape in self.shapes]  # what each gradient must be
