@@ -244,8 +244,6 @@ SHAPES = gpt_shapes()[:14] + [(0,), (1,), (1500,), (37, 41)]
 @pytest.mark.parametrize("combo", list(COMBOS))
 @pytest.mark.parametrize("rule,options", CASES, ids=[r for r, _ in CASES])
 def test_list_call_matches_the_reference(backend, rule, options, combo):
-    if "int8" in combo and backend == "c":
-        pytest.skip("8-bit state on the c backend: the next commit")
     got = _mixed_run(rule, options, SHAPES, combo, backend)
     _assert_same(got, _mixed_run(rule, options, SHAPES, combo, "numpy"), f"{backend} {combo}")
 
@@ -259,8 +257,6 @@ def test_flat_call_matches_the_reference(backend, rule, options, combo):
 
 @pytest.mark.parametrize("combo", ["all-bf16", "master-bf16-state-bf16", "master-f16", "master-bf16-state-int8"])
 def test_independent_of_the_thread_count_and_matches_the_reference(backend, combo):
-    if "int8" in combo and backend == "c":
-        pytest.skip("8-bit state on the c backend: the next commit")
     shapes = [(300_001,), (1000,), (70_000, 3), (5,)]
     rule, options = "adamw", FULL["adamw"]
     before = fastopt.get_num_threads()
@@ -276,9 +272,6 @@ def test_independent_of_the_thread_count_and_matches_the_reference(backend, comb
 
 
 def test_int8_blocks_with_nan_and_inf_match_the_reference(backend):
-    if backend == "c":
-        pytest.skip("8-bit state on the c backend: the next commit")
-
     def run(name):
         rng = np.random.default_rng(8)
         sizes = [300, 1000, 256]
@@ -483,8 +476,11 @@ def test_int8_state_tracks_float32_over_many_steps():
     ("float64 absmax", TypeError, r"exp_avg_sq\.absmax must be a 1-D float32 array"),
     ("shared absmax", ValueError, r"absmax overlaps"),
     ("codes of another shape", ValueError, r"exp_avg has shape \(999,\), expected \(1000,\)"),
+    ("two maps in one argument", ValueError, r"exp_avg_sq\[1\] uses the signed 8-bit map, exp_avg_sq\[0\] the "
+                                             r"unsigned one; every Int8State of one state argument uses one map"),
 ])
-def test_bad_int8_state_is_refused_before_anything_is_written(case, error, match):
+@pytest.mark.parametrize("backend_name", ["numpy", "numba", "c"])
+def test_bad_int8_state_is_refused_before_anything_is_written(case, error, match, backend_name):
     p, g = _rng_arrays(1000, 2, 15)
     m, v = Int8State.zeros(p.shape), Int8State.zeros(p.shape, signed=False)
     if case == "unsigned map for a signed buffer":
@@ -499,16 +495,9 @@ def test_bad_int8_state_is_refused_before_anything_is_written(case, error, match
         m = Int8State.zeros((999,))
     before = [_bits(a) for a in (p, m.codes, m.absmax, v.codes, v.absmax)]
     with pytest.raises(error, match=match):
-        fastopt.adamw_(p, g, m, v, step=1, backend="numpy")
+        if case == "two maps in one argument":
+            fastopt.adamw_([p, p.copy()], [g, g.copy()], [m, Int8State.zeros(p.shape)], [v, Int8State.zeros(p.shape)],
+                           step=1, backend=backend_name)
+        else:
+            fastopt.adamw_(p, g, m, v, step=1, backend=backend_name)
     assert before == [_bits(a) for a in (p, m.codes, m.absmax, v.codes, v.absmax)]
-
-
-def test_a_backend_without_int8_state_says_so():
-    import importlib
-    for name in ("numba", "c"):
-        module = importlib.import_module({"numba": "fastopt.backends.numba_cpu", "c": "fastopt.backends.c"}[name])
-        if F.INT8 in getattr(module, "mixed_formats", ()):
-            continue
-        p, g = _rng_arrays(100, 2, 16)
-        with pytest.raises(TypeError, match=rf"the {name} backend does not run updates with (8-bit state|bfloat16)"):
-            fastopt.lion_(p, g, Int8State.zeros(p.shape), step=1, backend=name)

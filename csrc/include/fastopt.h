@@ -83,8 +83,9 @@
  * computing in float32 with the rule's float32 kernel. *f gives each role's
  * format (fastopt_formats, below); param, grad and each state argument are
  * tables of count untyped pointers (void *const *), tensor i's buffer holding
- * n[i] elements of its role's format (a float, or a uint16_t holding a
- * bfloat16's or a float16's bits). Per tensor, every element is computed as
+ * n[i] elements of its role's format (a float, a uint16_t holding a
+ * bfloat16's or a float16's bits, or an 8-bit state buffer's uint8_t code:
+ * below). Per tensor, every element is computed as
  *   1. load: param from master[i] when master is given (the float32 master
  *      copy, read and written in place), else from param[i]; grad and each
  *      state buffer from theirs. bfloat16 and float16 to float32 are exact
@@ -99,6 +100,29 @@
  *      (b + (r & 0xffff)) >> 16 with r the element's 32 random bits (an
  *      infinity stays infinite). A NaN stored as bfloat16 is 0x7fc0, as
  *      float16 0x7e00, with its sign.
+ * 8-bit blockwise state (FASTOPT_FORMAT_I8, state buffers only; bitsandbytes'
+ * scheme, fastopt.formats.Int8State in Python): state[k][i] points to n[i]
+ * uint8_t codes, f->absmax[k][i] to the tensor's ceil(n[i] / 256) float scales,
+ * one per block of 256 consecutive elements of the tensor (the last block
+ * shorter), and f->signed_map[k] picks the map: nonzero the signed one (for a
+ * buffer that may be negative), 0 the unsigned one (finer, for non-negative
+ * buffers). The maps are fastopt.formats.dynamic_map: 256 ascending floats,
+ * each map's 0.0 at index Z (the zero code: 127 signed, 0 unsigned), and
+ * mid[c] (c < 255) the float of the midpoint of map[c] and map[c + 1] computed
+ * in double (fastopt.formats.map_midpoints); every value is in the library
+ * (src/int8_maps.inc). Such a buffer is
+ *   1. loaded as map[code] * absmax of the element's block (a float32
+ *      product: a NaN or infinite absmax gives NaN or infinities, 0 * inf NaN);
+ *   2. updated in float32 as above (flushing included);
+ *   3. stored per block: absmax = the largest |x| of the block's new values
+ *      (+0 for a block of zeros), except that a block holding a NaN gets
+ *      absmax = the quiet NaN 0x7fc00000 and every code Z; else each code is
+ *      #{c : mid[c] < x / absmax} with the float32 division, except Z when
+ *      absmax is 0 or x / absmax is NaN (an infinity in a block whose absmax
+ *      is infinite). Codes and absmax are both written; the codes are those
+ *      of the nearest map value (a tie: the lower one).
+ * Blocks are a tensor's own: results do not depend on the threads. The absmax
+ * arrays are written buffers (they must not overlap any buffer of the call).
  * The random bits of element j of tensor i, role r (0: param, 1 + k: state
  * buffer k in the rule's order) are mix32(stream + j) (mod 2^32) with
  * stream = mix32(f->key ^ mix32(i * 16 + r)) and mix32 Chris Wellons'
@@ -111,9 +135,12 @@
  * non-NULL where n[i] > 0), and also: f must be non-NULL (FASTOPT_ERR_NULL);
  * FASTOPT_ERR_FORMAT, before anything is written, when a format is unknown or
  * not one its role takes: param and grad F32, BF16 or F16; a used state buffer
- * F32 or BF16; a master copy only for a BF16 or F16 param, and an F16 param
- * only with one (float16 cannot accumulate updates). A float32 role is
- * computed in place, so an all-F32 call is exactly fastopt_<rule>_list_f32.
+ * F32, BF16 or I8; a master copy only for a BF16 or F16 param, and an F16 param
+ * only with one (float16 cannot accumulate updates); FASTOPT_ERR_NULL, before
+ * anything is written, when a used I8 buffer's f->absmax[k] is NULL (count > 0)
+ * or an entry of it is NULL where n[i] > 0. f->absmax[k] and f->signed_map[k]
+ * are read only for the used I8 buffers. A float32 role is computed in place,
+ * so an all-F32 call is exactly fastopt_<rule>_list_f32.
  * The two-pass rules have no mixed-format entry points yet.
  *
  * Threads: the kernels split large buffers into one contiguous static chunk
@@ -164,7 +191,8 @@ enum {
 enum {
     FASTOPT_FORMAT_F32 = 0,  /* float (IEEE binary32) */
     FASTOPT_FORMAT_BF16 = 1, /* bfloat16: the high 16 bits of a float, in a uint16_t */
-    FASTOPT_FORMAT_F16 = 2   /* IEEE binary16, in a uint16_t */
+    FASTOPT_FORMAT_F16 = 2,  /* IEEE binary16, in a uint16_t */
+    FASTOPT_FORMAT_I8 = 3    /* 8-bit blockwise state (state buffers only): uint8_t codes, a float absmax per 256 */
 };
 
 /* The most state buffers a fastopt_formats describes (every rule has fewer). */
@@ -174,12 +202,17 @@ enum {
 typedef struct {
     int param; /* FASTOPT_FORMAT_F32, _BF16 or _F16 (F16 needs a master copy) */
     int grad;  /* FASTOPT_FORMAT_F32, _BF16 or _F16 */
-    /* state[k]: state buffer k in the rule's order, FASTOPT_FORMAT_F32 or _BF16
+    /* state[k]: state buffer k in the rule's order, FASTOPT_FORMAT_F32, _BF16 or _I8
      * (read only for the buffers the update uses) */
     int state[FASTOPT_FORMATS_MAX_STATE];
     /* The call's 32-bit key of the random bits of stochastic rounding: a new one
      * every step (the Python package derives it from a seed and the step). */
     uint32_t key;
+    /* For an I8 state buffer k: absmax[k], a table of count pointers, tensor i's
+     * to its ceil(n[i] / 256) block scales (read and written); signed_map[k]:
+     * nonzero for the signed map, 0 for the unsigned one. Unread for the others. */
+    float *const *absmax[FASTOPT_FORMATS_MAX_STATE];
+    int signed_map[FASTOPT_FORMATS_MAX_STATE];
 } fastopt_formats;
 
 /* Library version as "MAJOR.MINOR.PATCH"; a static string, never NULL. */

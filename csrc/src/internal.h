@@ -35,6 +35,21 @@ typedef void (*fo_loop)(void *param, const void *grad, void *const *state, int64
 typedef void (*fo_sums)(const void *param, const void *grad, const void *const *state, int64_t n,
                         const void *scalars, double *param_sumsq, double *update_sumsq);
 
+/* 8-bit blockwise state: the constants (FO_I8_BLOCK, FO_I8_BUCKET_LO, ...) of
+ * int8_maps.inc (generated from fastopt.formats) and its tables, defined once in
+ * formats.c; index 0 the unsigned map, 1 the signed one. */
+#include "int8_maps.inc"
+extern const float fo_i8_map[2][256];             /* the values a code stands for (times its absmax) */
+extern const float fo_i8_mids[2][256];            /* the 255 decision midpoints, then +inf */
+extern const uint8_t fo_i8_first[2][FO_I8_FIRST]; /* per bucket: #{mid < every value of the bucket} */
+
+/* One map's tables, as the conversions take them. */
+typedef struct {
+    const float *map, *mids;
+    const uint8_t *first;
+    uint32_t zero; /* the code of 0.0 */
+} fo_i8_tables;
+
 /* The conversions of the mixed-format updates (formats.c), from convert.inc,
  * compiled in every CPU path's unit so that they vectorize with its
  * instructions. A 16-bit value is its bits (uint16_t); n elements each. */
@@ -45,6 +60,12 @@ typedef struct {
     void (*store_f16_nearest)(uint16_t *out, const float *in, int64_t n);
     /* element i rounded with the random bits fo_mix32(counter + i) */
     void (*store_bf16_stochastic)(uint16_t *out, const float *in, int64_t n, uint32_t counter);
+    /* 8-bit blockwise state, n elements from the start of a block (blocks of
+     * FO_I8_BLOCK, the last one shorter; absmax[j]: block j's): load, exact
+     * (map[code] * absmax in float32); store: per block its absmax (the quiet NaN
+     * FO_I8_QUIET_NAN when it holds a NaN) and its codes (fastopt.h) */
+    void (*load_i8)(float *out, const uint8_t *codes, const float *absmax, int64_t n, const float *map);
+    void (*store_i8)(uint8_t *codes, float *absmax, const float *in, int64_t n, const fo_i8_tables *t);
 } fo_convert;
 
 typedef struct {

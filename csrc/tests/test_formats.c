@@ -21,7 +21,14 @@
  *     storing (any NaN equals any NaN here: which NaN an operation on two NaNs
  *     gives depends on the compiler's operand order, as in test_fastopt.c);
  *   - the argument errors (formats, NULL pointers, lengths), with every buffer
- *     untouched. */
+ *     untouched;
+ *   - 8-bit blockwise state (FASTOPT_FORMAT_I8): the maps rebuilt here from their
+ *     definition (and compared with the library's generated tables), quantization
+ *     by a binary search over the midpoints; quantization exactly (values at, next
+ *     to and between every midpoint, zeros, NaN and infinities in blocks), every
+ *     rule with all its state 8-bit (both maps) over tensors of 0, 1, 255, 256,
+ *     257, 1000 and 5000 elements and over a large list on 1 and 2 threads (the
+ *     same bytes), and its argument errors. */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -56,7 +63,7 @@ static int failures;
         }                                               \
     } while (0)
 
-enum { F32 = FASTOPT_FORMAT_F32, BF16 = FASTOPT_FORMAT_BF16, F16 = FASTOPT_FORMAT_F16 };
+enum { F32 = FASTOPT_FORMAT_F32, BF16 = FASTOPT_FORMAT_BF16, F16 = FASTOPT_FORMAT_F16, I8 = FASTOPT_FORMAT_I8 };
 
 /* ---- the references: fastopt.formats's definitions, one element at a time ---- */
 
@@ -144,6 +151,146 @@ static uint32_t ref_f16_nearest(uint32_t b)
 /* fastopt_set_flush_denormal's rule. */
 static float ref_flush(float x) { return fabsf(x) >= FLT_MIN || isnan(x) ? x : copysignf(0.0f, x); }
 
+/* 8-bit blockwise state (fastopt.formats): the maps from their definition,
+ * bitsandbytes' create_dynamic_map(signed, 7, 8) in double (per decade
+ * 10^-6 .. 10^0 the midpoints of NumPy's linspace(0.1, 1, items): i * step + 0.1,
+ * the last one 1.0), then 0 and 1, sorted; REF_MAP[m] their floats, REF_MIDS[m][c]
+ * the float of the double midpoint of values c and c + 1. m: 1 signed, 0 unsigned. */
+#define BLOCK 256
+static float REF_MAP[2][256], REF_MIDS[2][255];
+static uint8_t REF_ZERO[2]; /* the code of 0.0 */
+
+static int cmp_double(const void *a, const void *b)
+{
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void ref_maps(void)
+{
+    for (int m = 0; m < 2; m++) {
+        double data[256];
+        int count = 0;
+        for (int i = 0; i < 7; i++) {
+            const int items = m ? (1 << i) + 1 : (1 << (i + 1)) + 1;
+            const double step = (1.0 - 0.1) / (items - 1), scale = pow(10.0, (double)(i - 6));
+            double bounds[130];
+            for (int j = 0; j < items; j++)
+                bounds[j] = (double)j * step + 0.1;
+            bounds[items - 1] = 1.0;
+            for (int j = 0; j + 1 < items; j++)
+                data[count++] = scale * ((bounds[j] + bounds[j + 1]) / 2.0);
+            for (int j = 0; m && j + 1 < items; j++)
+                data[count++] = -scale * ((bounds[j] + bounds[j + 1]) / 2.0);
+        }
+        data[count++] = 0.0, data[count++] = 1.0;
+        if (count != 256) {
+            printf("FAIL: the %s map has %d values\n", m ? "signed" : "unsigned", count);
+            failures++;
+            return;
+        }
+        qsort(data, 256, sizeof data[0], cmp_double);
+        for (int c = 0; c < 256; c++) {
+            REF_MAP[m][c] = (float)data[c];
+            if (data[c] == 0.0)
+                REF_ZERO[m] = (uint8_t)c;
+        }
+        for (int c = 0; c < 255; c++)
+            REF_MIDS[m][c] = (float)((data[c] + data[c + 1]) / 2.0);
+    }
+}
+
+/* #{mid < v} by a binary search (v not NaN). */
+static uint8_t ref_code(float v, int m)
+{
+    int lo = 0, hi = 255; /* the answer is in [lo, hi] */
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (REF_MIDS[m][mid] < v)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return (uint8_t)lo;
+}
+
+static int64_t nblocks(int64_t n) { return (n + BLOCK - 1) / BLOCK; }
+
+/* fastopt.formats.quantize of n values: per block, absmax = max |x| (the quiet
+ * NaN 0x7fc00000 and every code the zero code when the block holds a NaN), each
+ * code #{mid < x / absmax}, the zero code when absmax is 0 or the ratio NaN. */
+static void ref_quantize(const float *x, int64_t n, int m, uint8_t *codes, float *absmax)
+{
+    for (int64_t j = 0; j < nblocks(n); j++) {
+        const int64_t lo = j * BLOCK, hi = lo + BLOCK < n ? lo + BLOCK : n;
+        float a = 0.0f;
+        int nan = 0;
+        for (int64_t i = lo; i < hi; i++) {
+            nan |= isnan(x[i]);
+            a = fabsf(x[i]) > a ? fabsf(x[i]) : a;
+        }
+        absmax[j] = nan ? float_of(0x7fc00000u) : a;
+        for (int64_t i = lo; i < hi; i++) {
+            const float v = x[i] / a;
+            codes[i] = nan || !(a > 0.0f) || isnan(v) ? REF_ZERO[m] : ref_code(v, m);
+        }
+    }
+}
+
+/* fastopt.formats.dequantize: map[code] * absmax, in float. */
+static void ref_dequantize(const uint8_t *codes, const float *absmax, int64_t n, int m, float *out)
+{
+    for (int64_t i = 0; i < n; i++)
+        out[i] = REF_MAP[m][codes[i]] * absmax[i / BLOCK];
+}
+
+/* The library's generated tables (static copies here: FO_I8_TABLE), compared with the
+ * references above: the maps and midpoints, and that the search-free lookup they
+ * define is the binary search at and around every midpoint and at random values. */
+#define FO_I8_DEFINE_TABLES
+#define FO_I8_TABLE static
+#include "../src/int8_maps.inc"
+
+static uint8_t table_code(float v, int m)
+{
+    const uint32_t b = bits_of(v);
+    uint32_t top = b >> 16 & 0x7fffu;
+    top = top < FO_I8_BUCKET_LO ? FO_I8_BUCKET_LO : top > FO_I8_BUCKET_HI ? FO_I8_BUCKET_HI : top;
+    const uint32_t c = fo_i8_first[m][top - FO_I8_BUCKET_LO + (b >> 31) * FO_I8_BUCKETS];
+    return (uint8_t)(c + (fo_i8_mids[m][c] < v));
+}
+
+static void test_int8_references(void)
+{
+    ref_maps();
+    CHECK(FO_I8_BLOCK == BLOCK && REF_ZERO[0] == FO_I8_ZERO_UNSIGNED && REF_ZERO[1] == FO_I8_ZERO_SIGNED,
+          "the block and the zero codes: %d %d", REF_ZERO[0], REF_ZERO[1]);
+    CHECK(REF_MAP[1][0] == -0x1.fc6666p-1f && REF_MAP[0][1] == 0x1.5cf752p-22f, "known map values");
+    uint64_t rng = 99;
+    for (int m = 0; m < 2; m++) {
+        int bad = 0;
+        for (int c = 0; c < 256; c++)
+            bad += bits_of(REF_MAP[m][c]) != bits_of(fo_i8_map[m][c]) ||
+                   bits_of(c < 255 ? REF_MIDS[m][c] : INFINITY) != bits_of(fo_i8_mids[m][c]);
+        CHECK(!bad, "map %d: %d values differ from the generated tables", m, bad);
+        for (int c = 0; c < 255; c++)
+            for (int d = -3; d <= 3; d++) {
+                uint32_t b = bits_of(REF_MIDS[m][c]);
+                b = (int32_t)b < 0 ? b - (uint32_t)d : b + (uint32_t)d;
+                const float v = float_of(b);
+                if (fabsf(v) <= 1.0f)
+                    CHECK(table_code(v, m) == ref_code(v, m), "map %d: the code of %a", m, (double)v);
+            }
+        for (int k = 0; k < 1000000; k++) {
+            const float v = (float)uniform(&rng) * float_of((uint32_t)(127 - (int)(next64(&rng) % 40)) << 23);
+            CHECK(table_code(v, m) == ref_code(v, m), "map %d: the code of %a", m, (double)v);
+        }
+        CHECK(table_code(0.0f, m) == REF_ZERO[m] && table_code(-0.0f, m) == REF_ZERO[m] &&
+              table_code(1e-40f, m) == REF_ZERO[m] && table_code(1.0f, m) == 255 &&
+              table_code(-1.0f, m) == (m ? 0 : REF_ZERO[m]), "map %d: zeros and ends", m);
+    }
+}
+
 static void test_references(void)
 {
     /* (the values of fastopt.formats: NumPy's float16, ml_dtypes' bfloat16) */
@@ -171,15 +318,18 @@ static void test_references(void)
 enum { R_PARAM, R_GRAD, R_STATE, R_MASTER = R_STATE + FO_T_MAX_STATE, NROLES };
 
 /* The tensors of one test: every role's buffers in its format, twice (lib:
- * through the library, ref: through the references). */
+ * through the library, ref: through the references); an 8-bit state buffer's
+ * codes in lib/ref and its block scales in lib_absmax/ref_absmax. */
 typedef struct {
     int count;
     int64_t n[MAXT];
     int format[NROLES]; /* -1: a role the call has not (no master copy, a state buffer it does not use) */
     void *lib[NROLES][MAXT], *ref[NROLES][MAXT];
+    float *lib_absmax[FO_T_MAX_STATE][MAXT], *ref_absmax[FO_T_MAX_STATE][MAXT];
+    int signed_map[FO_T_MAX_STATE];
 } tensors;
 
-static size_t esize(int format) { return format == F32 ? 4 : 2; }
+static size_t esize(int format) { return format == F32 ? 4 : format == I8 ? 1 : 2; }
 
 /* The formats of a call: param, grad, state buffer 0 (the others none), master copy; -1: none. */
 static void roles(int *format, int param, int grad, int state0, int master)
@@ -203,6 +353,11 @@ static void tensors_init(tensors *T, const int64_t *n, int count, const int *for
             const size_t bytes = (size_t)(n[t] > 0 ? n[t] : 1) * esize(format[r]);
             T->lib[r][t] = calloc(1, bytes);
             T->ref[r][t] = calloc(1, bytes);
+            if (format[r] == I8) {
+                const size_t scales = (size_t)(n[t] > 0 ? nblocks(n[t]) : 1) * sizeof(float);
+                T->lib_absmax[r - R_STATE][t] = calloc(1, scales);
+                T->ref_absmax[r - R_STATE][t] = calloc(1, scales);
+            }
         }
     }
 }
@@ -212,19 +367,34 @@ static void tensors_free(tensors *T)
     for (int r = 0; r < NROLES; r++)
         for (int t = 0; t < T->count; t++)
             free(T->lib[r][t]), free(T->ref[r][t]);
+    for (int k = 0; k < FO_T_MAX_STATE; k++)
+        for (int t = 0; t < T->count; t++)
+            free(T->lib_absmax[k][t]), free(T->ref_absmax[k][t]);
 }
 
 static uint32_t get_bits(void *buf, int format, int64_t i)
 {
-    return format == F32 ? ((uint32_t *)buf)[i] : ((uint16_t *)buf)[i];
+    return format == F32 ? ((uint32_t *)buf)[i] : format == I8 ? ((uint8_t *)buf)[i] : ((uint16_t *)buf)[i];
 }
 
 static void put_bits(void *buf, int format, int64_t i, uint32_t b)
 {
     if (format == F32)
         ((uint32_t *)buf)[i] = b;
+    else if (format == I8)
+        ((uint8_t *)buf)[i] = (uint8_t)b;
     else
         ((uint16_t *)buf)[i] = (uint16_t)b;
+}
+
+/* An 8-bit state buffer r (of map T->signed_map) of tensor t set to the quantized
+ * values x, in both copies. */
+static void set_int8(tensors *T, int r, int t, const float *x)
+{
+    const int k = r - R_STATE, m = T->signed_map[k] != 0;
+    ref_quantize(x, T->n[t], m, (uint8_t *)T->ref[r][t], T->ref_absmax[k][t]);
+    memcpy(T->lib[r][t], T->ref[r][t], (size_t)T->n[t]);
+    memcpy(T->lib_absmax[k][t], T->ref_absmax[k][t], (size_t)nblocks(T->n[t]) * sizeof(float));
 }
 
 /* Element i of role r of tensor t: the bits b (in the role's format), in both copies. */
@@ -247,6 +417,11 @@ static float *ref_load(const tensors *T, int r, int t)
     if (f == F32)
         return (float *)T->ref[r][t]; /* computed in place, as the library does */
     float *out = malloc((size_t)(T->n[t] > 0 ? T->n[t] : 1) * sizeof *out);
+    if (f == I8) {
+        const int k = r - R_STATE;
+        ref_dequantize((const uint8_t *)T->ref[r][t], T->ref_absmax[k][t], T->n[t], T->signed_map[k] != 0, out);
+        return out;
+    }
     for (int64_t i = 0; i < T->n[t]; i++) {
         const uint32_t h = get_bits(T->ref[r][t], f, i);
         out[i] = float_of(f == BF16 ? ref_load_bf16(h) : ref_load_f16(h));
@@ -282,6 +457,10 @@ static void ref_call(tensors *T, int rule, const fo_t_scalars *s, unsigned need,
             for (int64_t i = 0; i < n && st[k] && T->format[R_STATE + k] == BF16; i++)
                 put_bits(T->ref[R_STATE + k][t], BF16, i, ref_bf16_stochastic(bits_of(st[k][i]),
                                                                               ref_bits(key, t, 1 + k, i)));
+        for (int k = 0; k < FO_T_MAX_STATE; k++)
+            if (st[k] && T->format[R_STATE + k] == I8)
+                ref_quantize(st[k], n, T->signed_map[k] != 0, (uint8_t *)T->ref[R_STATE + k][t],
+                             T->ref_absmax[k][t]);
         if (!master && pf != F32)
             free(p);
         if (T->format[R_GRAD] != F32)
@@ -298,8 +477,11 @@ static fastopt_formats formats_of(const tensors *T, uint32_t key)
     memset(&f, 0, sizeof f);
     f.param = T->format[R_PARAM];
     f.grad = T->format[R_GRAD];
-    for (int k = 0; k < FO_T_MAX_STATE; k++)
+    for (int k = 0; k < FO_T_MAX_STATE; k++) {
         f.state[k] = T->format[R_STATE + k] < 0 ? F32 : T->format[R_STATE + k];
+        if (f.state[k] == I8)
+            f.absmax[k] = T->lib_absmax[k], f.signed_map[k] = T->signed_map[k];
+    }
     f.key = key;
     return f;
 }
@@ -331,9 +513,20 @@ static int same(const tensors *T, unsigned need, int exact, const char *what)
             for (int64_t i = 0; i < T->n[t]; i++) {
                 const uint32_t a = get_bits(T->lib[r][t], T->format[r], i);
                 const uint32_t b = get_bits(T->ref[r][t], T->format[r], i);
-                if (a != b && (exact || !is_nan_bits(a, T->format[r]) || !is_nan_bits(b, T->format[r]))) {
+                if (a != b && (exact || T->format[r] == I8 || !is_nan_bits(a, T->format[r]) ||
+                               !is_nan_bits(b, T->format[r]))) {
                     printf("FAIL %s: role %d (format %d) of tensor %d, element %lld: %#x, reference %#x\n", what,
                            r, T->format[r], t, (long long)i, a, b);
+                    return 0;
+                }
+            }
+        for (int t = 0; t < T->count && T->format[r] == I8; t++)
+            for (int64_t j = 0; j < nblocks(T->n[t]); j++) {
+                const uint32_t a = bits_of(T->lib_absmax[r - R_STATE][t][j]);
+                const uint32_t b = bits_of(T->ref_absmax[r - R_STATE][t][j]);
+                if (a != b) {
+                    printf("FAIL %s: the absmax of role %d of tensor %d, block %lld: %#x, reference %#x\n", what,
+                           r, t, (long long)j, a, b);
                     return 0;
                 }
             }
@@ -545,9 +738,13 @@ static void test_rules(void)
 static int untouched(const tensors *T, const tensors *before)
 {
     for (int r = 0; r < NROLES; r++)
-        for (int t = 0; t < T->count && T->format[r] >= 0; t++)
+        for (int t = 0; t < T->count && T->format[r] >= 0; t++) {
             if (memcmp(T->lib[r][t], before->lib[r][t], (size_t)T->n[t] * esize(T->format[r])))
                 return 0;
+            if (T->format[r] == I8 && memcmp(T->lib_absmax[r - R_STATE][t], before->lib_absmax[r - R_STATE][t],
+                                             (size_t)nblocks(T->n[t]) * sizeof(float)))
+                return 0;
+        }
     return 1;
 }
 
@@ -636,6 +833,290 @@ static void test_errors(void)
     }
 }
 
+/* ---- 8-bit blockwise state ---------------------------------------------------------- */
+
+/* One SGD step (lr 0, momentum 0.5, the first step: the momentum buffer becomes the
+ * gradient) with an 8-bit momentum buffer of map m: the quantization of the
+ * gradients x (the tensors' values one after the other), through both. */
+static void int8_quantize_case(const float *x, const int64_t *n, int count, int m, const char *what)
+{
+    const int sgd = rule_named("sgd");
+    if (sgd < 0)
+        return;
+    int format[NROLES];
+    roles(format, F32, F32, I8, -1);
+    tensors T;
+    tensors_init(&T, n, count, format);
+    T.signed_map[0] = m;
+    for (int t = 0, i0 = 0; t < count; i0 += (int)n[t], t++)
+        for (int64_t i = 0; i < n[t]; i++)
+            set_bits(&T, R_GRAD, t, i, bits_of(x[i0 + i]));
+    const fo_t_scalars s = sgd_scalars(sgd, 0.0, 0.5, 1);
+    char label[160];
+    snprintf(label, sizeof label, "%s, %s map, flush %d", what, m ? "signed" : "unsigned", fastopt_get_flush_denormal());
+    step_both(&T, sgd, &s, 1, 1, label);
+    tensors_free(&T);
+}
+
+static void test_int8_quantize(void)
+{
+    enum { N = 120 * BLOCK };
+    float *x = calloc(N, sizeof *x);
+    uint64_t rng = 7;
+    for (int m = 0; m < 2; m++) {
+        /* blocks of absmax 1 (their first element +-1) and 3: every midpoint scaled, and its
+         * neighbours 1 to 3 units away */
+        int64_t at = 0;
+        for (int scale = 1; scale <= 3; scale += 2)
+            for (int c = 0; c < 255; c++)
+                for (int d = -3; d <= 3; d++) {
+                    if (at % BLOCK == 0) {
+                        x[at] = (at / BLOCK) % 2 ? (float)scale : -(float)scale;
+                        at++;
+                    }
+                    uint32_t b = bits_of(REF_MIDS[m][c] * (float)scale);
+                    b = (int32_t)b < 0 ? b - (uint32_t)d : b + (uint32_t)d;
+                    x[at++] = fabsf(float_of(b)) <= (float)scale ? float_of(b) : 0.5f;
+                }
+        at = (at + BLOCK - 1) / BLOCK * BLOCK;
+        /* random blocks of magnitudes 2^-30 .. 2^9, some with signs */
+        for (int j = 0; j < 40; j++, at += BLOCK) {
+            const float scale = float_of((uint32_t)(97 + j) << 23);
+            for (int i = 0; i < BLOCK; i++)
+                x[at + i] = (float)(j % 3 ? uniform(&rng) : fabs(uniform(&rng))) * scale;
+        }
+        /* special blocks: zeros (and -0), a NaN, +inf, -inf, inf and NaN, subnormals only,
+         * the largest floats */
+        static const float SPECIAL_BLOCKS[][3] = {{0.0f, -0.0f, 0.0f}, {NAN, 0.5f, -0.25f}, {INFINITY, 0.5f, 1e30f},
+                                                  {-INFINITY, -0.5f, INFINITY}, {INFINITY, NAN, 1.0f},
+                                                  {1e-40f, -3e-42f, 1e-45f}, {FLT_MAX, -FLT_MAX, 1e38f}};
+        for (size_t j = 0; j < sizeof SPECIAL_BLOCKS / sizeof SPECIAL_BLOCKS[0]; j++, at += BLOCK)
+            for (int i = 0; i < BLOCK; i++)
+                x[at + i] = i < 3 ? SPECIAL_BLOCKS[j][i] : SPECIAL_BLOCKS[j][2] * (float)uniform(&rng);
+        if (at > N) {
+            CHECK(0, "test_int8_quantize: %lld values", (long long)at);
+            break;
+        }
+        /* one tensor of everything, then tails: 1000 (a last block of 232) and 1 */
+        const int64_t n3[3] = {at - 1001, 1000, 1};
+        for (int flush = 0; flush < 2; flush++) {
+            fastopt_set_flush_denormal(flush);
+            int8_quantize_case(x, n3, 3, m, "8-bit quantization");
+        }
+        fastopt_set_flush_denormal(0);
+    }
+    free(x);
+}
+
+typedef struct {
+    int param, master, grad;
+} i8_combo;
+
+static const i8_combo I8_COMBOS[] = {{F32, 0, F32}, {BF16, 1, BF16}, {BF16, 0, F16}, {F16, 1, F32}};
+#define NI8COMBOS ((int)(sizeof I8_COMBOS / sizeof I8_COMBOS[0]))
+
+/* Tensors for rule with all its state 8-bit: maps 0: all signed, 1: even buffers
+ * signed, odd unsigned. State values non-negative (second moments), at a scale of
+ * their block's own, block 3 of a tensor all zero (params and state: an absmax of
+ * 0), tensor 0's block 1 (if any) with an infinite absmax. */
+static void int8_init(tensors *T, int rule, const i8_combo *c, const int64_t *n, int count, int maps)
+{
+    int format[NROLES];
+    roles(format, c->param, c->grad, -1, c->master ? F32 : -1);
+    const int nstate = FO_T_RULES[rule].nstate;
+    for (int k = 0; k < nstate; k++)
+        format[R_STATE + k] = I8;
+    tensors_init(T, n, count, format);
+    for (int k = 0; k < nstate; k++)
+        T->signed_map[k] = maps == 0 || k % 2 == 0;
+    uint64_t rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)rule << 40 ^ (uint64_t)maps << 50;
+    for (int t = 0; t < count; t++) {
+        float *x = malloc((size_t)(n[t] > 0 ? n[t] : 1) * sizeof *x);
+        for (int64_t i = 0; i < n[t]; i++) {
+            const float p = i / BLOCK == 3 ? 0.0f : (float)uniform(&rng);
+            set_value(T, R_PARAM, t, i, p);
+            if (c->master)
+                set_bits(T, R_MASTER, t, i, bits_of(p));
+        }
+        for (int k = 0; k < nstate; k++) {
+            for (int64_t i = 0; i < n[t]; i++)
+                x[i] = i / BLOCK == 3 ? 0.0f : (float)fabs(uniform(&rng)) * float_of((uint32_t)(117 + i / BLOCK % 11) << 23);
+            set_int8(T, R_STATE + k, t, x);
+            if (t == 0 && n[t] > BLOCK)
+                T->lib_absmax[k][0][1] = T->ref_absmax[k][0][1] = INFINITY;
+        }
+        free(x);
+    }
+}
+
+/* `steps` steps of rule over T through both (random gradients; at step 2, in the
+ * tensor of 1000 elements if there is one, a NaN, +inf and -inf in three blocks,
+ * and block 3 of every tensor zero); 1 when they agree. */
+static int int8_steps(tensors *T, int rule, unsigned flags, int steps, const char *label)
+{
+    uint64_t rng = 0x51ed2701u ^ (uint64_t)rule << 32 ^ flags;
+    double carry = FO_T_RULES[rule].carry_init;
+    int ok = 1;
+    for (int step = 1; step <= steps && ok; step++) {
+        for (int t = 0; t < T->count; t++)
+            for (int64_t i = 0; i < T->n[t]; i++) {
+                float g = i / BLOCK == 3 ? 0.0f : (float)uniform(&rng);
+                if (step == 2 && T->n[t] == 1000)
+                    g = i == 300 ? NAN : i == 600 ? INFINITY : i == 900 ? -INFINITY : g;
+                set_value(T, R_GRAD, t, i, g);
+            }
+        fo_t_scalars s;
+        if (fo_t_prepare(rule, &s, &carry, flags, step) != FASTOPT_OK)
+            break;
+        char what[200];
+        snprintf(what, sizeof what, "8-bit state: %s flags %u, %s, %d threads, flush %d, step %d",
+                 FO_T_RULES[rule].name, flags, label, fastopt_get_num_threads(), fastopt_get_flush_denormal(), step);
+        ok = step_both(T, rule, &s, 0x2545f491u * (uint32_t)step, 0, what);
+    }
+    return ok;
+}
+
+/* Whether the library's buffers of two runs are the same bytes (absmax included). */
+static int same_bytes(const tensors *A, const tensors *B)
+{
+    for (int r = 0; r < NROLES; r++)
+        for (int t = 0; t < A->count && A->format[r] >= 0; t++) {
+            if (memcmp(A->lib[r][t], B->lib[r][t], (size_t)A->n[t] * esize(A->format[r])))
+                return 0;
+            if (A->format[r] == I8 && memcmp(A->lib_absmax[r - R_STATE][t], B->lib_absmax[r - R_STATE][t],
+                                             (size_t)nblocks(A->n[t]) * sizeof(float)))
+                return 0;
+        }
+    return 1;
+}
+
+static void test_int8_rules(void)
+{
+    static const int64_t SIZES[] = {0, 1, 255, 256, 257, 1000, 5000};
+    static const int64_t LARGE[] = {40000, 5, 30001, 257, 1000};
+    for (int rule = 0; rule < FO_T_NRULES; rule++) {
+        if (fo_t_two_pass(rule))
+            continue;
+        const int nf = FO_T_RULES[rule].nflags;
+        const unsigned flag_sets[3] = {0u, 1u << nf, (2u << nf) - 1u};
+        for (int v = 0; v < 3; v++)
+            for (int c = 0; c < NI8COMBOS; c++)
+                for (int maps = 0; maps < 2; maps++)
+                    for (int flush = 0; flush < 2; flush++) {
+                        fastopt_set_flush_denormal(flush);
+                        tensors T;
+                        int8_init(&T, rule, &I8_COMBOS[c], SIZES, 7, maps);
+                        char label[80];
+                        snprintf(label, sizeof label, "param %d%s, grad %d, maps %d", I8_COMBOS[c].param,
+                                 I8_COMBOS[c].master ? " (master)" : "", I8_COMBOS[c].grad, maps);
+                        int8_steps(&T, rule, flag_sets[v], 3, label);
+                        tensors_free(&T);
+                    }
+        fastopt_set_flush_denormal(0);
+        /* a large list on 1 and 2 threads: each equal to the reference, and to each other */
+        for (int c = 0; c < NI8COMBOS; c += 3) {
+            tensors T[2];
+            for (int threads = 1; threads <= 2; threads++) {
+                fastopt_set_num_threads(threads);
+                int8_init(&T[threads - 1], rule, &I8_COMBOS[c], LARGE, 5, 1);
+                int8_steps(&T[threads - 1], rule, 1u << nf, 2, "a large list");
+            }
+            CHECK(same_bytes(&T[0], &T[1]), "8-bit state: %s, 1 and 2 threads differ", FO_T_RULES[rule].name);
+            tensors_free(&T[0]);
+            tensors_free(&T[1]);
+        }
+        fastopt_set_num_threads(0);
+    }
+}
+
+static void test_int8_errors(void)
+{
+    for (int rule = 0; rule < FO_T_NRULES; rule++) {
+        if (fo_t_two_pass(rule))
+            continue;
+        const fo_t_rule *r = &FO_T_RULES[rule];
+        fo_t_scalars s;
+        double carry = r->carry_init;
+        if (fo_t_prepare(rule, &s, &carry, 1u << r->nflags, 1) != FASTOPT_OK) {
+            CHECK(0, "%s: prepare", r->name);
+            continue;
+        }
+        const unsigned need = fo_t_need(rule, &s);
+        const int64_t n[2] = {300, 3}, empty[2] = {0, 0};
+        int format[NROLES];
+        roles(format, BF16, F32, -1, F32);
+        for (int k = 0; k < r->nstate; k++)
+            format[R_STATE + k] = I8;
+        tensors T, before;
+        tensors_init(&T, n, 2, format);
+        tensors_init(&before, n, 2, format);
+        for (int x = 0; x < NROLES; x++)
+            for (int t = 0; t < 2 && format[x] >= 0; t++) {
+                for (int64_t i = 0; i < n[t]; i++)
+                    set_bits(&T, x, t, i, 0x3f80u + (uint32_t)i), set_bits(&before, x, t, i, 0x3f80u + (uint32_t)i);
+                if (format[x] == I8)
+                    for (int64_t j = 0; j < nblocks(n[t]); j++)
+                        T.lib_absmax[x - R_STATE][t][j] = before.lib_absmax[x - R_STATE][t][j] = 0.5f;
+            }
+        void *const *st[FO_T_MAX_STATE];
+        for (int k = 0; k < FO_T_MAX_STATE; k++)
+            st[k] = need >> k & 1u ? T.lib[R_STATE + k] : NULL;
+        float *const *master = (float *const *)T.lib[R_MASTER];
+        void *const *param = T.lib[R_PARAM];
+        const void *const *grad = (const void *const *)T.lib[R_GRAD];
+        const fastopt_formats good = formats_of(&T, 1);
+        fastopt_formats f;
+#define EXPECT(code, call, what)                                                                          \
+    do {                                                                                                  \
+        const int rc_ = (call);                                                                           \
+        CHECK(rc_ == (code), "%s, 8-bit state, %s: returned %d, expected %d", r->name, what, rc_, code);  \
+        CHECK(untouched(&T, &before), "%s, 8-bit state, %s: a buffer was written", r->name, what);        \
+    } while (0)
+        f = good, f.param = I8;
+        EXPECT(FASTOPT_ERR_FORMAT, fo_t_mixed_list(rule, &f, param, grad, st, master, n, 2, &s), "an 8-bit param");
+        f = good, f.grad = I8;
+        EXPECT(FASTOPT_ERR_FORMAT, fo_t_mixed_list(rule, &f, param, grad, st, master, n, 2, &s), "an 8-bit grad");
+        for (int k = 0; k < FO_T_MAX_STATE; k++) {
+            f = good, f.state[k] = 4;
+            EXPECT(need >> k & 1u ? FASTOPT_ERR_FORMAT : FASTOPT_OK,
+                   fo_t_mixed_list(rule, &f, param, grad, st, master, n, 0, &s), "a state buffer of format 4");
+            f = good, f.state[k] = I8, f.absmax[k] = NULL;
+            EXPECT(FASTOPT_OK, fo_t_mixed_list(rule, &f, param, grad, st, master, n, 0, &s),
+                   "no absmax table, count 0");
+            if (!(need >> k & 1u)) { /* an unused 8-bit buffer: its absmax is never read */
+                f.state[k] = I8, f.absmax[k] = NULL;
+                EXPECT(FASTOPT_OK, fo_t_mixed_list(rule, &f, param, grad, st, master, empty, 2, &s),
+                       "an unused 8-bit buffer without an absmax table");
+                continue;
+            }
+            EXPECT(FASTOPT_ERR_NULL, fo_t_mixed_list(rule, &f, param, grad, st, master, n, 2, &s),
+                   "an absmax table NULL");
+            EXPECT(FASTOPT_ERR_NULL, fo_t_mixed_list(rule, &f, param, grad, st, master, empty, 2, &s),
+                   "an absmax table NULL (empty tensors)");
+            float *holes[2] = {T.lib_absmax[k][0], NULL};
+            f.absmax[k] = holes;
+            EXPECT(FASTOPT_ERR_NULL, fo_t_mixed_list(rule, &f, param, grad, st, master, n, 2, &s),
+                   "an absmax entry NULL");
+            float *none[2] = {NULL, NULL};
+            f.absmax[k] = none;
+            EXPECT(FASTOPT_OK, fo_t_mixed_list(rule, &f, param, grad, st, master, empty, 2, &s),
+                   "absmax entries NULL where n[i] is 0");
+            void *code_holes[2] = {T.lib[R_STATE + k][0], NULL};
+            void *const *keep = st[k];
+            st[k] = code_holes;
+            EXPECT(FASTOPT_ERR_NULL, fo_t_mixed_list(rule, &good, param, grad, st, master, n, 2, &s),
+                   "a codes entry NULL");
+            st[k] = keep;
+        }
+#undef EXPECT
+        /* and the good call runs */
+        CHECK(fo_t_mixed_list(rule, &good, param, grad, st, master, n, 2, &s) == FASTOPT_OK, "%s, 8-bit state: the "
+              "call", r->name);
+        tensors_free(&T);
+        tensors_free(&before);
+    }
+}
+
 int main(void)
 {
     const char *want = getenv("FASTOPT_ISA");
@@ -647,6 +1128,10 @@ int main(void)
     test_conversions();
     test_errors();
     test_rules();
+    test_int8_references();
+    test_int8_quantize();
+    test_int8_errors();
+    test_int8_rules();
     printf(failures ? "%d FAILED\n" : "all passed\n", failures);
     return failures != 0;
 }

@@ -566,5 +566,9 @@ def check_int8(name: str, state: Any, signed_buffer: bool) -> list[tuple[str, np
         if signed_buffer and not st.signed:
             raise ValueError(f"{where} uses the unsigned 8-bit map, but {name} may be negative: "
                              f"make it with Int8State.zeros(shape, signed=True)")
+        if out and st.signed != state[0].signed:  # (the compiled backends take one map per state argument)
+            kinds = {True: "signed", False: "unsigned"}
+            raise ValueError(f"{where} uses the {kinds[st.signed]} 8-bit map, {name}[0] the {kinds[not st.signed]} "
+                             f"one; every Int8State of one state argument uses one map")
         out.append((f"{where}.absmax", a))
     return out

@@ -19,7 +19,8 @@ reports it; the rest of the package works.
 threads spread over all the elements), from the tables that
 :func:`fastopt.buffers.check_lists` built when it could. ``run_mixed`` does
 the same for the mixed-format calls of :mod:`fastopt.formats` (bfloat16 and
-float16 buffers, a float32 master copy: ``fastopt_<rule>_mixed_list``).
+float16 buffers, a float32 master copy, 8-bit blockwise state:
+``fastopt_<rule>_mixed_list``).
 
 The per-step scalars go to C as the rule's struct, filled positionally from the
 rule's NamedTuple (the header's structs have the same fields in the same order,
@@ -255,8 +256,9 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
 
 
 #: The formats run_mixed takes (fastopt.formats' codes, the C library's FASTOPT_FORMAT_*):
-#: float32, bfloat16 and float16; 8-bit state not yet.
-mixed_formats = (0, 1, 2)
+#: float32, bfloat16, float16 and 8-bit blockwise state (INT8, state buffers only).
+mixed_formats = (0, 1, 2, 3)
+_INT8 = 3  # fastopt.formats.INT8, FASTOPT_FORMAT_I8
 _mixed_fns: dict = {}  # kernel -> (fastopt_<kernel>_mixed_list, its scalars struct type)
 
 
@@ -280,10 +282,14 @@ def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key
 
     ``params``, ``grads``: lists of validated C-contiguous host arrays, each role of
     one dtype (float32, ``ml_dtypes.bfloat16`` or float16); ``states``: per state
-    buffer of the rule a list (float32 or bfloat16) or None when unused;
-    ``masters``: None or a list of float32 arrays, the params' master copies;
-    ``formats``: the call's ``fastopt.formats.CallFormats``; ``key``: its 32-bit
-    rounding key."""
+    buffer of the rule a list (float32, bfloat16, or ``fastopt.formats.Int8State``:
+    its codes go in the state table, its absmax arrays in ``fastopt_formats.absmax``,
+    its map in ``signed_map``) or None when unused; ``masters``: None or a list of
+    float32 arrays, the params' master copies; ``formats``: the call's
+    ``fastopt.formats.CallFormats``; ``key``: its 32-bit rounding key.
+
+    The C library takes one map per state buffer (fastopt.formats.check_int8 makes
+    sure a list's Int8States share theirs)."""
     if not params:
         return
     fn, struct = _mixed_fn(kernel)
@@ -293,10 +299,26 @@ def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key
         return null if arrays is None else new("void *[]", [fb(a) for a in arrays])
 
     master = null if masters is None else new("float *[]", [fb("float[]", a) for a in masters])
-    tables = [table(params), table(grads), *map(table, states), master]
-    sizes = new("int64_t[]", [a.size for a in params])
     state_formats = [0 if f is None else f for f in formats.state]  # (an unused buffer's is never read)
-    f = new("fastopt_formats *", {"param": formats.param, "grad": formats.grad, "state": state_formats, "key": key})
+    fields = {"param": formats.param, "grad": formats.grad, "state": state_formats, "key": key}
+    if _INT8 in formats.state:
+        state_tables, absmax, signed = [], [null] * len(states), [0] * len(states)
+        for k, (st, fk) in enumerate(zip(states, formats.state)):
+            if st is None or fk != _INT8:
+                state_tables.append(table(st))
+                continue
+            codes, scales = [], []
+            for x in st:
+                codes.append(fb(x.codes))
+                scales.append(fb("float[]", x.absmax))
+            state_tables.append(new("void *[]", codes))
+            absmax[k], signed[k] = new("float *[]", scales), int(st[0].signed)
+        fields["absmax"], fields["signed_map"] = absmax, signed  # (absmax: kept alive here for the call)
+        tables = [table(params), table(grads), *state_tables, master]
+    else:
+        tables = [table(params), table(grads), *map(table, states), master]
+    sizes = new("int64_t[]", [a.size for a in params])
+    f = new("fastopt_formats *", fields)
     rc = fn(f, *tables, sizes, len(params), new(struct, scalars))
     if rc:
         raise RuntimeError(f"fastopt_{kernel}_mixed_list: {_ext.ffi.string(_ext.lib.fastopt_strerror(rc)).decode()}")
