@@ -599,11 +599,16 @@ def test_formats_bytes_follow_the_formats():
                                                "bf16 params + master, bf16 state", "pure bf16")] == [28, 20, 28, 20, 14]
     assert [by_name[n].bytes_kept(2) for n in ("fp32", "bf16 state", "bf16 params + master", "pure bf16")] == \
         [12, 8, 14, 6]
+    # 8-bit: a code per element and a float32 absmax per 256 of them
+    assert by_name["int8 state"].bytes_moved(2) == 12 + 4 * (1 + 4 / 256)
+    assert by_name["int8 state"].bytes_kept(2) == 4 + 2 * (1 + 4 / 256)
+    assert [c.name for c in bf.select(state="int8")] == ["fp32", "int8 state"]
     assert [c.name for c in bf.select(state="bfloat16")] == ["fp32", "bf16 state", "bf16 params + master, bf16 state",
                                                               "pure bf16"]
 
 
 def test_cli_formats_mode(tmp_path, capsys):
+    from fastopt.bench import formats as bf
     out = tmp_path / "formats.json"
     rc = cli.main(["--formats", "--quick", "--sizes", "2^12", "--backends", "numpy,c",
                    "--competitors", "torch" if torch_importable() else "none", "--json", str(out), "--quiet"])
@@ -611,7 +616,7 @@ def test_cli_formats_mode(tmp_path, capsys):
     text = capsys.readouterr().out
     rows = json.loads(out.read_text())
     impls = {r["impl"] for r in rows}
-    assert {"numpy", "c"} <= impls and len([r for r in rows if r["impl"] == "c"]) == 5
+    assert {"numpy", "c"} <= impls and len([r for r in rows if r["impl"] == "c"]) == len(bf.CONFIGS)
     if torch_importable():
         assert any(i.startswith("torch master") for i in impls)
         master = next(r for r in rows if r["impl"].startswith("torch master"))

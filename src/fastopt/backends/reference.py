@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import denormals, rules
+from .. import formats as _formats
 from . import run_each
 
 name = "numpy"
@@ -292,7 +293,7 @@ def trust_sums(kernel: str, params, grads, states, scalars, table=None):
 # ---- mixed-format calls (fastopt.formats) -------------------------------------
 
 #: The formats run_mixed takes (fastopt.formats' codes): all of them.
-mixed_formats = (0, 1, 2, 3)
+mixed_formats = tuple(_formats.FORMAT_NAMES)
 
 
 def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key: int) -> None:

@@ -84,9 +84,9 @@ def parser() -> argparse.ArgumentParser:
                          "tensors (--sizes, default 2^24 and 50M), on each CPU backend (--backends, default c,numba)")
     ap.add_argument("--formats", action="store_true",
                     help="time the storage formats (fastopt.formats: bf16 state, bf16 params and grads with an fp32 "
-                         "master copy, pure bf16) against fp32, torch fused fp32 and torch's master-weight step, "
+                         "master copy, pure bf16, 8-bit state) against fp32, torch fused fp32 and torch's master-weight step, "
                          "in one run (default rule adamw, sizes 2^24,2^26)")
-    ap.add_argument("--state", choices=("float32", "bfloat16"), default=None,
+    ap.add_argument("--state", choices=("float32", "bfloat16", "int8"), default=None,
                     help="with --formats (implied): only the configurations with this state dtype, and fp32")
     ap.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
                     help="with --formats (implied): only the configurations with this param dtype, and fp32")

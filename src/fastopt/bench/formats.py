@@ -12,12 +12,16 @@ one run, interleaved, on each compiled CPU backend, next to the peers:
   only written);
 * ``bf16 params + master, bf16 state``;
 * ``pure bf16``: bfloat16 params (stochastic rounding), grads and moments;
+* ``int8 state``: float32 params and grads, 8-bit blockwise moments
+  (:class:`fastopt.Int8State`: a code per element and a float32 absmax per 256,
+  the rule's map per buffer);
 * the peers: ``torch fused fp32`` (``torch.optim.<Rule>(fused=True)`` where torch
   has it, else foreach), and ``torch master`` -- torch's way of keeping master
   weights (apex's, without apex): the bf16 gradient upcast into the master's
   ``.grad``, the fp32 fused step of the master, then a copy of the master into the
-  bf16 param: three passes. (bitsandbytes' and torchao's 8-bit optimizers belong
-  here once fastopt has 8-bit state.)
+  bf16 param: three passes; and, when installed (the ``peers`` extra),
+  ``bitsandbytes <Rule>8bit``, bitsandbytes' blockwise 8-bit optimizer on the CPU,
+  beside ``int8 state``.
 
 Each row reports ns/element, the bytes the update moves per element, the bytes
 per parameter it keeps (param, master and state; the gradient is the model's),
@@ -25,6 +29,7 @@ and the speedups over this backend's fp32 row and over torch fused fp32.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -48,17 +53,19 @@ class Config:
     state: str
     master: bool = False
 
-    def bytes_moved(self, nstate: int) -> int:
+    def bytes_moved(self, nstate: int) -> float:
         """Bytes read and written per element by one fused update."""
-        size = {"float32": 4, "bfloat16": 2}
-        p, g, s = size[self.param], size[self.grad], size[self.state]
+        p, g, s = _BYTES[self.param], _BYTES[self.grad], _BYTES[self.state]
         param = (4 + 4 + p) if self.master else 2 * p  # master read and written, param written
         return param + g + 2 * s * nstate
 
-    def bytes_kept(self, nstate: int) -> int:
+    def bytes_kept(self, nstate: int) -> float:
         """Bytes per parameter kept between steps: param, master, state."""
-        size = {"float32": 4, "bfloat16": 2}
-        return size[self.param] + (4 if self.master else 0) + size[self.state] * nstate
+        return _BYTES[self.param] + (4 if self.master else 0) + _BYTES[self.state] * nstate
+
+
+#: Bytes per element of each storage (8-bit: the code and its share of the block's absmax).
+_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1 + 4 / 256}
 
 
 CONFIGS = (
@@ -67,6 +74,7 @@ CONFIGS = (
     Config("bf16 params + master", "bfloat16", "bfloat16", "float32", master=True),
     Config("bf16 params + master, bf16 state", "bfloat16", "bfloat16", "bfloat16", master=True),
     Config("pure bf16", "bfloat16", "bfloat16", "bfloat16"),
+    Config("int8 state", "float32", "float32", "int8"),
 )
 
 
@@ -77,8 +85,8 @@ class FormatRow:
     impl: str  # "c", "numba", "torch fused fp32", "torch master"
     config: str
     seconds: float  # per call (median)
-    bytes_moved: int  # per element
-    bytes_kept: int  # per parameter
+    bytes_moved: float  # per element
+    bytes_kept: float  # per parameter
 
     def to_dict(self) -> dict:
         return dict(case=self.case, size=self.size, impl=self.impl, config=self.config, seconds=self.seconds,
@@ -100,7 +108,14 @@ def _fastopt_call(case: Case, n: int, config: Config, backend: str) -> Callable[
     fn = getattr(fastopt, rule.name + "_")
     param = bufs.param.astype(_dtype(config.param))
     grad = bufs.grad.astype(_dtype(config.grad))
-    state = [bufs.state[name].astype(_dtype(config.state)) if name in bufs.state else None for name in rule.state]
+    signed = {b.name: b.signed for b in rule.buffers}
+
+    def stored(name):
+        values = bufs.state[name]
+        if config.state == "int8":
+            return fastopt.Int8State.from_float(values, signed[name])
+        return values.astype(_dtype(config.state))
+    state = [stored(name) if name in bufs.state else None for name in rule.state]
     kwargs = dict(case.options, backend=backend)
     if config.master:
         kwargs["master_param"] = bufs.param
@@ -138,6 +153,28 @@ def _torch_calls(case: Case, n: int) -> Optional[list[tuple[str, Config, Callabl
             (f"torch master ({variant})", CONFIGS[2], master_step)]
 
 
+def _bitsandbytes_call(case: Case, n: int) -> Optional[tuple[str, Config, Callable[[], None]]]:
+    """bitsandbytes' 8-bit optimizer of the rule (``bnb.optim.<Title>8bit``: blockwise, its
+    dynamic maps) on the CPU, stepping a parameter of ``n`` elements; None when
+    bitsandbytes is not installed or has no 8-bit class of the rule."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError:
+        return None
+    cls = getattr(bnb.optim, RULES[case.rule].title + "8bit", None)
+    if cls is None:
+        return None
+    bufs = make_buffers(case, n)
+    param = torch.nn.Parameter(torch.from_numpy(bufs.param))
+    param.grad = torch.from_numpy(bufs.grad)
+    takes = inspect.signature(cls).parameters
+    opt = cls([param], **{k: v for k, v in case.hyper.items() if k in takes})  # (it has no maximize=, ...)
+    opt.step()  # (its state)
+    config = next(c for c in CONFIGS if c.state == "int8")
+    return f"bitsandbytes {cls.__name__}", config, opt.step
+
+
 def run(case: Case, sizes: Sequence[int], backends: Sequence[str], timer: TimerSettings = DEFAULT,
         progress: Optional[Callable[[str], None]] = None, torch: bool = True,
         configs: Sequence[Config] = CONFIGS) -> list[FormatRow]:
@@ -154,6 +191,8 @@ def run(case: Case, sizes: Sequence[int], backends: Sequence[str], timer: TimerS
                 timed += _torch_calls(case, n) or []
             except ImportError:
                 pass
+            if any(c.state == "int8" for c in configs):
+                timed += [got for got in (_bitsandbytes_call(case, n),) if got is not None]
         if progress:
             progress(f"formats {case.name} {format_size(n)}: {len(timed)} configurations")
         measured = measure_interleaved([call for _, _, call in timed], timer)
@@ -168,18 +207,21 @@ def run(case: Case, sizes: Sequence[int], backends: Sequence[str], timer: TimerS
 
 def table(rows: Sequence[FormatRow], markdown: bool = False) -> str:
     """One line per (size, implementation, configuration): ns/elem, bytes, and the speedups
-    over the same implementation's fp32 row and over torch fused fp32."""
+    over the same implementation's fp32 row, over torch fused fp32 and (8-bit rows, when
+    it ran) over bitsandbytes' 8-bit optimizer."""
     head = ["case", "elements", "impl", "formats", "ns/elem", "bytes moved/elem", "bytes kept/param",
-            "x own fp32", "x torch fp32"]
+            "x own fp32", "x torch fp32", "x bitsandbytes"]
     body = []
     for r in rows:
         same = [o for o in rows if o.size == r.size]
         own = next((o for o in same if o.impl == r.impl and o.config == "fp32"), None)
         peer = next((o for o in same if o.impl.startswith("torch") and o.impl.endswith("fp32")), None)
+        bnb = next((o for o in same if o.impl.startswith("bitsandbytes")), None) if r.config == "int8 state" else None
         body.append([r.case, format_size(r.size), r.impl, r.config, f"{r.seconds / r.size * 1e9:.3f}",
-                     str(r.bytes_moved), str(r.bytes_kept),
+                     f"{r.bytes_moved:.4g}", f"{r.bytes_kept:.4g}",
                      f"{own.seconds / r.seconds:.2f}x" if own else "",
-                     f"{peer.seconds / r.seconds:.2f}x" if peer else ""])
+                     f"{peer.seconds / r.seconds:.2f}x" if peer else "",
+                     f"{bnb.seconds / r.seconds:.2f}x" if bnb else ""])
     return simple_table(head, body, markdown)
 
 
