@@ -111,12 +111,13 @@ def test_second_process_loads_the_mixed_loops_from_cache(tmp_path):
         from fastopt.kernels import stores
         from fastopt.kernels.numba_formats import MIXED_LOOPS
         p, g = np.ones(100, ml_dtypes.bfloat16), np.ones(100, np.float16)
-        m, v, master = (np.ones(100, ml_dtypes.bfloat16), np.ones(100, np.float32), np.ones(100, np.float32))
-        fastopt.adamw_(p, g, m, v, step=1, master_param=master, backend="numba")
+        m, master = np.ones(100, ml_dtypes.bfloat16), np.ones(100, np.float32)
+        # (SGD: the kernel of one state buffer compiles fastest)
+        fastopt.sgd_(p, g, m, step=1, lr=0.1, momentum=0.9, master_param=master, backend="numba")
         numba_cpu.PARALLEL_MIN_BYTES = 0
         fastopt.set_num_threads(2)
-        fastopt.adamw_(p, g, m, v, step=2, backend="numba")  # bf16 param without master: stochastic
-        for loop in MIXED_LOOPS["adam", stores.keep]:
+        fastopt.sgd_(p, g, m, step=2, lr=0.1, momentum=0.9, backend="numba")  # bf16 param, no master: stochastic
+        for loop in MIXED_LOOPS["sgd", stores.keep]:
             s = loop.stats
             print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))
     """
