@@ -466,6 +466,38 @@ def quantize_tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
     return got
 
 
+def fused_table(signed: bool) -> np.ndarray:
+    """The lookup of :func:`fast_codes` in one read per code: a uint32 per value of the
+    top 16 bits ``t`` of a ratio's bits (65536), ``c | threshold << 8`` with ``c =
+    first[bucket_of(t << 16)]`` and ``code = c + (x > threshold)`` for ``x`` the ratio's
+    low 16 bits (of a negative ratio: ``x ^ 0xffff``, whose order is its value's).
+    The threshold is that of the bucket's midpoint ``mids[c]`` when it lies in the
+    bucket (its low 16 bits, flipped alike for a negative one), else 0xffff (never
+    exceeded: ``mids[c]`` lies above the whole bucket)."""
+    got = _FAST.get(("fused", signed))
+    if got is not None:
+        return got
+    first, padded = quantize_tables(signed)
+    tops = np.arange(1 << 16, dtype=np.uint32)
+    c = first[bucket_of(tops << np.uint32(16))].astype(np.uint32)
+    mb = padded[np.minimum(c, 254)].view(np.uint32)  # (c 255: no midpoint above; mids[254] is below)
+    inside = (mb >> np.uint32(16) == tops) & (c < 255)
+    low = mb & np.uint32(0xFFFF)
+    low = np.where(tops >> np.uint32(15) == 1, low ^ np.uint32(0xFFFF), low)
+    table = c | np.where(inside, low, np.uint32(0xFFFF)) << np.uint32(8)
+    table.setflags(write=False)
+    _FAST["fused", signed] = table
+    return table
+
+
+def fused_codes(v: np.ndarray, signed: bool) -> np.ndarray:
+    """:func:`fast_codes` by :func:`fused_table` (tested equal)."""
+    b = np.ascontiguousarray(v, np.float32).view(np.uint32)
+    entry = fused_table(signed)[b >> np.uint32(16)]
+    x = (b & np.uint32(0xFFFF)) ^ np.where(b >> np.uint32(31) == 1, np.uint32(0xFFFF), np.uint32(0))
+    return ((entry & np.uint32(0xFF)) + (x > entry >> np.uint32(8))).astype(np.uint8)
+
+
 def fast_codes(v: np.ndarray, signed: bool) -> np.ndarray:
     """The codes of normalized values ``v`` (float32, no NaN, |v| <= 1) by the table
     lookup the compiled backends run: equal to ``searchsorted(mids, v)`` (tested)."""

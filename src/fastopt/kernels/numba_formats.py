@@ -284,11 +284,9 @@ def store_bf16_stochastic(src, dst, stream, first):
 # so a tile's blocks are whole blocks of its tensor, the last one maybe shorter.
 
 _MAP_SIGNED, _MAP_UNSIGNED = formats.dynamic_map(True), formats.dynamic_map(False)
-# The bucket tables of fastopt.formats indexed by the whole top 16 bits of a ratio (64 KiB
-# each, of which a block touches a few lines): no clamp, no sign test per element.
-_TOPS = np.arange(1 << 16, dtype=np.uint32) << np.uint32(16)
-_FIRST_SIGNED, _FIRST_UNSIGNED = (formats.quantize_tables(s)[0][formats.bucket_of(_TOPS)] for s in (True, False))
-_MIDS_SIGNED, _MIDS_UNSIGNED = (formats.quantize_tables(s)[1] for s in (True, False))
+# The lookup of a code in one read (fastopt.formats.fused_table: indexed by the whole top
+# 16 bits of a ratio, so no clamp; 256 KiB each, of which the ratios of [-1, 1] touch 28).
+_FUSED_SIGNED, _FUSED_UNSIGNED = formats.fused_table(True), formats.fused_table(False)
 _ZERO_SIGNED, _ZERO_UNSIGNED = (int(np.searchsorted(m, 0.0)) for m in (_MAP_SIGNED, _MAP_UNSIGNED))
 
 
@@ -313,10 +311,9 @@ def load_int8(codes, absmax, values, dst):
 
 
 @numba.njit(**_JIT)
-def _quantize_block(x, codes, first, mids, zero, ratio):
-    """One block: its absmax (returned), and its codes (``first``: the bucket table
-    indexed by the top 16 bits of a ratio; ``ratio``: a float32 scratch of the block's
-    size)."""
+def _quantize_block(x, codes, fused, zero, ratio):
+    """One block: its absmax (returned), and its codes (``fused``: the map's
+    fastopt.formats.fused_table; ``ratio``: a float32 scratch of the block's size)."""
     bits = x.view(np.uint32)
     # the largest magnitude as bits: an integer max, which orders non-negative floats
     # as their values and puts any NaN (above 0x7f800000) on top
@@ -330,14 +327,17 @@ def _quantize_block(x, codes, first, mids, zero, ratio):
         return _as_float32(np.uint32(0x7FC00000) if nan else largest)
     scale = _as_float32(largest)
     # the divisions first, in a loop of their own that LLVM vectorizes; the table
-    # lookups stay scalar (LLVM does not gather on this CPU), but cheap: with a
-    # finite scale every ratio is in [-1, 1], and its top 16 bits index the table
+    # lookups stay scalar (LLVM does not gather on this CPU), but cheap: one read
+    # and one integer compare per code
     for i in range(x.size):
         ratio[i] = x[i] / scale
     r = ratio.view(np.uint32)
     for i in range(x.size):
-        c = np.uint32(first[r[i] >> np.uint32(16)])
-        codes[i] = np.uint8(np.uint32(c + np.uint32(1)) if mids[c] < ratio[i] else c)
+        b = r[i]
+        entry = fused[b >> np.uint32(16)]
+        flip = np.uint32(np.uint32(0) - np.uint32(b >> np.uint32(31))) & np.uint32(0xFFFF)
+        above = np.uint32(np.uint32(b & np.uint32(0xFFFF)) ^ flip) > np.uint32(entry >> np.uint32(8))
+        codes[i] = np.uint8(np.uint32(entry & np.uint32(0xFF)) + np.uint32(above))
     if largest == np.uint32(0x7F800000):  # an infinite scale: an infinity's ratio is NaN
         for i in range(x.size):
             if ratio[i] != ratio[i]:
@@ -346,16 +346,16 @@ def _quantize_block(x, codes, first, mids, zero, ratio):
 
 
 @numba.njit(**_JIT)
-def store_int8(src, codes, absmax, first, mids, zero):
+def store_int8(src, codes, absmax, fused, zero):
     """float32 ``src`` into 8-bit ``codes`` and ``absmax``, block by block: the block's
-    largest magnitude (the quiet NaN if it holds a NaN), then each code by the bucket
-    lookup of fastopt.formats.fast_codes (``first``, ``mids``: the map's tables;
-    ``zero``: 0.0's code, for a block of zeros, of a NaN, or a NaN ratio)."""
+    largest magnitude (the quiet NaN if it holds a NaN), then each code by the lookup
+    of fastopt.formats.fused_codes (``fused``: the map's table; ``zero``: 0.0's code,
+    for a block of zeros, of a NaN, or a NaN ratio)."""
     n = src.size
     ratio = np.empty(BLOCK, np.float32)
     for b in range(absmax.size):
         lo, hi = b * BLOCK, min(n, (b + 1) * BLOCK)
-        absmax[b] = _quantize_block(src[lo:hi], codes[lo:hi], first, mids, np.uint8(zero), ratio[:hi - lo])
+        absmax[b] = _quantize_block(src[lo:hi], codes[lo:hi], fused, np.uint8(zero), ratio[:hi - lo])
 
 
 # ---- one role of one tile: the float32 view in, the stored format out ----------------
@@ -439,9 +439,9 @@ def _store_states_impl(table, rows, fmts, signs, t, lo, values, key, role, tiny)
         elif fmts[0] == INT8:
             codes, absmax = _view8(table, rows[0], t, lo, x.size), _absmax_view(table, rows[0] + 1, t, lo, x.size, tiny)
             if signs[0]:
-                store_int8(x, codes, absmax, _FIRST_SIGNED, _MIDS_SIGNED, _ZERO_SIGNED)
+                store_int8(x, codes, absmax, _FUSED_SIGNED, _ZERO_SIGNED)
             else:
-                store_int8(x, codes, absmax, _FIRST_UNSIGNED, _MIDS_UNSIGNED, _ZERO_UNSIGNED)
+                store_int8(x, codes, absmax, _FUSED_UNSIGNED, _ZERO_UNSIGNED)
         _store_states(table, rows[1:], fmts[1:], signs[1:], t, lo, values[1:], key, role + 1, tiny)
     return store_states
 
