@@ -309,11 +309,41 @@ def test_replayed_steps_are_bitwise_the_general_path(backend, name, options):
         if t == 0:
             plan = opts[0]._plans[0]
         assert opts[0]._plans[0] is plan
+    assert plan.prepared is not None  # (the replays ran its prepared update, fastopt.functional.PreparedMixed)
     for p, q in zip(models[0].parameters(), models[1].parameters()):
         assert_bitwise(p, q, name)
         assert opts[0].state[p].keys() == opts[1].state[q].keys()
         for key, value in opts[0].state[p].items():
             assert_bitwise(value, opts[1].state[q][key], f"{name} {key}")
+
+
+@pytest.mark.parametrize("alias", ["another parameter", "a state buffer", "another gradient"])
+def test_a_replayed_step_with_an_aliasing_gradient_raises_before_writing(alias):
+    """A replayed bfloat16 plan checks only what a new gradient can change, its overlap
+    with every other buffer of the call included: an aliasing gradient sends the step
+    down the general path, whose checks name the overlap before anything is written."""
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(8, 8, bias=False) for _ in range(3)]
+    model = torch.nn.Sequential(*layers).to(torch.bfloat16)
+    params = list(model.parameters())
+    opt = ft.AdamW(params, master_weights=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for _ in range(3):
+        opt.step()
+    assert all(plan.prepared is not None for plan in opt._plans.values())
+    state = opt.state[params[0]]
+    params[2].grad = {"another parameter": params[1].data, "a state buffer": None,
+                      "another gradient": params[1].grad}[alias]
+    if alias == "a state buffer":  # (a bfloat16 gradient the memory of a float32 master copy)
+        params[2].grad = opt.state[params[1]]["master_param"].view(torch.bfloat16)[:, :8]
+    if not params[2].grad.is_contiguous():
+        params[2].grad = opt.state[params[1]]["master_param"].view(-1).view(torch.bfloat16)[:64].view(8, 8)
+    before = [t.clone() for p in params for t in (p.detach(), *opt.state[p].values())]
+    with pytest.raises(ValueError, match="overlaps"):
+        opt.step()
+    after = [t for p in params for t in (p.detach(), *opt.state[p].values())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)) and int(state["step"]) == 3
 
 
 @with_backends

@@ -114,6 +114,8 @@ class Call(NamedTuple):
     values: Any = None  # the functional update's hyperparameters in its order, if already made from hyper
     masters: Any = None  # the arrays of the members' float32 master copies, if they keep them
     seed: Any = None  # the rounding seed of a mixed-format call (None: a plain float32/float64 call)
+    plan: Any = None  # the MixedPlan that replayed this call (its prepared update runs it)
+    grad_pointers: Any = None  # the gradients' data addresses, when a plan replayed the call
 
 
 _GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
@@ -255,7 +257,13 @@ class Plan:
         except (TypeError, RuntimeError):  # a gradient that requires grad, say
             return None
         return Call(call.core, hyper, call.params, arrays, call.state, call.steps, counts, call.carry, None, step,
-                    values, call.masters, call.seed)
+                    values, call.masters, call.seed, *self.prepare(arrays, grad_pointers, hyper, values, step))
+
+    def prepare(self, arrays: list, grad_pointers: list, hyper: Mapping[str, Any], values: Any,
+                step: Any) -> tuple:
+        """The call's last fields (plan, gradients' addresses): a plain Plan's call runs
+        through the functional update."""
+        return None, None
 
     #: a gradient's array (the members' dtype has a ``Tensor.numpy()``)
     array = staticmethod(torch.Tensor.numpy)
@@ -265,15 +273,38 @@ class MixedPlan(Plan):
     """The plan of a mixed-format call: replayed as a :class:`Plan` is, with arrays,
     since the pointer-table calls take float32 or float64 buffers only."""
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "prepared")
 
     def __init__(self, group: Mapping[str, Any], has_grad: list, call: Call, records: list[Record]) -> None:
         super().__init__(group, has_grad, call, records)
         self.array = bfloat16_array if self.dtype is torch.bfloat16 else torch.Tensor.numpy
+        # The update with everything but the gradients checked (fastopt.functional.PreparedMixed),
+        # made at the first replay: the full checks of a mixed call cost ~10 us per tensor.
+        self.prepared: Any = None
 
     def replay(self, group: Mapping[str, Any], core: Algorithm, state: Mapping, tables: bool,
                known: bool = False) -> Optional[Call]:
-        return super().replay(group, core, state, False, known)
+        call = super().replay(group, core, state, False, known)
+        return call if call is None or call.plan is not None or self.prepared is None else None
+
+    def prepare(self, arrays: list, grad_pointers: list, hyper: Mapping[str, Any], values: Any,
+                step: Any) -> tuple:
+        """(this plan, the gradients' addresses) when its prepared update takes the
+        gradients (made at the first replay, with every check of the call: they raise
+        here, before any call of the step runs), else (None, None): then the call runs
+        through the functional update, or the step takes the general path."""
+        from ..functional import PreparedMixed
+
+        core = self.call.core
+        if core.passed:  # (an option outside the hyperparameter tuple: LAMB's, not a mixed rule's)
+            return None, None
+        values = values or core.values_of(hyper)
+        if self.prepared is None:
+            self.prepared = PreparedMixed(core.rule, self.call.params, arrays, tuple(self.call.state),
+                                          self.call.masters, self.call.seed, None, values, step)
+        elif not self.prepared.takes(arrays, grad_pointers, step):
+            return None, None
+        return self, grad_pointers
 
 
 class _Snapshot:
@@ -314,7 +345,9 @@ def run(call: Call, grad_multiplier: float = 1.0, grad_norm: Optional[float] = N
     core = call.core
     values = call.values or core.values_of(call.hyper)  # (the functional update's hyperparameters, in its order)
     step = call.step if core.rule.takes_step else None
-    if call.table is not None:
+    if call.plan is not None:  # (its prepared update took these gradients)
+        out = call.plan.prepared.run(call.grads, values, call.step, grad_multiplier)
+    elif call.table is not None:
         out = _run_table(core.rule, values, step, call.params, tuple(call.state), call.table,
                          grad_multiplier=grad_multiplier)
     else:
