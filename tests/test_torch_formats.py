@@ -317,28 +317,31 @@ def test_replayed_steps_are_bitwise_the_general_path(backend, name, options):
             assert_bitwise(value, opts[1].state[q][key], f"{name} {key}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16-master", "fp32"])
 @pytest.mark.parametrize("alias", ["another parameter", "a state buffer", "another gradient"])
-def test_a_replayed_step_with_an_aliasing_gradient_raises_before_writing(alias):
+def test_a_replayed_step_with_an_aliasing_gradient_raises_before_writing(alias, dtype):
     """A replayed bfloat16 plan checks only what a new gradient can change, its overlap
-    with every other buffer of the call included: an aliasing gradient sends the step
-    down the general path, whose checks name the overlap before anything is written."""
+    with every other buffer of the call included: an aliasing gradient sends its group
+    down the general path, whose calls are all checked before the first one runs, so
+    the step raises naming the overlap and no group is written (group 0, replayed and
+    fine, is not written either)."""
     torch.manual_seed(3)
     layers = [torch.nn.Linear(8, 8, bias=False) for _ in range(3)]
-    model = torch.nn.Sequential(*layers).to(torch.bfloat16)
+    model = torch.nn.Sequential(*layers).to(dtype)
     params = list(model.parameters())
-    opt = ft.AdamW(params, master_weights=True)
+    low = dtype is torch.bfloat16
+    opt = ft.AdamW([{"params": params[:1]}, {"params": params[1:]}], master_weights=low)
     for p in params:
         p.grad = torch.randn_like(p)
     for _ in range(3):
         opt.step()
-    assert all(plan.prepared is not None for plan in opt._plans.values())
+    if low:
+        assert all(plan.prepared is not None for plan in opt._plans.values())
     state = opt.state[params[0]]
-    params[2].grad = {"another parameter": params[1].data, "a state buffer": None,
+    buffer = opt.state[params[1]]["master_param" if low else "exp_avg"]
+    params[2].grad = {"another parameter": params[1].data,
+                      "a state buffer": buffer.view(-1).view(dtype)[:64].view(8, 8),
                       "another gradient": params[1].grad}[alias]
-    if alias == "a state buffer":  # (a bfloat16 gradient the memory of a float32 master copy)
-        params[2].grad = opt.state[params[1]]["master_param"].view(torch.bfloat16)[:, :8]
-    if not params[2].grad.is_contiguous():
-        params[2].grad = opt.state[params[1]]["master_param"].view(-1).view(torch.bfloat16)[:64].view(8, 8)
     before = [t.clone() for p in params for t in (p.detach(), *opt.state[p].values())]
     with pytest.raises(ValueError, match="overlaps"):
         opt.step()

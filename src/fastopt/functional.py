@@ -159,6 +159,18 @@ def _checked_mixed(rule: Rule, param: Buffers, grad: Buffers, state: tuple, need
     return call, used, run_mixed, seed
 
 
+def check_call(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: Any) -> None:
+    """Every buffer check of a plain (float32 or float64) call, writing nothing: what
+    the update would raise, raised now (fastopt.torch checks a step's calls before it
+    runs the first)."""
+    needed = rule.prepared_values(hyper)[1] if type(hyper) is tuple else rule.prepared(hyper)[1]
+    names, arrays, _, _ = given_buffers(rule, param, grad, state, needed)
+    if isinstance(param, (list, tuple)):
+        check_lists(names, arrays)
+    else:
+        check_buffers(names, arrays)
+
+
 class PreparedMixed:
     """A mixed-format update over lists of host arrays whose every buffer but the
     gradients stays the same from call to call, checked once (``fastopt.torch``'s

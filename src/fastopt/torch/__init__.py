@@ -99,7 +99,7 @@ from ..rules import ALL_RULES
 from .hooks import hooked_step
 from .precision import (INT8, LOW, Formats, absmax_key, finite, formats_of, min_8bit_size_option, option_text,
                         state_dtype_option)
-from .steps import PLAIN, Call, MixedPlan, Plan, Record, grad_view, local, pointer, run, view
+from .steps import PLAIN, Call, MixedPlan, Plan, Record, checked, grad_view, local, pointer, run, view
 
 __all__ = ["Optimizer"]
 
@@ -473,10 +473,12 @@ class Optimizer(torch.optim.Optimizer):
             self.skipped_steps += 1
             return
         old, new = self._records, {}
-        if rounds[0]:
-            calls += self._calls(rounds[0], old, new, plan=len(rounds) == 1)
+        fresh = self._calls(rounds[0], old, new, plan=len(rounds) == 1) if rounds[0] else []
         if self.state_dtype is INT8:  # (refused before any call runs, not after the float32 ones)
-            _check_int8_backend(calls)
+            _check_int8_backend(calls + fresh)
+        # A lone call checks its buffers before it writes; of several, every one is
+        # checked before the first runs (a replayed plan's were, as it replayed).
+        calls += list(map(checked, fresh)) if len(calls) + len(fresh) > 1 else fresh
         # LAMB clips by the norm of every gradient of the step (apex FusedLAMB): one read pass.
         grad_norm = abs(multiplier) * _global_norm([g for call in calls for g in call.grads]) \
             if self.core.clips(self.param_groups) else None

@@ -30,7 +30,7 @@ import torch
 from ..algorithm import Algorithm
 from ..buffers import _extension, disjoint_table
 from ..formats import codes_of
-from ..functional import _run_table
+from ..functional import PreparedMixed, _run_table, check_call
 from ..rule import _cacheable
 from .precision import bfloat16_array
 
@@ -293,8 +293,6 @@ class MixedPlan(Plan):
         gradients (made at the first replay, with every check of the call: they raise
         here, before any call of the step runs), else (None, None): then the call runs
         through the functional update, or the step takes the general path."""
-        from ..functional import PreparedMixed
-
         core = self.call.core
         if core.passed:  # (an option outside the hyperparameter tuple: LAMB's, not a mixed rule's)
             return None, None
@@ -335,6 +333,28 @@ class _Snapshot:
         # The same objects, as a group usually holds from step to step (then of the same
         # types too); else equal values of the same types (True == 1, but lr=True is no lr).
         return _same(values, self.values) or values == self.values and tuple(map(type, values)) == self.types
+
+
+class _Prepared(NamedTuple):
+    """What :func:`run` needs of a plan: its prepared mixed update."""
+    prepared: PreparedMixed
+
+
+def checked(call: Call) -> Call:
+    """``call`` with every check its update makes done now (raising as the update
+    would), so that a step of several calls raises before the first one writes: a
+    mixed call gets a prepared update (so it is not checked twice), a plain one has
+    its buffers checked. (A two-pass rule's calls check themselves when they run.)"""
+    core = call.core
+    if core.rule.trust is not None or core.passed or call.plan is not None:
+        return call
+    values = call.values or core.values_of(call.hyper)
+    if call.seed is not None:
+        prepared = PreparedMixed(core.rule, call.params, call.grads, tuple(call.state), call.masters, call.seed,
+                                 None, values, call.step)
+        return call._replace(plan=_Prepared(prepared))
+    check_call(core.rule, call.params, call.grads, tuple(call.state), values)
+    return call
 
 
 def run(call: Call, grad_multiplier: float = 1.0, grad_norm: Optional[float] = None) -> None:
