@@ -553,3 +553,33 @@ def test_dtensor_parameters_are_refused():
             ft.AdamW([p], state_dtype="int8", min_8bit_size=10 ** 6)  # (small ones too)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,options", [(torch.float32, {}), (torch.bfloat16, {"master_weights": True})],
+                         ids=["fp32", "bf16-master"])
+def test_a_group_of_8bit_and_float32_state_replays_its_calls_bitwise(dtype, options):
+    """The usual group (weights with 8-bit state, vectors under min_8bit_size with float32
+    state) makes two calls a step: it replays them as one GroupPlan, bitwise the general
+    path (a twin whose plans are dropped before every step); a frozen bias that gets a
+    gradient again makes the step go the general way, and it is stepped."""
+    models = [net(dtype), net(dtype)]
+    opts = [ft.AdamW(m.parameters(), state_dtype="int8", min_8bit_size=MIN, **options) for m in models]
+    for t in range(12):
+        opts[1]._plans.clear()
+        for m, o in zip(models, opts):
+            backward(m, t)
+            if t in (3, 4, 5):
+                m[2].bias.grad = None  # (frozen for three steps)
+            o.step()
+        if t in (1, 7):  # (made at steps 1 and 7, after the bias froze and thawed; replayed after)
+            plan = opts[0]._plans[0]
+            # (3 calls after the thaw: the bias counts its own steps)
+            assert type(plan).__name__ == "GroupPlan" and len(plan.plans) == (2 if t == 1 else 3)
+        if t in (2, 8, 11):
+            assert opts[0]._plans[0] is plan
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert_bitwise(p, q, "parameter")
+        assert opts[0].state[p].keys() == opts[1].state[q].keys()
+        for key, value in opts[0].state[p].items():
+            assert_bitwise(value, opts[1].state[q][key], key)
+    assert int(opts[0].state[models[0][2].bias]["step"]) == 9  # (12 steps, 3 without a gradient)

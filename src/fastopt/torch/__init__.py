@@ -99,7 +99,7 @@ from ..rules import ALL_RULES
 from .hooks import hooked_step
 from .precision import (INT8, LOW, Formats, absmax_key, finite, formats_of, min_8bit_size_option, option_text,
                         state_dtype_option)
-from .steps import PLAIN, Call, MixedPlan, Plan, Record, checked, grad_view, local, pointer, run, view
+from .steps import PLAIN, Call, GroupPlan, MixedPlan, Plan, Record, checked, grad_view, local, pointer, run, view
 
 __all__ = ["Optimizer"]
 
@@ -452,7 +452,12 @@ class Optimizer(torch.optim.Optimizer):
             if not known:
                 self._check_group(group, f"param_groups[{i}]")
             call = plan.replay(group, self._core_of(group), self.state, tables, known) if plan else None
-            calls.append(call) if call is not None else general.append(i)
+            if call is None:
+                general.append(i)
+            elif type(call) is list:  # (a GroupPlan: a call per format of the group)
+                calls += call
+            else:
+                calls.append(call)
         if not general:  # replayed plans only: no torch op runs, so no grad mode to set (~1 us)
             self._run(calls, general)
         else:
@@ -524,15 +529,22 @@ class Optimizer(torch.optim.Optimizer):
         if plan:
             for i, made in by_group.items():
                 self._plans.pop(i, None)
-                params = self.param_groups[i]["params"]
-                call, records = made[0]
+                group = self.param_groups[i]
                 # (a plan's gradients have its parameters' dtype: float32 ones of 16-bit parameters
                 # take the general path)
-                if len(made) == 1 and all(type(rec.param) in PLAIN and rec.param.device.type == "cpu"
-                                          for rec in records) and call.grads[0].dtype == call.params[0].dtype:
-                    has_grad = [p.grad is not None for p in params]
+                if not all(all(type(rec.param) in PLAIN and rec.param.device.type == "cpu" for rec in records)
+                           and call.grads[0].dtype == call.params[0].dtype for call, records in made):
+                    continue
+                has_grad = [p.grad is not None for p in group["params"]]
+                if len(made) == 1:
+                    call, records = made[0]
                     kind = Plan if call.seed is None else MixedPlan
-                    self._plans[i] = kind(self.param_groups[i], has_grad, call._replace(grads=[]), records)
+                    self._plans[i] = kind(group, has_grad, call._replace(grads=[]), records)
+                else:  # (8-bit state beside small float32-state parameters: a plan per call)
+                    self._plans[i] = GroupPlan(group, has_grad, [
+                        (Plan if call.seed is None else MixedPlan)(
+                            {**group, "params": [rec.param for rec in records]}, [True] * len(records),
+                            call._replace(grads=[]), records) for call, records in made])
         return calls
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,

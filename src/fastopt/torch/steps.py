@@ -305,6 +305,39 @@ class MixedPlan(Plan):
         return self, grad_pointers
 
 
+class GroupPlan:
+    """The plan of a group stepped in several calls (8-bit state for its large
+    parameters, float32 state for those under ``min_8bit_size``): a plan per call,
+    each over its own parameters, replayed together or not at all. The group's
+    parameters must be the same objects, and those without a gradient then still
+    without one (a parameter that gains one changes the calls)."""
+
+    __slots__ = ("params", "idle", "plans")
+
+    def __init__(self, group: Mapping[str, Any], has_grad: list, plans: list[Plan]) -> None:
+        self.params = list(group["params"])
+        self.idle = [p for p, has in zip(self.params, has_grad) if not has]
+        self.plans = plans
+
+    def knows(self, group: Mapping[str, Any]) -> bool:
+        return self.plans[0].knows(group)
+
+    def replay(self, group: Mapping[str, Any], core: Algorithm, state: Mapping, tables: bool,
+               known: bool = False) -> Optional[list[Call]]:
+        """The group's calls for this step, or None when any plan no longer holds."""
+        params = group["params"]
+        if len(params) != len(self.params) or not _same(params, self.params) \
+                or any(p.grad is not None for p in self.idle):
+            return None
+        calls = []
+        for plan in self.plans:
+            call = plan.replay({**group, "params": plan.params}, core, state, tables, known)
+            if call is None:
+                return None
+            calls.append(call)
+        return calls
+
+
 class _Snapshot:
     """A group's hyperparameters as they were: how many keys, and the values and
     types of all but ``params``. Only for immutable values (a tensor ``lr`` filled in
