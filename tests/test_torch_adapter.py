@@ -64,13 +64,7 @@ MLP_CASES = _mlp_cases()
 IDS = [f"{name}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "defaults") for name, o in MLP_CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls run 30x slower when torch's threads fight over 2 shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (see conftest.py)
 
 
 def mlp(dtype=torch.float32):

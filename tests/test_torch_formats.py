@@ -63,13 +63,7 @@ def _backends():
 BACKENDS = _backends()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls run 30x slower when torch's threads fight over 2 shared cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (see conftest.py)
 
 
 @pytest.fixture

@@ -22,19 +22,11 @@ import train_formats  # noqa: E402
 STEPS = 3000
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # (a 64-wide MLP: torch's threads only wait on each other, and under a parallel
-    # test run they spin against the other workers: 18 s a run instead of 3)
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (see conftest.py)
 
 
 @pytest.fixture(scope="module")
-def fp32_loss():
+def fp32_loss(one_torch_thread):
     return train_formats.train("fp32", STEPS, every=STEPS)[-1]
 
 
