@@ -735,7 +735,9 @@ static void test_rules(void)
 
 /* ---- argument errors ---------------------------------------------------------------- */
 
-static int untouched(const tensors *T, const tensors *before)
+/* Whether the library's buffers of two runs (or of one before and after a refused
+ * call) are the same bytes, absmax included. */
+static int same_bytes(const tensors *T, const tensors *before)
 {
     for (int r = 0; r < NROLES; r++)
         for (int t = 0; t < T->count && T->format[r] >= 0; t++) {
@@ -785,7 +787,7 @@ static void test_errors(void)
     do {                                                                                                  \
         const int rc_ = (call);                                                                           \
         CHECK(rc_ == (code), "%s, %s: returned %d, expected %d", r->name, what, rc_, code);               \
-        CHECK(untouched(&T, &before), "%s, %s: a buffer was written", r->name, what);                     \
+        CHECK(same_bytes(&T, &before), "%s, %s: a buffer was written", r->name, what);                     \
     } while (0)
         EXPECT(FASTOPT_ERR_NULL, fo_t_mixed_list(rule, NULL, param, grad, st, master, n, 2, &s), "f NULL");
         EXPECT(FASTOPT_ERR_NULL, fo_t_mixed_list(rule, &good, param, grad, st, master, n, 2, NULL), "s NULL");
@@ -976,20 +978,6 @@ static int int8_steps(tensors *T, int rule, unsigned flags, int steps, const cha
     return ok;
 }
 
-/* Whether the library's buffers of two runs are the same bytes (absmax included). */
-static int same_bytes(const tensors *A, const tensors *B)
-{
-    for (int r = 0; r < NROLES; r++)
-        for (int t = 0; t < A->count && A->format[r] >= 0; t++) {
-            if (memcmp(A->lib[r][t], B->lib[r][t], (size_t)A->n[t] * esize(A->format[r])))
-                return 0;
-            if (A->format[r] == I8 && memcmp(A->lib_absmax[r - R_STATE][t], B->lib_absmax[r - R_STATE][t],
-                                             (size_t)nblocks(A->n[t]) * sizeof(float)))
-                return 0;
-        }
-    return 1;
-}
-
 static void test_int8_rules(void)
 {
     static const int64_t SIZES[] = {0, 1, 255, 256, 257, 1000, 5000};
@@ -1070,7 +1058,7 @@ static void test_int8_errors(void)
     do {                                                                                                  \
         const int rc_ = (call);                                                                           \
         CHECK(rc_ == (code), "%s, 8-bit state, %s: returned %d, expected %d", r->name, what, rc_, code);  \
-        CHECK(untouched(&T, &before), "%s, 8-bit state, %s: a buffer was written", r->name, what);        \
+        CHECK(same_bytes(&T, &before), "%s, 8-bit state, %s: a buffer was written", r->name, what);        \
     } while (0)
         f = good, f.param = I8;
         EXPECT(FASTOPT_ERR_FORMAT, fo_t_mixed_list(rule, &f, param, grad, st, master, n, 2, &s), "an 8-bit param");
