@@ -374,6 +374,11 @@ def dynamic_map(signed: bool) -> np.ndarray:
     return got[0]
 
 
+def zero_code(signed: bool) -> int:
+    """The code of 0.0 in the map (every code of a fresh or all-zero block)."""
+    return int(np.searchsorted(dynamic_map(signed), 0.0))
+
+
 def map_midpoints(signed: bool) -> np.ndarray:
     """The 255 decision boundaries of quantization: float32 of the float64 midpoints of
     neighbouring map values. A normalized value ``x`` gets the code ``#{mid < x}``
@@ -401,7 +406,7 @@ def quantize(x: np.ndarray, signed: bool) -> tuple[np.ndarray, np.ndarray]:
     with np.errstate(invalid="ignore", divide="ignore"):
         absmax = np.max(np.abs(b), axis=1)  # (NaN propagates)
         norm = b / absmax[:, None]
-    zero = int(np.searchsorted(dynamic_map(signed), 0.0))
+    zero = zero_code(signed)
     codes = np.searchsorted(map_midpoints(signed), norm, side="left").astype(np.uint8)
     codes[~(absmax[:, None] > 0) | np.isnan(norm)] = zero  # (absmax 0 or NaN; a NaN ratio)
     nan_block = np.isnan(absmax)
@@ -535,8 +540,7 @@ class Int8State:
     def zeros(cls, shape: Any, signed: bool = True) -> "Int8State":
         """State of zeros (a fresh moment buffer) of ``shape``."""
         size = int(np.prod(shape))
-        zero = int(np.searchsorted(dynamic_map(signed), 0.0))
-        return cls(np.full(shape, zero, np.uint8), np.zeros(blocks(size), np.float32), signed)
+        return cls(np.full(shape, zero_code(signed), np.uint8), np.zeros(blocks(size), np.float32), signed)
 
     @classmethod
     def from_float(cls, values: Any, signed: bool = True) -> "Int8State":

@@ -35,7 +35,7 @@ import numpy as np
 from numba import cuda, float32, types, uint8, uint16, uint64
 from numba.core import config
 
-from ..formats import BFLOAT16, BLOCK, FLOAT16, FLOAT32, INT8, CallFormats, dynamic_map, map_midpoints
+from ..formats import BFLOAT16, BLOCK, FLOAT16, FLOAT32, INT8, CallFormats, dynamic_map, map_midpoints, zero_code
 from ..rules import KERNEL_SCALARS
 from .cuda_kernels import STATE, _element, _store
 
@@ -51,7 +51,7 @@ _TWO_M24 = float32(2.0 ** -24)  # a float16 subnormal's unit: exact in float32
 # The 8-bit maps and their midpoints (module globals: Numba CUDA makes them constant arrays).
 _MAP_SIGNED, _MAP_UNSIGNED = dynamic_map(True), dynamic_map(False)
 MIDS_SIGNED, MIDS_UNSIGNED = map_midpoints(True), map_midpoints(False)
-ZERO_SIGNED, ZERO_UNSIGNED = (int(np.searchsorted(m, 0.0)) for m in (_MAP_SIGNED, _MAP_UNSIGNED))
+ZERO_SIGNED, ZERO_UNSIGNED = zero_code(True), zero_code(False)
 
 if _SIMULATOR:
     def as_bits(x):

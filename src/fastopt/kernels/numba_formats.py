@@ -287,7 +287,7 @@ _MAP_SIGNED, _MAP_UNSIGNED = formats.dynamic_map(True), formats.dynamic_map(Fals
 # The lookup of a code in one read (fastopt.formats.fused_table: indexed by the whole top
 # 16 bits of a ratio, so no clamp; 256 KiB each, of which the ratios of [-1, 1] touch 28).
 _FUSED_SIGNED, _FUSED_UNSIGNED = formats.fused_table(True), formats.fused_table(False)
-_ZERO_SIGNED, _ZERO_UNSIGNED = (int(np.searchsorted(m, 0.0)) for m in (_MAP_SIGNED, _MAP_UNSIGNED))
+_ZERO_SIGNED, _ZERO_UNSIGNED = formats.zero_code(True), formats.zero_code(False)
 
 
 # Indices here are unsigned or count from 0 over a block's own views: Numba wraps a
