@@ -159,12 +159,17 @@ def _checked_mixed(rule: Rule, param: Buffers, grad: Buffers, state: tuple, need
     return call, used, run_mixed, seed
 
 
+def _prepared(rule: Rule, hyper: Any) -> tuple:
+    """(the checked flat values, the state buffers needed) of hyperparameters given as
+    the functional API's tuple or as a dict (what :func:`_update` does first)."""
+    return rule.prepared_values(hyper)[:2] if type(hyper) is tuple else rule.prepared(hyper)
+
+
 def check_call(rule: Rule, param: Buffers, grad: Buffers, state: tuple, hyper: Any) -> None:
     """Every buffer check of a plain (float32 or float64) call, writing nothing: what
     the update would raise, raised now (fastopt.torch checks a step's calls before it
     runs the first)."""
-    needed = rule.prepared_values(hyper)[1] if type(hyper) is tuple else rule.prepared(hyper)[1]
-    names, arrays, _, _ = given_buffers(rule, param, grad, state, needed)
+    names, arrays, _, _ = given_buffers(rule, param, grad, state, _prepared(rule, hyper)[1])
     if isinstance(param, (list, tuple)):
         check_lists(names, arrays)
     else:
@@ -188,9 +193,8 @@ class PreparedMixed:
 
     def __init__(self, rule: Rule, params: list, grads: list, state: tuple, master_param: Optional[list],
                  rounding_seed: Any, backend: Optional[str], hyper: Any, step: int) -> None:
-        flat, needed = rule.prepared_values(hyper)[:2] if type(hyper) is tuple else rule.prepared(hyper)[:2]
         self.formats, self.used, self.run_mixed, self.seed = _checked_mixed(
-            rule, params, grads, state, needed, step, master_param, rounding_seed, backend)
+            rule, params, grads, state, _prepared(rule, hyper)[1], step, master_param, rounding_seed, backend)
         self.rule, self.params, self.masters = rule, list(params), None if master_param is None else list(master_param)
         self.grad_dtype, self.shapes = grads[0].dtype, [g.shape for g in grads]
         self.nbytes = np.array([g.nbytes for g in grads], dtype=np.int64)
@@ -220,8 +224,7 @@ class PreparedMixed:
         """The update with new gradients ``grads`` that :meth:`takes` took; returns the
         rule's extra result (NAdam's mu_product)."""
         rule = self.rule
-        flat = rule.prepared_values(hyper)[0] if type(hyper) is tuple else rule.prepared(hyper)[0]
-        scalars, extra = rule.scalars_at(flat, step)
+        scalars, extra = rule.scalars_at(_prepared(rule, hyper)[0], step)
         if type(grad_multiplier) is not float or grad_multiplier != 1.0:
             scalars = _multiplied(scalars, grad_multiplier)
         key = formats.rounding_key(self.seed, step)

@@ -114,8 +114,7 @@ class Call(NamedTuple):
     values: Any = None  # the functional update's hyperparameters in its order, if already made from hyper
     masters: Any = None  # the arrays of the members' float32 master copies, if they keep them
     seed: Any = None  # the rounding seed of a mixed-format call (None: a plain float32/float64 call)
-    plan: Any = None  # the MixedPlan that replayed this call (its prepared update runs it)
-    grad_pointers: Any = None  # the gradients' data addresses, when a plan replayed the call
+    prepared: Any = None  # the checked update that runs it (fastopt.functional.PreparedMixed), if any
 
 
 _GRAD, _DTYPE = operator.attrgetter("grad"), operator.attrgetter("dtype")
@@ -257,13 +256,13 @@ class Plan:
         except (TypeError, RuntimeError):  # a gradient that requires grad, say
             return None
         return Call(call.core, hyper, call.params, arrays, call.state, call.steps, counts, call.carry, None, step,
-                    values, call.masters, call.seed, *self.prepare(arrays, grad_pointers, hyper, values, step))
+                    values, call.masters, call.seed, self.prepare(arrays, grad_pointers, hyper, values, step))
 
     def prepare(self, arrays: list, grad_pointers: list, hyper: Mapping[str, Any], values: Any,
-                step: Any) -> tuple:
-        """The call's last fields (plan, gradients' addresses): a plain Plan's call runs
-        through the functional update."""
-        return None, None
+                step: Any) -> Optional[PreparedMixed]:
+        """The call's prepared update: none for a plain Plan's call, which runs through
+        the functional update."""
+        return None
 
     #: a gradient's array (the members' dtype has a ``Tensor.numpy()``)
     array = staticmethod(torch.Tensor.numpy)
@@ -285,24 +284,24 @@ class MixedPlan(Plan):
     def replay(self, group: Mapping[str, Any], core: Algorithm, state: Mapping, tables: bool,
                known: bool = False) -> Optional[Call]:
         call = super().replay(group, core, state, False, known)
-        return call if call is None or call.plan is not None or self.prepared is None else None
+        return call if call is None or call.prepared is not None or self.prepared is None else None
 
     def prepare(self, arrays: list, grad_pointers: list, hyper: Mapping[str, Any], values: Any,
-                step: Any) -> tuple:
-        """(this plan, the gradients' addresses) when its prepared update takes the
-        gradients (made at the first replay, with every check of the call: they raise
-        here, before any call of the step runs), else (None, None): then the call runs
-        through the functional update, or the step takes the general path."""
+                step: Any) -> Optional[PreparedMixed]:
+        """The plan's prepared update when it takes the gradients (made at the first
+        replay, with every check of the call: they raise here, before any call of the
+        step runs), else None: then the call runs through the functional update, or
+        the step takes the general path."""
         core = self.call.core
         if core.passed:  # (an option outside the hyperparameter tuple: LAMB's, not a mixed rule's)
-            return None, None
-        values = values or core.values_of(hyper)
+            return None
         if self.prepared is None:
             self.prepared = PreparedMixed(core.rule, self.call.params, arrays, tuple(self.call.state),
-                                          self.call.masters, self.call.seed, None, values, step)
+                                          self.call.masters, self.call.seed, None, values or core.values_of(hyper),
+                                          step)
         elif not self.prepared.takes(arrays, grad_pointers, step):
-            return None, None
-        return self, grad_pointers
+            return None
+        return self.prepared
 
 
 class GroupPlan:
@@ -368,24 +367,19 @@ class _Snapshot:
         return _same(values, self.values) or values == self.values and tuple(map(type, values)) == self.types
 
 
-class _Prepared(NamedTuple):
-    """What :func:`run` needs of a plan: its prepared mixed update."""
-    prepared: PreparedMixed
-
-
 def checked(call: Call) -> Call:
     """``call`` with every check its update makes done now (raising as the update
     would), so that a step of several calls raises before the first one writes: a
     mixed call gets a prepared update (so it is not checked twice), a plain one has
     its buffers checked. (A two-pass rule's calls check themselves when they run.)"""
     core = call.core
-    if core.rule.trust is not None or core.passed or call.plan is not None:
+    if core.rule.trust is not None or core.passed or call.prepared is not None:
         return call
     values = call.values or core.values_of(call.hyper)
     if call.seed is not None:
         prepared = PreparedMixed(core.rule, call.params, call.grads, tuple(call.state), call.masters, call.seed,
                                  None, values, call.step)
-        return call._replace(plan=_Prepared(prepared))
+        return call._replace(prepared=prepared)
     check_call(core.rule, call.params, call.grads, tuple(call.state), values)
     return call
 
@@ -398,8 +392,8 @@ def run(call: Call, grad_multiplier: float = 1.0, grad_norm: Optional[float] = N
     core = call.core
     values = call.values or core.values_of(call.hyper)  # (the functional update's hyperparameters, in its order)
     step = call.step if core.rule.takes_step else None
-    if call.plan is not None:  # (its prepared update took these gradients)
-        out = call.plan.prepared.run(call.grads, values, call.step, grad_multiplier)
+    if call.prepared is not None:  # (it took these gradients)
+        out = call.prepared.run(call.grads, values, call.step, grad_multiplier)
     elif call.table is not None:
         out = _run_table(core.rule, values, step, call.params, tuple(call.state), call.table,
                          grad_multiplier=grad_multiplier)
