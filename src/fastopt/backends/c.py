@@ -33,6 +33,7 @@ import operator
 import numpy as np
 
 from .. import buffers, denormals, environment, native, threads
+from ..formats import BFLOAT16, FLOAT16, FLOAT32, INT8
 
 name = "c"
 device = "cpu"
@@ -257,8 +258,7 @@ def run_list(kernel: str, params, grads, states, scalars, stream=None, table=Non
 
 #: The formats run_mixed takes (fastopt.formats' codes, the C library's FASTOPT_FORMAT_*):
 #: float32, bfloat16, float16 and 8-bit blockwise state (INT8, state buffers only).
-mixed_formats = (0, 1, 2, 3)
-_INT8 = 3  # fastopt.formats.INT8, FASTOPT_FORMAT_I8
+mixed_formats = (FLOAT32, BFLOAT16, FLOAT16, INT8)
 _mixed_fns: dict = {}  # kernel -> (fastopt_<kernel>_mixed_list, its scalars struct type)
 
 
@@ -301,10 +301,10 @@ def run_mixed(kernel: str, params, grads, states, masters, formats, scalars, key
     master = null if masters is None else new("float *[]", [fb("float[]", a) for a in masters])
     state_formats = [0 if f is None else f for f in formats.state]  # (an unused buffer's is never read)
     fields = {"param": formats.param, "grad": formats.grad, "state": state_formats, "key": key}
-    if _INT8 in formats.state:
+    if INT8 in formats.state:
         state_tables, absmax, signed = [], [null] * len(states), [0] * len(states)
         for k, (st, fk) in enumerate(zip(states, formats.state)):
-            if st is None or fk != _INT8:
+            if st is None or fk != INT8:
                 state_tables.append(table(st))
                 continue
             codes, scales = [], []

@@ -673,9 +673,7 @@ class Optimizer(torch.optim.Optimizer):
                     state[key], state[absmax_key(key)] = codes, absmax
                     continue
                 if scales is not None:  # (8-bit saved into float state: dequantized)
-                    value = torch.from_numpy(Int8State(value.detach().cpu().contiguous().numpy(),
-                                                       scales.detach().cpu().float().contiguous().numpy(),
-                                                       signed).dequantize())
+                    value = _dequantized(value, scales, signed)
                     del state[absmax_key(key)]
                 if state[key].dtype is not fmt.state or scales is not None:
                     state[key] = value.detach().to(dtype=fmt.state, device=p.device)
@@ -700,9 +698,7 @@ class Optimizer(torch.optim.Optimizer):
                 return value
             scales = entry.get(absmax_key(key))
             if scales is not None and value.dtype is torch.uint8:
-                return torch.from_numpy(Int8State(value.detach().cpu().contiguous().numpy(),
-                                                  scales.detach().cpu().float().contiguous().numpy(),
-                                                  self._signed[buffers[key]]).dequantize())
+                return _dequantized(value, scales, self._signed[buffers[key]])
             return value.float() if value.dtype in LOW else value
         state = {k: {key: fp32(key, value, entry) for key, value in entry.items() if key in kept}
                  for k, entry in sd["state"].items()}
@@ -802,6 +798,12 @@ def _check_saved_buffer(entry: Mapping[str, Any], key: str, p: torch.Tensor, whe
         raise ValueError(f"{where}[{absmax_key(key)!r}] has shape {tuple(scales.shape)}, expected ({n},) "
                          f"(one absmax per block of 256 of the parameter's {p.numel()} elements)")
     return value
+
+
+def _dequantized(codes: torch.Tensor, scales: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The float32 CPU tensor of saved 8-bit state: its uint8 ``codes`` and float ``scales``."""
+    return torch.from_numpy(Int8State(codes.detach().cpu().contiguous().numpy(),
+                                      scales.detach().cpu().float().contiguous().numpy(), signed).dequantize())
 
 
 def _check_int8_state(state: Mapping[str, Any], key: str, p: torch.Tensor, where: str) -> None:
