@@ -174,7 +174,7 @@ def test_state_dict_round_trip_continues_the_run(rule, options):
         resumed.step(g)
     np.testing.assert_array_equal(resumed_flat.data, straight.data)
     options = {k: v for k, v in options.items() if k in RULES[rule].defaults}
-    assert set(saved["state"][0]) == {"step", *CLASSES[rule].algorithm.carry,
+    assert set(saved["state"][0]) == {"step", *CLASSES[rule].algorithm.carry, *RULES[rule].derived,
                                       *(TORCH_STATE_NAME.get(n, n) for n in needed_state(rule, options))}
 
 

@@ -400,6 +400,41 @@ FASTOPT_API int fastopt_radam_mixed_list(const fastopt_formats *f, void *const *
                                          void *const *exp_avg_sq, float *const *master, const int64_t *n,
                                          int64_t count, const fastopt_radam_scalars *s);
 
+/* ---- ASGD (asgd) --------------------------------------------------------------------------------
+ *
+ * Averaged SGD (Polyak & Juditsky, 1992; the decay of Bottou, 2012); torch.optim.ASGD.
+ *
+ * g = grad*grad_sign (+ weight_decay*p); eta = lr/(1 + lambd*lr*(t-1))**alpha;
+ * p = p*(1 - lambd*eta) - eta*g; mu = 1/max(1, t-1-t0) (1 at t = 1):
+ * ax = p when mu == 1, else ax += (p - ax)*mu.
+ */
+typedef struct {
+    double eta; /* lr/(1 + lambd*lr*(step-1))**alpha */
+    double param_decay; /* 1 - lambd*eta */
+    double mu; /* 1/max(1, step-1-t0), 1 at the first step */
+    double weight_decay;
+    double grad_sign;
+    int copy_average; /* mu == 1: ax = p (torch copies p rather than averaging with weight 1); 0 or 1 */
+} fastopt_asgd_scalars;
+
+/* Checks: lr, lambd, alpha, weight_decay finite and >= 0; t0 finite; step >= 1. */
+FASTOPT_API int fastopt_asgd_prepare(fastopt_asgd_scalars *out, double lr, double lambd, double alpha,
+                                     double t0, double weight_decay, int maximize, int64_t step);
+
+/* State buffers: ax.  _list_: count tensors in one call; _mixed_list: in other formats than
+ * float32, computed in float32 (see fastopt.h). */
+FASTOPT_API int fastopt_asgd_f32(float *param, const float *grad, float *ax, int64_t n,
+                                 const fastopt_asgd_scalars *s);
+FASTOPT_API int fastopt_asgd_f64(double *param, const double *grad, double *ax, int64_t n,
+                                 const fastopt_asgd_scalars *s);
+FASTOPT_API int fastopt_asgd_list_f32(float *const *param, const float *const *grad, float *const *ax,
+                                      const int64_t *n, int64_t count, const fastopt_asgd_scalars *s);
+FASTOPT_API int fastopt_asgd_list_f64(double *const *param, const double *const *grad, double *const *ax,
+                                      const int64_t *n, int64_t count, const fastopt_asgd_scalars *s);
+FASTOPT_API int fastopt_asgd_mixed_list(const fastopt_formats *f, void *const *param, const void *const *grad,
+                                        void *const *ax, float *const *master, const int64_t *n,
+                                        int64_t count, const fastopt_asgd_scalars *s);
+
 /* ---- Lion (lion) --------------------------------------------------------------------------------
  *
  * Lion, evolved sign momentum (Chen et al., 2023, Algorithm 2).

@@ -143,6 +143,16 @@ class Algorithm:
             state[c] = out
         state["step"] = t
 
+    def derived_state(self, hyper: Mapping[str, Any], step: int) -> dict[str, float]:
+        """The values the anchor keeps in a state entry after ``step`` updates besides
+        step and buffers (:attr:`fastopt.rule.Rule.derived`: torch.optim.ASGD's
+        ``eta`` and ``mu``), for state dicts; {} for most rules and before a step."""
+        if not self.rule.derived or not step:
+            return {}
+        valid, _ = self.rule.checked({**{k: hyper[k] for k in self.rule.checks if k not in self.carry},
+                                      **self.carry})
+        return self.rule.derived_state(valid, step)
+
     def fresh_state(self) -> dict:
         """The state of a group before its first step (buffers come lazily)."""
         return {"step": 0, **self.carry}
@@ -151,11 +161,14 @@ class Algorithm:
                      where: str, step_optional: bool = False, extra_keys: tuple = ()) -> dict:
         """Check one saved state entry's keys and scalars; return its scalar state.
         ``extra_keys``: buffers the optimizer keeps beside the rule's (``master_param``)."""
-        allowed = {"step", *self.carry, *self.state_keys().values(), *extra_keys}
+        allowed = {"step", *self.carry, *self.state_keys().values(), *self.rule.derived, *extra_keys}
         unknown = [k for k in entry if k not in allowed]
         if unknown:
             raise ValueError(f"{where} has an unknown key {unknown[0]!r}; {self.name} state has "
                              f"{', '.join(sorted(allowed))}")
+        for key in self.rule.derived:  # (recomputed from the group and step: only checked to be numbers)
+            if key in entry:
+                _number(entry[key], f"{where}[{key!r}]")
         if not entry:
             return self.fresh_state()
         if "step" in entry:

@@ -43,7 +43,8 @@ from .checks import _MAX_STEP, real, step_count
 from .rule import Rule
 from .rules import RULES
 
-__all__ = ["sgd_", "adagrad_", "rmsprop_", "adadelta_", "adam_", "adamw_", "adamax_", "nadam_", "radam_", "lion_", "rprop_", "ademamix_"]
+#: One update function per elementwise rule, named after it (defined below, in the table's order).
+__all__ = [name + "_" for name in RULES]
 
 Array = Any  # numpy.ndarray or an object with __cuda_array_interface__
 #: Every buffer argument is one array or a list/tuple of arrays (one per tensor).
@@ -508,6 +509,25 @@ def radam_(param: Buffers, grad: Buffers, exp_avg: Buffers, exp_avg_sq: Buffers,
     hyper = (lr, betas, eps, weight_decay, decoupled_weight_decay, maximize)
     _update(RULES["radam"], param, grad, (exp_avg, exp_avg_sq), hyper, step, backend, stream,
             grad_multiplier, found_inf, master_param, rounding_seed)
+
+
+def asgd_(param: Buffers, grad: Buffers, ax: Buffers, *, step: int, lr: float = 1e-2, lambd: float = 1e-4,
+          alpha: float = 0.75, t0: float = 1e6, weight_decay: float = 0.0, maximize: bool = False,
+          grad_multiplier: Any = 1.0, found_inf: Any = None, master_param: Optional[Buffers] = None,
+          rounding_seed: int = 0, backend: Optional[str] = None, stream: Any = None) -> None:
+    """Averaged SGD (Polyak & Juditsky, 1992; the step-size decay of Bottou, 2012); ``torch.optim.ASGD``.
+
+    ``eta = lr/(1 + lambd*lr*(step-1))**alpha`` and ``mu = 1/max(1, step-1-t0)`` (1 at the first step;
+    torch's ``eta`` and ``mu`` at this step); ``g`` the gradient (negated for
+    ``maximize``, plus ``weight_decay*p``); ``p = p*(1 - lambd*eta) - eta*g``;
+    then the average ``ax = p`` while ``mu`` is 1, else ``ax += (p - ax)*mu``
+    (``ax`` starts at zeros). torch keeps ``eta`` in its state, computed with
+    the ``lr`` of the step before; here it comes from ``lr`` and ``step``, the
+    same unless ``lr`` changed during training.
+    """
+    hyper = (lr, lambd, alpha, t0, weight_decay, maximize)
+    _update(RULES["asgd"], param, grad, (ax,), hyper, step, backend, stream, grad_multiplier, found_inf,
+            master_param, rounding_seed)
 
 
 def lion_(param: Buffers, grad: Buffers, exp_avg: Buffers, *, step: Optional[int] = None, lr: float = 1e-4,

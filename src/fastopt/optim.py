@@ -223,10 +223,11 @@ class Optimizer:
         keys = self.algorithm.state_keys()
         state = {i: {k: (_saved(v) if k in keys or k == "master_param" else v) for k, v in s.items()}
                  for i, s in enumerate(self.state)}
-        for s in state.values():
+        for s, group in zip(state.values(), self.param_groups):
             for name, key in keys.items():
                 if name in s:
                     s[key] = s.pop(name)
+            s.update(self.algorithm.derived_state(group, s["step"]))
         groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [i]}
                   for i, g in enumerate(self.param_groups)]
         return {"state": state, "param_groups": groups}

@@ -318,6 +318,10 @@ class Rule:
                  (``torch.optim.Adam``'s option: AdamW), when torch has that option.
     trust:       the per-tensor trust ratio of a two-pass rule (:class:`Trust`: LAMB, LARS);
                  such rules live in ``rules.TWO_PASS_RULES``, run by :mod:`fastopt.trust`.
+    derived:     scalars fields that the anchor keeps in each parameter's state for
+                 its next step (``torch.optim.ASGD``'s ``eta`` and ``mu``): fastopt
+                 recomputes them every step, writes them into state dicts for the
+                 anchor to load (:meth:`derived_state`) and ignores them on load.
     """
 
     name: str
@@ -337,6 +341,7 @@ class Rule:
     saves_step: bool = True
     decoupled: Optional[str] = None
     trust: Optional[Trust] = None
+    derived: tuple[str, ...] = ()
     _validated: dict = field(default_factory=dict, compare=False, repr=False)
     _when: dict = field(default_factory=dict, compare=False, repr=False)
     _constants: tuple = field(default=(), compare=False, repr=False)
@@ -368,6 +373,9 @@ class Rule:
         object.__setattr__(self, "_compute", _positional(self.compute, self.scalars))
         if self.trust is not None:
             self.trust.bind(self.scalars, self._state, f"rule {self.name!r}")
+        unknown = [d for d in self.derived if d not in self.scalars._fields]
+        if unknown:
+            raise TypeError(f"rule {self.name!r}: derived {unknown[0]!r} is no field of {self.scalars.__name__}")
         if self.carry:
             object.__setattr__(self, "_carry_at", expected.index(self.carry[0]))
             object.__setattr__(self, "_carry_check", self.checks[self.carry[0]])
@@ -524,6 +532,14 @@ class Rule:
     def compute_scalars(self, valid: Mapping[str, Any], step: int) -> tuple[NamedTuple, Any]:
         """(scalars of update number ``step``, the new carried value or None)."""
         return self.scalars_at(tuple(self.flat(valid).values()), step)
+
+    def derived_state(self, valid: Mapping[str, Any], step: int) -> dict[str, float]:
+        """The :attr:`derived` values a parameter's state holds after ``step`` updates
+        (those of update ``step + 1``), in double precision."""
+        if not self.derived:
+            return {}
+        scalars = self.compute_scalars(valid, step + 1)[0]
+        return {name: getattr(scalars, name) for name in self.derived}
 
     def prepare(self, hyper: Mapping[str, Any], step: int) -> tuple[NamedTuple, Any]:
         """Validate ``hyper`` and build the kernel scalars of update number ``step``."""

@@ -383,6 +383,44 @@ RADAM = Rule(
     RAdamScalars, _radam)
 
 
+# ---- ASGD ----------------------------------------------------------------
+
+class ASGDScalars(NamedTuple):
+    eta: float  # lr/(1 + lambd*lr*(step-1))**alpha
+    param_decay: float  # 1 - lambd*eta
+    mu: float  # 1/max(1, step-1-t0), 1 at the first step
+    weight_decay: float
+    grad_sign: float
+    copy_average: bool  # mu == 1: ax = p (torch copies p rather than averaging with weight 1)
+
+
+def _asgd(lr, lambd, alpha, t0, weight_decay, maximize, step):
+    # torch.optim.ASGD updates eta and mu at the end of each step, for the next one: at
+    # step t they are the formulas at t-1 (lr and 1 at the first step). torch keeps them
+    # as state; here they are recomputed from the group's lr and the step count, which is
+    # the same whenever lr has not changed during training.
+    # (base**alpha past the largest double: eta is 0, as lr/inf is in C, where
+    # Python's ** would raise OverflowError)
+    base = 1.0 + lambd * lr * (step - 1)
+    eta = lr / base ** alpha if not alpha * math.log(base) >= 709.0 else 0.0
+    since = step - 1 - t0
+    averaging = step > 1 and since > 1.0  # (torch's mu starts at 1, whatever t0)
+    return ASGDScalars(eta=eta, param_decay=1.0 - lambd * eta, mu=1.0 / since if averaging else 1.0,
+                       weight_decay=weight_decay, grad_sign=-1.0 if maximize else 1.0,
+                       copy_average=not averaging)
+
+
+ASGD = Rule(
+    "asgd", "ASGD", "Averaged SGD (Polyak & Juditsky, 1992; the decay of Bottou, 2012); torch.optim.ASGD.",
+    "g = grad*grad_sign (+ weight_decay*p); eta = lr/(1 + lambd*lr*(t-1))**alpha;\n"
+    "p = p*(1 - lambd*eta) - eta*g; mu = 1/max(1, t-1-t0) (1 at t = 1):\n"
+    "ax = p when mu == 1, else ax += (p - ax)*mu.",
+    (Hyper("lr", 1e-2, nonneg), Hyper("lambd", 1e-4, nonneg), Hyper("alpha", 0.75, nonneg),
+     Hyper("t0", 1e6, real), _WD, _MAXIMIZE),
+    (State("ax"),),
+    ASGDScalars, _asgd, derived=("eta", "mu"))
+
+
 # ---- Lion ----------------------------------------------------------------
 
 class LionScalars(NamedTuple):
@@ -550,7 +588,7 @@ LARS = Rule(
 
 #: Every rule, by name, in the order of the docs.
 RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
-                                               LION, RPROP, ADEMAMIX)}
+                                               ASGD, LION, RPROP, ADEMAMIX)}
 
 #: The two-pass rules (a trust ratio per tensor: ``Rule.trust``), kept apart from
 #: :data:`RULES` because their update is not one kernel call (``fastopt.lamb_``,

@@ -131,6 +131,16 @@ def radam(param, grad, exp_avg, exp_avg_sq, s: rules.RAdamScalars):
         param -= s.step_size * exp_avg
 
 
+def asgd(param, grad, ax, s: rules.ASGDScalars):
+    g = _grad(param, grad, s)
+    param *= s.param_decay
+    param -= s.eta * g
+    if s.copy_average:  # mu == 1, during the first t0 steps: torch copies
+        ax[...] = param
+    else:
+        ax += (param - ax) * s.mu
+
+
 def lion(param, grad, exp_avg, s: rules.LionScalars):
     g = grad * s.grad_sign
     # np.sign: sign(+-0) = +0 like torch.sign, but sign(NaN) = NaN (torch.sign

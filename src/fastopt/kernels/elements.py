@@ -139,6 +139,18 @@ def radam(p, g, exp_avg, exp_avg_sq, s):
     return p, exp_avg, exp_avg_sq
 
 
+def asgd(p, g, ax, s):
+    g = g * s.grad_sign
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    p = p * s.param_decay  # torch's decay term (1 - lambd*eta), before the step
+    p = p - s.eta * g
+    # torch copies p while mu is 1 (t0 steps): ax + (p - ax)*1 would not be p in
+    # float (and NaN for infinite p and ax of one sign).
+    ax = p if s.copy_average else ax + (p - ax) * s.mu
+    return p, ax
+
+
 def lion(p, g, exp_avg, s):
     g = g * s.grad_sign
     c = s.beta1 * exp_avg + s.one_minus_beta1 * g

@@ -604,6 +604,25 @@ class Optimizer(torch.optim.Optimizer):
 
     # ---- state dicts ------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict()``, plus, for a rule whose ``torch.optim`` class keeps
+        per-step scalars in its state that fastopt recomputes each step
+        (:attr:`fastopt.rule.Rule.derived`: ASGD's ``eta`` and ``mu``), those
+        scalars as torch would hold them after each parameter's last step, so that
+        ``torch.optim`` loads the dict as its own (loading ignores them)."""
+        sd = super().state_dict()
+        if not self.core.rule.derived:
+            return sd
+        state = dict(sd["state"])  # (the entries are the live state's dicts: copied, not changed)
+        for group in sd["param_groups"]:
+            for k in group["params"]:
+                entry = state.get(k)
+                if entry and "step" in entry:
+                    derived = self._core_of(group).derived_state(group, int(entry["step"]))
+                    state[k] = {**entry, **{key: torch.tensor(value, dtype=_scalar_dtype())
+                                            for key, value in derived.items()}}
+        return {**sd, "state": state}
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict of this class or of the matching ``torch.optim`` class.
 
@@ -636,6 +655,8 @@ class Optimizer(torch.optim.Optimizer):
             for hook in hooks:
                 hook.remove()
         for state in self.state.values():
+            for key in self.core.rule.derived:  # (recomputed each step: see state_dict)
+                state.pop(key, None)
             for key in ("step", *self.core.carry):
                 value = state.get(key)
                 if isinstance(value, torch.Tensor) and (value.device.type != "cpu" or value.dtype != _scalar_dtype()):
