@@ -344,6 +344,23 @@ def test_cli_lists_rejects(capsys):
     assert "--layouts needs --lists" in err and "layout must be" in err
 
 
+def test_cli_muon_mode(tmp_path, capsys):
+    out = tmp_path / "muon.json"
+    rc = cli.main(["--muon", "--quick", "--shapes", "16x8,8x24", "--backends", "numpy,c", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for col in ("shape", "impl", "ms/step", "iteration share", "torch ms/step", "x torch"):
+        assert col in text
+    rows = json.loads(out.read_text())
+    assert [(tuple(r["shape"]), r["impl"]) for r in rows] == [((16, 8), "numpy"), ((16, 8), "c"), ((8, 24), "numpy"),
+                                                             ((8, 24), "c")]
+    for r in rows:
+        assert r["step_s"] > 0 and r["iteration_s"] > 0 and (r["torch_s"] is None or r["torch_s"] > 0)
+    with pytest.raises(SystemExit):
+        cli.main(["--muon", "--shapes", "16by8"])
+    assert "--shapes: expected RxC shapes" in capsys.readouterr().err
+
+
 # ---- the timer ----------------------------------------------------------------
 
 def test_timer_adapts_the_call_count():

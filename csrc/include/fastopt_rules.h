@@ -724,6 +724,47 @@ FASTOPT_API int fastopt_lars_trust_list_f64(double *const *param, const double *
                                             double *const *momentum_buffer, const int64_t *n, int64_t count,
                                             const fastopt_lars_scalars *s);
 
+/* ---- Muon (muon) --------------------------------------------------------------------------------
+ *
+ * Muon, momentum orthogonalized by Newton-Schulz (Jordan et al., 2024, "Muon: An optimizer for
+ *     hidden layers in neural networks"); torch.optim.Muon.
+ *
+ * momentum pass: buf = buf + (1-momentum)*(g - buf); U = g + momentum*(buf - g) (nesterov) or buf;
+ * O = Newton-Schulz(U) (fastopt.muon: matrix products, not this kernel);
+ * apply pass: p = p*(1 - lr*weight_decay) - lr*lr_ratio*O.
+ */
+typedef struct {
+    double buf_weight; /* torch's lerp(buf, g, 1-momentum), see the module docstring */
+    double update_weight; /* torch's lerp(g, buf, momentum) (nesterov) */
+    double lr; /* the tensor's adjusted lr (apply pass) */
+    double param_decay; /* 1 - lr*weight_decay, with the unadjusted lr (as torch) */
+    int buf_from_end; /* 1-momentum >= 0.5; 0 or 1 */
+    int update_from_end; /* momentum >= 0.5; 0 or 1 */
+    int nesterov; /* 0 or 1 */
+    int orthogonalized; /* the apply pass: p = p*param_decay - lr*O; 0 or 1 */
+} fastopt_muon_scalars;
+
+/* Checks: lr, weight_decay, lr_ratio finite and >= 0; momentum in [0, 1]. Muon has no step count. */
+FASTOPT_API int fastopt_muon_prepare(fastopt_muon_scalars *out, double lr, double weight_decay,
+                                     double momentum, int nesterov, double lr_ratio, int orthogonalized);
+
+/* State buffers: momentum_buffer. momentum_buffer: optional, used (and required) only when
+ * !s->orthogonalized (the momentum pass). _list_: count tensors in one call; _mixed_list: in other
+ * formats than float32, computed in float32 (see fastopt.h). */
+FASTOPT_API int fastopt_muon_f32(float *param, const float *grad, float *momentum_buffer, int64_t n,
+                                 const fastopt_muon_scalars *s);
+FASTOPT_API int fastopt_muon_f64(double *param, const double *grad, double *momentum_buffer, int64_t n,
+                                 const fastopt_muon_scalars *s);
+FASTOPT_API int fastopt_muon_list_f32(float *const *param, const float *const *grad,
+                                      float *const *momentum_buffer, const int64_t *n, int64_t count,
+                                      const fastopt_muon_scalars *s);
+FASTOPT_API int fastopt_muon_list_f64(double *const *param, const double *const *grad,
+                                      double *const *momentum_buffer, const int64_t *n, int64_t count,
+                                      const fastopt_muon_scalars *s);
+FASTOPT_API int fastopt_muon_mixed_list(const fastopt_formats *f, void *const *param, const void *const *grad,
+                                        void *const *momentum_buffer, float *const *master, const int64_t *n,
+                                        int64_t count, const fastopt_muon_scalars *s);
+
 /* ---- cffi: end ---- */
 
 #ifdef __cplusplus

@@ -27,9 +27,11 @@ from .optim import *  # noqa: F401,F403  (SGD ... Lion: one stateful class per r
 from .threads import get_num_threads, set_num_threads
 from . import trust
 from .trust import lamb_, lars_  # two-pass rules: a trust ratio per tensor
+from . import muon
+from .muon import muon_  # a matrix rule: elementwise passes around a Newton-Schulz iteration
 
 __version__ = "0.1.0"
 
-__all__ = [*functional.__all__, "lamb_", "lars_", *optim.__all__,
+__all__ = [*functional.__all__, "lamb_", "lars_", "muon_", *optim.__all__,
            "FlatParams", "Int8State", "all_finite", "max_abs", "max_abs_each", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
            "get_flush_denormal", "set_flush_denormal", "__version__"]

@@ -38,7 +38,7 @@ from typing import NamedTuple
 from .checks import closed_unit, fixed_tuple, flag, nonneg, optional, pair, real, unit, warmup_steps
 from .rule import Hyper, Rule, State, Trust
 
-__all__ = ["RULES", "TWO_PASS_RULES", "ALL_RULES", "KERNEL_SCALARS"]
+__all__ = ["RULES", "TWO_PASS_RULES", "ALL_RULES", "MATRIX_RULES", "KERNEL_RULES", "KERNEL_SCALARS"]
 
 _LR = Hyper("lr", 1e-3, nonneg)
 _BETAS = Hyper("betas", (0.9, 0.999), pair(unit), ("beta1", "beta2"))
@@ -586,6 +586,47 @@ LARS = Rule(
     trust=Trust("trust_ratio", _lars_ratio, "adapt"))
 
 
+# ---- matrix rules: elementwise passes around a matrix computation -----------------
+#
+# Muon's step orthogonalizes the momentum-blended gradient of each 2-D
+# parameter with a Newton-Schulz iteration (matrix products: the platform's
+# BLAS, fastopt.muon). Everything elementwise around it is one kernel in two
+# phases: the momentum pass (the param slot receives the update U to
+# orthogonalize, the buffer its new value), then the apply pass (the grad slot
+# holds the orthogonalized O; the buffer is not touched).
+
+class MuonScalars(NamedTuple):
+    buf_weight: float  # torch's lerp(buf, g, 1-momentum), see the module docstring
+    update_weight: float  # torch's lerp(g, buf, momentum) (nesterov)
+    lr: float  # the tensor's adjusted lr (apply pass)
+    param_decay: float  # 1 - lr*weight_decay, with the unadjusted lr (as torch)
+    buf_from_end: bool  # 1-momentum >= 0.5
+    update_from_end: bool  # momentum >= 0.5
+    nesterov: bool
+    orthogonalized: bool  # the apply pass: p = p*param_decay - lr*O
+
+
+def _muon(lr, weight_decay, momentum, nesterov, lr_ratio, orthogonalized):
+    return MuonScalars(buf_weight=1.0 - momentum if momentum > 0.5 else -momentum,
+                       update_weight=momentum if momentum < 0.5 else momentum - 1.0,
+                       lr=lr * lr_ratio, param_decay=1.0 - lr * weight_decay,
+                       buf_from_end=momentum <= 0.5, update_from_end=momentum >= 0.5, nesterov=nesterov,
+                       orthogonalized=orthogonalized)
+
+
+MUON = Rule(
+    "muon", "Muon",
+    "Muon, momentum orthogonalized by Newton-Schulz (Jordan et al., 2024, \"Muon: An optimizer for hidden "
+    "layers in neural networks\"); torch.optim.Muon.",
+    "momentum pass: buf = buf + (1-momentum)*(g - buf); U = g + momentum*(buf - g) (nesterov) or buf;\n"
+    "O = Newton-Schulz(U) (fastopt.muon: matrix products, not this kernel);\n"
+    "apply pass: p = p*(1 - lr*weight_decay) - lr*lr_ratio*O.",
+    (Hyper("lr", 1e-3, nonneg), Hyper("weight_decay", 0.1, nonneg), Hyper("momentum", 0.95, closed_unit),
+     Hyper("nesterov", True, flag), Hyper("lr_ratio", 1.0, nonneg), Hyper("orthogonalized", False, flag)),
+    (State("momentum_buffer", when="not orthogonalized", why="the momentum pass"),),
+    MuonScalars, _muon, takes_step=False, saves_step=False)
+
+
 #: Every rule, by name, in the order of the docs.
 RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
                                                ASGD, LION, RPROP, ADEMAMIX)}
@@ -598,5 +639,13 @@ TWO_PASS_RULES: dict[str, Rule] = {r.name: r for r in (LAMB, LARS)}
 #: Both: what the stateful optimizers and the torch adapter make a class of.
 ALL_RULES: dict[str, Rule] = {**RULES, **TWO_PASS_RULES}
 
+#: Rules whose step is elementwise passes around a matrix computation (Muon,
+#: :mod:`fastopt.muon`): their kernels are ordinary ones; their optimizers are
+#: their own (2-D parameters only).
+MATRIX_RULES: dict[str, Rule] = {r.name: r for r in (MUON,)}
+
+#: Every rule with a kernel: what the backends and the C library implement.
+KERNEL_RULES: dict[str, Rule] = {**ALL_RULES, **MATRIX_RULES}
+
 #: The element kernels backends implement, with the scalars type each takes.
-KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in (*RULES.values(), *TWO_PASS_RULES.values())}
+KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in KERNEL_RULES.values()}

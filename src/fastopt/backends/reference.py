@@ -201,6 +201,18 @@ def lars(param, grad, momentum_buffer, s: rules.LARSScalars):
     return None
 
 
+# ---- matrix rules (fastopt.muon runs the matrix part between the two passes) ----
+
+def muon(param, grad, momentum_buffer, s: rules.MuonScalars):
+    if s.orthogonalized:  # the apply pass: grad holds the orthogonalized update O
+        param *= s.param_decay
+        param -= s.lr * grad
+        return
+    momentum_buffer[...] = _lerp(momentum_buffer, grad, s.buf_weight, s.buf_from_end)
+    # the momentum pass: param receives the update to orthogonalize
+    param[...] = _lerp(grad, momentum_buffer, s.update_weight, s.update_from_end) if s.nesterov else momentum_buffer
+
+
 _KERNELS = {k: globals()[k] for k in rules.KERNEL_SCALARS}
 
 

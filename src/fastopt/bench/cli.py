@@ -15,6 +15,7 @@ Examples::
     python -m fastopt bench --training-step                   # unscale + clip + AdamW: torch's way vs folded
     python -m fastopt bench --formats                         # bf16 state, bf16 params + fp32 master vs fp32
     python -m fastopt bench --state bfloat16 --sizes 2^24     # only the bf16-state configurations
+    python -m fastopt bench --muon                            # Muon steps at matrix shapes vs torch.optim.Muon
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overhead", action="store_true",
                     help="time one 2^10 float32 AdamW update through each layer (the C kernel, adamw_, "
                          "AdamW.step(), fastopt.torch, torch fused/foreach) in one run, against the goals")
+    ap.add_argument("--muon", action="store_true",
+                    help="time fastopt.muon_ against torch.optim.Muon at matrix shapes (--shapes, default "
+                         "1024x1024,4096x1024,768x3072), float32, on each CPU backend, with the Newton-Schulz "
+                         "iteration alone, in one run")
+    ap.add_argument("--shapes", default=None, metavar="LIST", help="with --muon: RxC matrix shapes, comma separated")
     ap.add_argument("--training-step", action="store_true",
                     help="time torch's unscale_ + clip_grad_norm_ + AdamW(fused=True) against fastopt's folded "
                          "step (norm pass + adamw_ with grad_multiplier), on a flat buffer and a small GPT's "
@@ -134,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser().error("--layouts needs --lists")
     if args.plot:  # before anything is timed: a missing matplotlib must not cost a run
         from . import plot
-        if args.lists or args.denormal or args.training_step or args.overhead:
+        if args.lists or args.denormal or args.training_step or args.overhead or args.muon:
             parser().error("--plot draws the size sweep; not with --lists, --denormal, --training-step or --overhead")
         try:
             plot.check(args.plot)
@@ -166,6 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_lists(args, cases, sizes, timer, progress)
     if args.denormal:
         return _main_denormal(args, timer, progress, competitors)
+    if args.muon:
+        return _main_muon(args, timer, progress, competitors)
     if args.training_step:
         return _main_training_step(args, timer, progress)
     if args.overhead:
@@ -233,6 +241,41 @@ def _main_formats(args, timer, progress, competitors) -> int:
             progress.close()
     print(f"threads: {threads}; {case.describe()}; stochastic rounding for bf16 state and master-less bf16 params")
     print(formats.table(rows, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
+def _main_muon(args, timer, progress, competitors) -> int:
+    """``--muon``: Muon steps at matrix shapes against torch.optim.Muon (:mod:`.matrix`)."""
+    import json
+
+    import fastopt
+    from . import matrix
+
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error("--muon runs float32 on the CPU backends")
+    shapes = matrix.SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(x) for x in s.lower().split("x")) for s in _comma_list(args.shapes)]
+        except ValueError:
+            parser().error(f"--shapes: expected RxC shapes such as 1024x1024, got {args.shapes!r}")
+        if any(len(s) != 2 or min(s) < 1 for s in shapes):
+            parser().error(f"--shapes: expected RxC shapes of positive sizes, got {args.shapes!r}")
+    if args.threads is not None:
+        fastopt.set_num_threads(args.threads)
+        if "torch" in competitors:
+            import torch
+            torch.set_num_threads(args.threads)
+    try:
+        rows = matrix.run(_compiled_cpu_backends(args), shapes, timer, progress, torch="torch" in competitors)
+    finally:
+        if progress:
+            progress.close()
+    print(f"threads: fastopt {fastopt.get_num_threads()}; Muon float32, lr 0.02, torch.optim.Muon's defaults")
+    print(matrix.table(rows, args.markdown), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1)

@@ -296,7 +296,7 @@ class KernelInfo:
 
 
 def _collect() -> tuple[list[RuleInfo], list[KernelInfo]]:
-    rinfos = [RuleInfo(r) for r in (*rules_module.RULES.values(), *rules_module.TWO_PASS_RULES.values())]
+    rinfos = [RuleInfo(r) for r in rules_module.KERNEL_RULES.values()]
     by_kernel: dict[str, list[RuleInfo]] = {}
     for ri in rinfos:
         by_kernel.setdefault(ri.kernel, []).append(ri)

@@ -29,14 +29,14 @@ from typing import Callable, get_type_hints
 import numpy as np
 from numba import cuda, types, uint64
 
-from ..rules import KERNEL_SCALARS, RULES, TWO_PASS_RULES
+from ..rules import KERNEL_RULES, KERNEL_SCALARS
 from . import elements, stores
 
 __all__ = ["STATE", "make_kernel", "signature", "nonfinite_kernel", "NONFINITE_SIGNATURES"]
 
 #: element kernel -> names of its state buffers, in the rule's (and the element function's) order
-#: (the two-pass rules' too: their second pass is an ordinary kernel)
-STATE: dict[str, tuple[str, ...]] = {r.kernel: r.state for r in (*RULES.values(), *TWO_PASS_RULES.values())}
+#: (the two-pass and matrix rules' too: their passes are ordinary kernels)
+STATE: dict[str, tuple[str, ...]] = {r.kernel: r.state for r in KERNEL_RULES.values()}
 
 # Indices are unsigned: with signed ones Numba wraps negative indices, which
 # costs a compare and a select on every load and store.

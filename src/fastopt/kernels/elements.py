@@ -229,3 +229,16 @@ def lars(p, g, momentum_buffer, s):
         momentum_buffer = s.momentum * momentum_buffer + scaled
         scaled = momentum_buffer
     return (update if s.measure else p - s.lr * scaled), momentum_buffer
+
+
+# ---- matrix rules (fastopt.rules.MATRIX_RULES) ------------------------------------
+
+def muon(p, g, momentum_buffer, s):
+    # The momentum pass (p: the update U to orthogonalize; its old value is not
+    # read) or, with s.orthogonalized, the apply pass (g: the orthogonalized O;
+    # the buffer comes back as it came). Both torch lerps, rules.py's form.
+    buf = (g if s.buf_from_end else momentum_buffer) + s.buf_weight * (g - momentum_buffer)
+    blended = (buf if s.update_from_end else g) + s.update_weight * (buf - g)
+    update = blended if s.nesterov else buf
+    applied = p * s.param_decay - s.lr * g
+    return (applied if s.orthogonalized else update), (momentum_buffer if s.orthogonalized else buf)

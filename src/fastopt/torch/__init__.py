@@ -878,3 +878,7 @@ def _global_norm(grads: list) -> float:
 _CLASSES = one_class_per_rule(Optimizer, __name__)
 __all__ += list(_CLASSES)
 globals().update(_CLASSES)
+
+from .muon import Muon  # noqa: E402  (a matrix rule: its own class, torch.optim.Muon's layout)
+
+__all__.append("Muon")
