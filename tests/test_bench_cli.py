@@ -361,6 +361,19 @@ def test_cli_muon_mode(tmp_path, capsys):
     assert "--shapes: expected RxC shapes" in capsys.readouterr().err
 
 
+def test_cli_schedulefree_mode(tmp_path, capsys):
+    out = tmp_path / "sf.json"
+    rc = cli.main(["--schedulefree", "--quick", "--sizes", "2^10", "--backends", "numpy,c", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "adamw_schedulefree" in text and "sgd_schedulefree" in text and "% roofline" in text
+    rows = json.loads(out.read_text())
+    assert [(r["rule"], r["impl"]) for r in rows] == [("adamw", "numpy"), ("adamw", "c"), ("sgd", "numpy"),
+                                                     ("sgd", "c")]
+    for r in rows:
+        assert r["step_s"] > 0 and r["roofline_s"] > 0 and (r["package_s"] is None or r["package_s"] > 0)
+
+
 # ---- the timer ----------------------------------------------------------------
 
 def test_timer_adapts_the_call_count():

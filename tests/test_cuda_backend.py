@@ -33,7 +33,7 @@ import pytest
 
 import fastopt
 from fastopt.kernels import cuda_kernels, elements
-from fastopt.rules import MATRIX_RULES, RULES
+from fastopt.rules import MATRIX_RULES, RULES, SCHEDULE_FREE_RULES
 from cuda_sim_worker import CAI_CASES, cai_inputs, case_inputs, list_case_inputs
 from oracle import FULL, MATRIX, MATRIX_IDS, fastopt_step, inputs, needed_state, run_fastopt, run_flush_case, run_lists
 
@@ -165,7 +165,7 @@ def reached_variants() -> list[tuple[str, tuple[bool, ...]]]:
         r = RULES[rule]
         need = needed_state(rule, options)
         seen[(r.kernel, tuple(n in need for n in r.state))] = None
-    for r in MATRIX_RULES.values():  # (Muon's two passes: with its buffer, and without)
+    for r in (*MATRIX_RULES.values(), *SCHEDULE_FREE_RULES.values()):  # (both phases: with the buffers, without)
         for present in ((True,) * len(r.state), (False,) * len(r.state)):
             seen[(r.kernel, present)] = None
     return list(seen)

@@ -765,6 +765,103 @@ FASTOPT_API int fastopt_muon_mixed_list(const fastopt_formats *f, void *const *p
                                         void *const *momentum_buffer, float *const *master, const int64_t *n,
                                         int64_t count, const fastopt_muon_scalars *s);
 
+/* ---- AdamWScheduleFree (adamw_schedulefree) -----------------------------------------------------
+ *
+ * Schedule-Free AdamW (Defazio et al., 2024; the schedulefree package's AdamWScheduleFree): the
+ *     kernel, with this step's lr and averaging weight ckp1 (fastopt.schedulefree keeps the
+ *     schedule).
+ *
+ * v = beta2*v + (1-beta2)*g*g; gn = g/(sqrt(v/(1-beta2**t)) + eps) (+ weight_decay*y);
+ * y = lerp(y, z, ckp1) + lr*(beta1*(1-ckp1) - 1)*gn; z = z - lr*gn;
+ * swap phase (train/eval): p = lerp(p, z, swap_weight), the grad slot holding z, no state touched.
+ */
+typedef struct {
+    double beta2;
+    double one_minus_beta2;
+    double bias_correction2; /* 1 - beta2**step */
+    double eps;
+    double weight_decay;
+    double ckp1_weight; /* torch's lerp(y, z, ckp1), rules.py's form */
+    double y_coef; /* lr*(beta1*(1 - ckp1) - 1) */
+    double lr;
+    double swap_weight; /* torch's lerp(p, z, w) of the swap */
+    int ckp1_from_end; /* 0 or 1 */
+    int swap_from_end; /* 0 or 1 */
+    int swap; /* 0 or 1 */
+} fastopt_adamw_schedulefree_scalars;
+
+/* Checks: lr, eps, weight_decay finite and >= 0; beta1, beta2 in [0, 1); ckp1 in [0, 1];
+ * swap_weight finite; step >= 1. */
+FASTOPT_API int fastopt_adamw_schedulefree_prepare(fastopt_adamw_schedulefree_scalars *out, double lr,
+                                                   double beta1, double beta2, double eps,
+                                                   double weight_decay, double ckp1, double swap_weight,
+                                                   int swap, int64_t step);
+
+/* State buffers: z, exp_avg_sq. z: optional, used (and required) only when !s->swap (a step).
+ * exp_avg_sq: optional, used (and required) only when !s->swap (a step). _list_: count tensors in
+ * one call; _mixed_list: in other formats than float32, computed in float32 (see fastopt.h). */
+FASTOPT_API int fastopt_adamw_schedulefree_f32(float *param, const float *grad, float *z, float *exp_avg_sq,
+                                               int64_t n, const fastopt_adamw_schedulefree_scalars *s);
+FASTOPT_API int fastopt_adamw_schedulefree_f64(double *param, const double *grad, double *z,
+                                               double *exp_avg_sq, int64_t n,
+                                               const fastopt_adamw_schedulefree_scalars *s);
+FASTOPT_API int fastopt_adamw_schedulefree_list_f32(float *const *param, const float *const *grad,
+                                                    float *const *z, float *const *exp_avg_sq,
+                                                    const int64_t *n, int64_t count,
+                                                    const fastopt_adamw_schedulefree_scalars *s);
+FASTOPT_API int fastopt_adamw_schedulefree_list_f64(double *const *param, const double *const *grad,
+                                                    double *const *z, double *const *exp_avg_sq,
+                                                    const int64_t *n, int64_t count,
+                                                    const fastopt_adamw_schedulefree_scalars *s);
+FASTOPT_API int fastopt_adamw_schedulefree_mixed_list(const fastopt_formats *f, void *const *param,
+                                                      const void *const *grad, void *const *z,
+                                                      void *const *exp_avg_sq, float *const *master,
+                                                      const int64_t *n, int64_t count,
+                                                      const fastopt_adamw_schedulefree_scalars *s);
+
+/* ---- SGDScheduleFree (sgd_schedulefree) ---------------------------------------------------------
+ *
+ * Schedule-Free SGD (Defazio et al., 2024; the schedulefree package's SGDScheduleFree): the kernel,
+ *     with this step's lr and averaging weight ckp1 (fastopt.schedulefree keeps the schedule).
+ *
+ * g = grad (+ weight_decay*y); y = lerp(y, z, ckp1) + lr*(momentum*(1-ckp1) - 1)*g; z = z - lr*g;
+ * swap phase (train/eval): p = lerp(p, z, swap_weight), the grad slot holding z, no state touched.
+ */
+typedef struct {
+    double weight_decay;
+    double ckp1_weight;
+    double y_coef; /* lr*(momentum*(1 - ckp1) - 1) */
+    double lr;
+    double swap_weight;
+    int ckp1_from_end; /* 0 or 1 */
+    int swap_from_end; /* 0 or 1 */
+    int swap; /* 0 or 1 */
+} fastopt_sgd_schedulefree_scalars;
+
+/* Checks: lr, weight_decay finite and >= 0; momentum in [0, 1); ckp1 in [0, 1]; swap_weight
+ * finite. SGDScheduleFree has no step count. */
+FASTOPT_API int fastopt_sgd_schedulefree_prepare(fastopt_sgd_schedulefree_scalars *out, double lr,
+                                                 double momentum, double weight_decay, double ckp1,
+                                                 double swap_weight, int swap);
+
+/* State buffers: z. z: optional, used (and required) only when !s->swap (a step). _list_: count
+ * tensors in one call; _mixed_list: in other formats than float32, computed in float32 (see
+ * fastopt.h). */
+FASTOPT_API int fastopt_sgd_schedulefree_f32(float *param, const float *grad, float *z, int64_t n,
+                                             const fastopt_sgd_schedulefree_scalars *s);
+FASTOPT_API int fastopt_sgd_schedulefree_f64(double *param, const double *grad, double *z, int64_t n,
+                                             const fastopt_sgd_schedulefree_scalars *s);
+FASTOPT_API int fastopt_sgd_schedulefree_list_f32(float *const *param, const float *const *grad,
+                                                  float *const *z, const int64_t *n, int64_t count,
+                                                  const fastopt_sgd_schedulefree_scalars *s);
+FASTOPT_API int fastopt_sgd_schedulefree_list_f64(double *const *param, const double *const *grad,
+                                                  double *const *z, const int64_t *n, int64_t count,
+                                                  const fastopt_sgd_schedulefree_scalars *s);
+FASTOPT_API int fastopt_sgd_schedulefree_mixed_list(const fastopt_formats *f, void *const *param,
+                                                    const void *const *grad, void *const *z,
+                                                    float *const *master, const int64_t *n, int64_t count,
+                                                    const fastopt_sgd_schedulefree_scalars *s);
+
 /* ---- cffi: end ---- */
 
 #ifdef __cplusplus

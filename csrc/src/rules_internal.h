@@ -7,10 +7,10 @@
 #define FASTOPT_RULES_INTERNAL_H
 
 /* Kernel indices: rows of fo_kernels.loop. Rules sharing an element function share a row. */
-enum { FO_SGD, FO_ADAGRAD, FO_RMSPROP, FO_ADADELTA, FO_ADAM, FO_ADAMAX, FO_NADAM, FO_RADAM, FO_ASGD, FO_LION, FO_RPROP, FO_ADEMAMIX, FO_LAMB, FO_LARS, FO_MUON, FO_NKERNELS };
+enum { FO_SGD, FO_ADAGRAD, FO_RMSPROP, FO_ADADELTA, FO_ADAM, FO_ADAMAX, FO_NADAM, FO_RADAM, FO_ASGD, FO_LION, FO_RPROP, FO_ADEMAMIX, FO_LAMB, FO_LARS, FO_MUON, FO_ADAMW_SCHEDULEFREE, FO_SGD_SCHEDULEFREE, FO_NKERNELS };
 
 /* X(kernel, index) for every kernel, in row order. */
-#define FO_KERNEL_LIST(X) X(sgd, FO_SGD) X(adagrad, FO_ADAGRAD) X(rmsprop, FO_RMSPROP) X(adadelta, FO_ADADELTA) X(adam, FO_ADAM) X(adamax, FO_ADAMAX) X(nadam, FO_NADAM) X(radam, FO_RADAM) X(asgd, FO_ASGD) X(lion, FO_LION) X(rprop, FO_RPROP) X(ademamix, FO_ADEMAMIX) X(lamb, FO_LAMB) X(lars, FO_LARS) X(muon, FO_MUON)
+#define FO_KERNEL_LIST(X) X(sgd, FO_SGD) X(adagrad, FO_ADAGRAD) X(rmsprop, FO_RMSPROP) X(adadelta, FO_ADADELTA) X(adam, FO_ADAM) X(adamax, FO_ADAMAX) X(nadam, FO_NADAM) X(radam, FO_RADAM) X(asgd, FO_ASGD) X(lion, FO_LION) X(rprop, FO_RPROP) X(ademamix, FO_ADEMAMIX) X(lamb, FO_LAMB) X(lars, FO_LARS) X(muon, FO_MUON) X(adamw_schedulefree, FO_ADAMW_SCHEDULEFREE) X(sgd_schedulefree, FO_SGD_SCHEDULEFREE)
 
 /* The most state buffers of any rule: the length of the loops' state array. */
 #define FO_MAX_STATE 3

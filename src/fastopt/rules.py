@@ -38,7 +38,7 @@ from typing import NamedTuple
 from .checks import closed_unit, fixed_tuple, flag, nonneg, optional, pair, real, unit, warmup_steps
 from .rule import Hyper, Rule, State, Trust
 
-__all__ = ["RULES", "TWO_PASS_RULES", "ALL_RULES", "MATRIX_RULES", "KERNEL_RULES", "KERNEL_SCALARS"]
+__all__ = ["RULES", "TWO_PASS_RULES", "ALL_RULES", "MATRIX_RULES", "SCHEDULE_FREE_RULES", "KERNEL_RULES", "KERNEL_SCALARS"]
 
 _LR = Hyper("lr", 1e-3, nonneg)
 _BETAS = Hyper("betas", (0.9, 0.999), pair(unit), ("beta1", "beta2"))
@@ -627,6 +627,85 @@ MUON = Rule(
     MuonScalars, _muon, takes_step=False, saves_step=False)
 
 
+# ---- schedule-free rules: the optimizer's schedule, then one kernel pass -----------
+#
+# Schedule-Free AdamW and SGD (Defazio et al., 2024, "The Road Less Scheduled";
+# the `schedulefree` package 1.4) keep, per group, a schedule (step count k,
+# the largest lr so far, the sum of the averaging weights) that
+# fastopt.schedulefree advances once per step in double precision, and give
+# the kernel this step's lr and averaging weight ckp1. The parameters hold y
+# while training and x for evaluation: the switch is the same kernel in its
+# swap phase (`swap`: p = lerp(p, z, swap_weight), the grad slot holding z, no
+# state buffer touched).
+
+class AdamWScheduleFreeScalars(NamedTuple):
+    beta2: float
+    one_minus_beta2: float
+    bias_correction2: float  # 1 - beta2**step
+    eps: float
+    weight_decay: float
+    ckp1_weight: float  # torch's lerp(y, z, ckp1), rules.py's form
+    y_coef: float  # lr*(beta1*(1 - ckp1) - 1)
+    lr: float
+    swap_weight: float  # torch's lerp(p, z, w) of the swap
+    ckp1_from_end: bool
+    swap_from_end: bool
+    swap: bool
+
+
+class SGDScheduleFreeScalars(NamedTuple):
+    weight_decay: float
+    ckp1_weight: float
+    y_coef: float  # lr*(momentum*(1 - ckp1) - 1)
+    lr: float
+    swap_weight: float
+    ckp1_from_end: bool
+    swap_from_end: bool
+    swap: bool
+
+
+def _adamw_schedulefree(lr, beta1, beta2, eps, weight_decay, ckp1, swap_weight, swap, step):
+    return AdamWScheduleFreeScalars(
+        beta2=beta2, one_minus_beta2=1.0 - beta2, bias_correction2=1.0 - beta2 ** step, eps=eps,
+        weight_decay=weight_decay, ckp1_weight=ckp1 if ckp1 < 0.5 else ckp1 - 1.0,
+        y_coef=lr * (beta1 * (1.0 - ckp1) - 1.0), lr=lr,
+        swap_weight=swap_weight if swap_weight < 0.5 else swap_weight - 1.0,
+        ckp1_from_end=ckp1 >= 0.5, swap_from_end=swap_weight >= 0.5, swap=swap)
+
+
+def _sgd_schedulefree(lr, momentum, weight_decay, ckp1, swap_weight, swap):
+    return SGDScheduleFreeScalars(
+        weight_decay=weight_decay, ckp1_weight=ckp1 if ckp1 < 0.5 else ckp1 - 1.0,
+        y_coef=lr * (momentum * (1.0 - ckp1) - 1.0), lr=lr,
+        swap_weight=swap_weight if swap_weight < 0.5 else swap_weight - 1.0,
+        ckp1_from_end=ckp1 >= 0.5, swap_from_end=swap_weight >= 0.5, swap=swap)
+
+
+_SWAP_MATH = "swap phase (train/eval): p = lerp(p, z, swap_weight), the grad slot holding z, no state touched."
+_SWAP_HYPER = (Hyper("ckp1", 1.0, closed_unit), Hyper("swap_weight", 0.0, real), Hyper("swap", False, flag))
+
+ADAMW_SCHEDULEFREE = Rule(
+    "adamw_schedulefree", "AdamWScheduleFree",
+    "Schedule-Free AdamW (Defazio et al., 2024; the schedulefree package's AdamWScheduleFree): the kernel, "
+    "with this step's lr and averaging weight ckp1 (fastopt.schedulefree keeps the schedule).",
+    "v = beta2*v + (1-beta2)*g*g; gn = g/(sqrt(v/(1-beta2**t)) + eps) (+ weight_decay*y);\n"
+    "y = lerp(y, z, ckp1) + lr*(beta1*(1-ckp1) - 1)*gn; z = z - lr*gn;\n" + _SWAP_MATH,
+    (Hyper("lr", 0.0025, nonneg), Hyper("betas", (0.9, 0.999), pair(unit), ("beta1", "beta2")), _EPS, _WD,
+     *_SWAP_HYPER),
+    (State("z", when="not swap", why="a step"), State("exp_avg_sq", when="not swap", why="a step", signed=False)),
+    AdamWScheduleFreeScalars, _adamw_schedulefree, saves_step=False)
+
+SGD_SCHEDULEFREE = Rule(
+    "sgd_schedulefree", "SGDScheduleFree",
+    "Schedule-Free SGD (Defazio et al., 2024; the schedulefree package's SGDScheduleFree): the kernel, with "
+    "this step's lr and averaging weight ckp1 (fastopt.schedulefree keeps the schedule).",
+    "g = grad (+ weight_decay*y); y = lerp(y, z, ckp1) + lr*(momentum*(1-ckp1) - 1)*g; z = z - lr*g;\n"
+    + _SWAP_MATH,
+    (Hyper("lr", 1.0, nonneg), Hyper("momentum", 0.9, unit), _WD, *_SWAP_HYPER),
+    (State("z", when="not swap", why="a step"),),
+    SGDScheduleFreeScalars, _sgd_schedulefree, takes_step=False, saves_step=False)
+
+
 #: Every rule, by name, in the order of the docs.
 RULES: dict[str, Rule] = {r.name: r for r in (SGD, ADAGRAD, RMSPROP, ADADELTA, ADAM, ADAMW, ADAMAX, NADAM, RADAM,
                                                ASGD, LION, RPROP, ADEMAMIX)}
@@ -644,8 +723,12 @@ ALL_RULES: dict[str, Rule] = {**RULES, **TWO_PASS_RULES}
 #: their own (2-D parameters only).
 MATRIX_RULES: dict[str, Rule] = {r.name: r for r in (MUON,)}
 
+#: Schedule-free rules (fastopt.schedulefree keeps their schedule and the train/eval
+#: switch); their kernels are ordinary ones.
+SCHEDULE_FREE_RULES: dict[str, Rule] = {r.name: r for r in (ADAMW_SCHEDULEFREE, SGD_SCHEDULEFREE)}
+
 #: Every rule with a kernel: what the backends and the C library implement.
-KERNEL_RULES: dict[str, Rule] = {**ALL_RULES, **MATRIX_RULES}
+KERNEL_RULES: dict[str, Rule] = {**ALL_RULES, **MATRIX_RULES, **SCHEDULE_FREE_RULES}
 
 #: The element kernels backends implement, with the scalars type each takes.
 KERNEL_SCALARS: dict[str, type] = {r.kernel: r.scalars for r in KERNEL_RULES.values()}

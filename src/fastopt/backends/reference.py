@@ -213,6 +213,29 @@ def muon(param, grad, momentum_buffer, s: rules.MuonScalars):
     param[...] = _lerp(grad, momentum_buffer, s.update_weight, s.update_from_end) if s.nesterov else momentum_buffer
 
 
+# ---- schedule-free rules (fastopt.schedulefree keeps the schedule) ----
+
+def adamw_schedulefree(param, grad, z, exp_avg_sq, s: rules.AdamWScheduleFreeScalars):
+    if s.swap:  # the train/eval switch: grad holds z
+        param[...] = _lerp(param, grad, s.swap_weight, s.swap_from_end)
+        return
+    exp_avg_sq[...] = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (grad * grad)
+    normalized = grad / (np.sqrt(exp_avg_sq / s.bias_correction2) + s.eps)
+    if s.weight_decay != 0:
+        normalized = normalized + s.weight_decay * param
+    param[...] = _lerp(param, z, s.ckp1_weight, s.ckp1_from_end) + s.y_coef * normalized
+    z -= s.lr * normalized
+
+
+def sgd_schedulefree(param, grad, z, s: rules.SGDScheduleFreeScalars):
+    if s.swap:
+        param[...] = _lerp(param, grad, s.swap_weight, s.swap_from_end)
+        return
+    g = grad + s.weight_decay * param if s.weight_decay != 0 else grad
+    param[...] = _lerp(param, z, s.ckp1_weight, s.ckp1_from_end) + s.y_coef * g
+    z -= s.lr * g
+
+
 _KERNELS = {k: globals()[k] for k in rules.KERNEL_SCALARS}
 
 

@@ -16,6 +16,7 @@ Examples::
     python -m fastopt bench --formats                         # bf16 state, bf16 params + fp32 master vs fp32
     python -m fastopt bench --state bfloat16 --sizes 2^24     # only the bf16-state configurations
     python -m fastopt bench --muon                            # Muon steps at matrix shapes vs torch.optim.Muon
+    python -m fastopt bench --schedulefree                    # schedule-free AdamW/SGD vs the schedulefree package
 """
 from __future__ import annotations
 
@@ -83,6 +84,10 @@ def parser() -> argparse.ArgumentParser:
                     help="time fastopt.muon_ against torch.optim.Muon at matrix shapes (--shapes, default "
                          "1024x1024,4096x1024,768x3072), float32, on each CPU backend, with the Newton-Schulz "
                          "iteration alone, in one run")
+    ap.add_argument("--schedulefree", action="store_true",
+                    help="time fastopt.adamw_schedulefree_/sgd_schedulefree_ against the schedulefree package "
+                         "(pip install schedulefree) and the roofline, float32, on each CPU backend (--sizes, "
+                         "default 2^20,2^24), in one run")
     ap.add_argument("--shapes", default=None, metavar="LIST", help="with --muon: RxC matrix shapes, comma separated")
     ap.add_argument("--training-step", action="store_true",
                     help="time torch's unscale_ + clip_grad_norm_ + AdamW(fused=True) against fastopt's folded "
@@ -140,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser().error("--layouts needs --lists")
     if args.plot:  # before anything is timed: a missing matplotlib must not cost a run
         from . import plot
-        if args.lists or args.denormal or args.training_step or args.overhead or args.muon:
+        if args.lists or args.denormal or args.training_step or args.overhead or args.muon or args.schedulefree:
             parser().error("--plot draws the size sweep; not with --lists, --denormal, --training-step or --overhead")
         try:
             plot.check(args.plot)
@@ -174,6 +179,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_denormal(args, timer, progress, competitors)
     if args.muon:
         return _main_muon(args, timer, progress, competitors)
+    if args.schedulefree:
+        return _main_schedulefree(args, timer, progress, competitors)
     if args.training_step:
         return _main_training_step(args, timer, progress)
     if args.overhead:
@@ -276,6 +283,36 @@ def _main_muon(args, timer, progress, competitors) -> int:
             progress.close()
     print(f"threads: fastopt {fastopt.get_num_threads()}; Muon float32, lr 0.02, torch.optim.Muon's defaults")
     print(matrix.table(rows, args.markdown), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
+def _main_schedulefree(args, timer, progress, competitors) -> int:
+    """``--schedulefree``: the schedule-free rules against the schedulefree package (:mod:`.schedule_free`)."""
+    import json
+
+    import fastopt
+    from . import roofline, schedule_free
+
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error("--schedulefree runs float32 on the CPU backends")
+    sizes = parse_sizes(args.sizes) if args.sizes else [1 << 20, 1 << 24]
+    if args.threads is not None:
+        fastopt.set_num_threads(args.threads)
+    roofline.set_threads(fastopt.get_num_threads())
+    if "torch" in competitors:
+        import torch
+        torch.set_num_threads(fastopt.get_num_threads())
+    try:
+        rows = schedule_free.run(_compiled_cpu_backends(args), sizes, timer, progress, peers="torch" in competitors)
+    finally:
+        if progress:
+            progress.close()
+    print(f"threads: fastopt, roofline and torch {fastopt.get_num_threads()}; float32; package: the faster of "
+          "foreach=True/False")
+    print(schedule_free.table(rows, args.markdown), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1)

@@ -242,3 +242,29 @@ def muon(p, g, momentum_buffer, s):
     update = blended if s.nesterov else buf
     applied = p * s.param_decay - s.lr * g
     return (applied if s.orthogonalized else update), (momentum_buffer if s.orthogonalized else buf)
+
+
+# ---- schedule-free rules (fastopt.rules.SCHEDULE_FREE_RULES) ----------------------
+# In the swap phase (s.swap) the grad slot holds z and the state comes back as it
+# came: p = lerp(p, z, w), the train/eval switch of the parameters.
+
+def adamw_schedulefree(p, g, z, exp_avg_sq, s):
+    swapped = (g if s.swap_from_end else p) + s.swap_weight * (g - p)
+    exp_avg_sq_new = s.beta2 * exp_avg_sq + s.one_minus_beta2 * (g * g)
+    normalized = g / (math.sqrt(exp_avg_sq_new / s.bias_correction2) + s.eps)
+    if s.weight_decay != 0:
+        normalized = normalized + s.weight_decay * p
+    y = (z if s.ckp1_from_end else p) + s.ckp1_weight * (z - p)  # torch's lerp(y, z, ckp1)
+    y = y + s.y_coef * normalized
+    z_new = z - s.lr * normalized
+    return (swapped if s.swap else y), (z if s.swap else z_new), (exp_avg_sq if s.swap else exp_avg_sq_new)
+
+
+def sgd_schedulefree(p, g, z, s):
+    swapped = (g if s.swap_from_end else p) + s.swap_weight * (g - p)
+    if s.weight_decay != 0:
+        g = g + s.weight_decay * p
+    y = (z if s.ckp1_from_end else p) + s.ckp1_weight * (z - p)
+    y = y + s.y_coef * g
+    z_new = z - s.lr * g
+    return (swapped if s.swap else y), (z if s.swap else z_new)

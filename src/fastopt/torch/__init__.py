@@ -880,5 +880,6 @@ __all__ += list(_CLASSES)
 globals().update(_CLASSES)
 
 from .muon import Muon  # noqa: E402  (a matrix rule: its own class, torch.optim.Muon's layout)
+from .schedulefree import AdamWScheduleFree, SGDScheduleFree  # noqa: E402  (the schedulefree package's layout)
 
-__all__.append("Muon")
+__all__ += ["Muon", "AdamWScheduleFree", "SGDScheduleFree"]
