@@ -359,6 +359,9 @@ def test_cli_muon_mode(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--muon", "--shapes", "16by8"])
     assert "--shapes: expected RxC shapes" in capsys.readouterr().err
+    rc = cli.main(["--adafactor", "--quick", "--shapes", "16x8", "--backends", "c", "--json", str(out)])
+    assert rc == 0 and "statistics share" in capsys.readouterr().out
+    assert [r["impl"] for r in json.loads(out.read_text())] == ["c"]
 
 
 def test_cli_schedulefree_mode(tmp_path, capsys):

@@ -29,12 +29,13 @@ from . import trust
 from .trust import lamb_, lars_  # two-pass rules: a trust ratio per tensor
 from . import muon
 from .muon import muon_  # a matrix rule: elementwise passes around a Newton-Schulz iteration
-from . import schedulefree
+from . import adafactor, schedulefree
+from .adafactor import adafactor_  # factored second moments: reductions, NumPy array operations
 from .schedulefree import adamw_schedulefree_, schedulefree_eval_, schedulefree_train_, sgd_schedulefree_
 
 __version__ = "0.1.0"
 
-__all__ = [*functional.__all__, "lamb_", "lars_", "muon_", "adamw_schedulefree_", "sgd_schedulefree_",
+__all__ = [*functional.__all__, "lamb_", "lars_", "muon_", "adafactor_", "adamw_schedulefree_", "sgd_schedulefree_",
            "schedulefree_eval_", "schedulefree_train_", *optim.__all__,
            "FlatParams", "Int8State", "all_finite", "max_abs", "max_abs_each", "sum_of_squares", "sums_of_squares", "total_norm", "backends", "BackendInfo", "get_num_threads", "set_num_threads",
            "get_flush_denormal", "set_flush_denormal", "__version__"]

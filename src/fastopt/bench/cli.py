@@ -16,6 +16,7 @@ Examples::
     python -m fastopt bench --formats                         # bf16 state, bf16 params + fp32 master vs fp32
     python -m fastopt bench --state bfloat16 --sizes 2^24     # only the bf16-state configurations
     python -m fastopt bench --muon                            # Muon steps at matrix shapes vs torch.optim.Muon
+    python -m fastopt bench --adafactor                       # Adafactor steps at matrix shapes vs torch's
     python -m fastopt bench --schedulefree                    # schedule-free AdamW/SGD vs the schedulefree package
 """
 from __future__ import annotations
@@ -88,7 +89,11 @@ def parser() -> argparse.ArgumentParser:
                     help="time fastopt.adamw_schedulefree_/sgd_schedulefree_ against the schedulefree package "
                          "(pip install schedulefree) and the roofline, float32, on each CPU backend (--sizes, "
                          "default 2^20,2^24), in one run")
-    ap.add_argument("--shapes", default=None, metavar="LIST", help="with --muon: RxC matrix shapes, comma separated")
+    ap.add_argument("--adafactor", action="store_true",
+                    help="time fastopt.adafactor_ against torch.optim.Adafactor at matrix shapes (--shapes, default "
+                         "1024x1024,4096x1024,50257x768), float32, on each CPU backend, in one run")
+    ap.add_argument("--shapes", default=None, metavar="LIST",
+                    help="with --muon or --adafactor: RxC matrix shapes, comma separated")
     ap.add_argument("--training-step", action="store_true",
                     help="time torch's unscale_ + clip_grad_norm_ + AdamW(fused=True) against fastopt's folded "
                          "step (norm pass + adamw_ with grad_multiplier), on a flat buffer and a small GPT's "
@@ -145,7 +150,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser().error("--layouts needs --lists")
     if args.plot:  # before anything is timed: a missing matplotlib must not cost a run
         from . import plot
-        if args.lists or args.denormal or args.training_step or args.overhead or args.muon or args.schedulefree:
+        if (args.lists or args.denormal or args.training_step or args.overhead or args.muon or args.adafactor
+                or args.schedulefree):
             parser().error("--plot draws the size sweep; not with --lists, --denormal, --training-step or --overhead")
         try:
             plot.check(args.plot)
@@ -177,7 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _main_lists(args, cases, sizes, timer, progress)
     if args.denormal:
         return _main_denormal(args, timer, progress, competitors)
-    if args.muon:
+    if args.muon or args.adafactor:
         return _main_muon(args, timer, progress, competitors)
     if args.schedulefree:
         return _main_schedulefree(args, timer, progress, competitors)
@@ -255,15 +261,16 @@ def _main_formats(args, timer, progress, competitors) -> int:
 
 
 def _main_muon(args, timer, progress, competitors) -> int:
-    """``--muon``: Muon steps at matrix shapes against torch.optim.Muon (:mod:`.matrix`)."""
+    """``--muon``, ``--adafactor``: a matrix rule's steps at matrix shapes against torch's (:mod:`.matrix`)."""
     import json
 
     import fastopt
     from . import matrix
 
+    rule = "muon" if args.muon else "adafactor"
     if args.device != "cpu" or args.dtype != "float32":
-        parser().error("--muon runs float32 on the CPU backends")
-    shapes = matrix.SHAPES
+        parser().error(f"--{rule} runs float32 on the CPU backends")
+    shapes = matrix.SHAPES if rule == "muon" else matrix.ADAFACTOR_SHAPES
     if args.shapes:
         try:
             shapes = [tuple(int(x) for x in s.lower().split("x")) for s in _comma_list(args.shapes)]
@@ -277,12 +284,17 @@ def _main_muon(args, timer, progress, competitors) -> int:
             import torch
             torch.set_num_threads(args.threads)
     try:
-        rows = matrix.run(_compiled_cpu_backends(args), shapes, timer, progress, torch="torch" in competitors)
+        rows = matrix.run(_compiled_cpu_backends(args), shapes, timer, progress, torch="torch" in competitors,
+                          rule=rule)
     finally:
         if progress:
             progress.close()
-    print(f"threads: fastopt {fastopt.get_num_threads()}; Muon float32, lr 0.02, torch.optim.Muon's defaults")
-    print(matrix.table(rows, args.markdown), end="")
+    if rule == "muon":
+        print(f"threads: fastopt {fastopt.get_num_threads()}; Muon float32, lr 0.02, torch.optim.Muon's defaults")
+    else:
+        print(f"threads: fastopt {fastopt.get_num_threads()}; Adafactor float32, torch.optim.Adafactor's defaults "
+              "(foreach=False)")
+    print(matrix.table(rows, args.markdown, "iteration" if rule == "muon" else "statistics"), end="")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1)

@@ -1,12 +1,14 @@
-"""``python -m fastopt bench --muon``: Muon steps at realistic matrix shapes, against torch's.
+"""``python -m fastopt bench --muon`` / ``--adafactor``: the matrix rules at realistic shapes, against torch's.
 
-For each shape (default 1024x1024, 4096x1024 and GPT-2's 768x3072 MLP matrix),
-one step of ``fastopt.muon_`` on each CPU backend and one ``torch.optim.Muon``
-step (its own Newton-Schulz iteration, in bfloat16) are timed in one run,
-interleaved, on the same float32 values; so is fastopt's iteration alone
-(:func:`fastopt.muon.newton_schulz`, NumPy's BLAS), the floor under the
-fused passes. The report gives ms per step, the share of the iteration, and
-the speedup against torch.
+Muon: for each shape (default 1024x1024, 4096x1024 and GPT-2's 768x3072 MLP
+matrix), one step of ``fastopt.muon_`` on each CPU backend and one
+``torch.optim.Muon`` step (its own Newton-Schulz iteration, in bfloat16) are
+timed in one run, interleaved, on the same float32 values; so is fastopt's
+iteration alone (:func:`fastopt.muon.newton_schulz`, NumPy's BLAS), the floor
+under the fused passes. Adafactor: ``fastopt.adafactor_`` against
+``torch.optim.Adafactor`` (default 1024x1024, 4096x1024 and GPT-2's 50257x768
+embedding); its "iteration" column is the row and column statistics alone.
+The report gives ms per step, that share, and the speedup against torch.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ import numpy as np
 from .report import simple_table
 from .timing import DEFAULT, TimerSettings, measure_interleaved
 
-__all__ = ["MuonRow", "SHAPES", "run", "table"]
+__all__ = ["MuonRow", "SHAPES", "ADAFACTOR_SHAPES", "run", "table"]
 
 #: (rows, cols): a square hidden matrix, a tall projection, GPT-2 small's MLP input.
 SHAPES = ((1024, 1024), (4096, 1024), (768, 3072))
+#: Adafactor's: GPT-2 small's token embedding in place of the MLP matrix.
+ADAFACTOR_SHAPES = ((1024, 1024), (4096, 1024), (50257, 768))
 
 
 @dataclass
@@ -53,28 +57,46 @@ def _iteration(shape) -> Callable[[], None]:
     return lambda: newton_schulz(u)
 
 
-def _torch_step(shape) -> Optional[Callable[[], None]]:
+def _adafactor_step(shape, backend: str) -> Callable[[], None]:
+    import fastopt
+
+    rng = np.random.default_rng(0)
+    p, g = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    row, col = np.zeros((shape[0], 1), np.float32), np.zeros((1, shape[1]), np.float32)
+    steps = iter(range(1, 1 << 62))
+    return lambda: fastopt.adafactor_(p, g, row, col, None, step=next(steps), backend=backend)
+
+
+def _statistics(shape) -> Callable[[], None]:
+    g = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    return lambda: (np.add.reduce(g * g, axis=-1), np.add.reduce(g * g, axis=-2))
+
+
+def _torch_step(rule: str, shape) -> Optional[Callable[[], None]]:
     try:
         import torch
     except ImportError:
         return None
-    if getattr(torch.optim, "Muon", None) is None:
+    cls = getattr(torch.optim, "Muon" if rule == "muon" else "Adafactor", None)
+    if cls is None:
         return None
     rng = np.random.default_rng(0)
     p = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(shape).astype(np.float32)))
     p.grad = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
-    opt = torch.optim.Muon([p], lr=0.02)
+    opt = cls([p], lr=0.02) if rule == "muon" else cls([p], foreach=False)
     return opt.step
 
 
 def run(backends: Sequence[str], shapes: Sequence[tuple[int, int]] = SHAPES, timer: TimerSettings = DEFAULT,
-        progress: Optional[Callable[[str], None]] = None, torch: bool = True) -> list[MuonRow]:
+        progress: Optional[Callable[[str], None]] = None, torch: bool = True, rule: str = "muon") -> list[MuonRow]:
+    """``rule``: "muon" or "adafactor"."""
+    step, floor = (_fastopt_step, _iteration) if rule == "muon" else (_adafactor_step, _statistics)
     rows = []
     for shape in shapes:
         if progress:
-            progress(f"muon {shape[0]}x{shape[1]}")
-        fns = [_fastopt_step(shape, b) for b in backends] + [_iteration(shape)]
-        peer = _torch_step(shape) if torch else None
+            progress(f"{rule} {shape[0]}x{shape[1]}")
+        fns = [step(shape, b) for b in backends] + [floor(shape)]
+        peer = _torch_step(rule, shape) if torch else None
         if peer is not None:
             fns.append(peer)
         times = [m.median for m in measure_interleaved(fns, timer)]
@@ -83,8 +105,8 @@ def run(backends: Sequence[str], shapes: Sequence[tuple[int, int]] = SHAPES, tim
     return rows
 
 
-def table(rows: Sequence[MuonRow], markdown: bool = False) -> str:
-    head = ["shape", "impl", "ms/step", "iteration share", "torch ms/step", "x torch"]
+def table(rows: Sequence[MuonRow], markdown: bool = False, floor: str = "iteration") -> str:
+    head = ["shape", "impl", "ms/step", f"{floor} share", "torch ms/step", "x torch"]
     body = [[f"{r.shape[0]}x{r.shape[1]}", r.impl, f"{r.seconds * 1e3:.2f}", f"{r.iteration / r.seconds:.0%}",
              "-" if r.torch is None else f"{r.torch * 1e3:.2f}",
              "-" if r.torch is None else f"{r.torch / r.seconds:.2f}x"] for r in rows]

@@ -881,5 +881,6 @@ globals().update(_CLASSES)
 
 from .muon import Muon  # noqa: E402  (a matrix rule: its own class, torch.optim.Muon's layout)
 from .schedulefree import AdamWScheduleFree, SGDScheduleFree  # noqa: E402  (the schedulefree package's layout)
+from .adafactor import Adafactor  # noqa: E402  (factored second moments: its own class, torch's layout)
 
-__all__ += ["Muon", "AdamWScheduleFree", "SGDScheduleFree"]
+__all__ += ["Muon", "AdamWScheduleFree", "SGDScheduleFree", "Adafactor"]
