@@ -165,13 +165,17 @@ def reached_variants() -> list[tuple[str, tuple[bool, ...]]]:
         r = RULES[rule]
         need = needed_state(rule, options)
         seen[(r.kernel, tuple(n in need for n in r.state))] = None
-    for r in (*MATRIX_RULES.values(), *SCHEDULE_FREE_RULES.values()):  # (both phases: with the buffers, without)
-        for present in ((True,) * len(r.state), (False,) * len(r.state)):
-            seen[(r.kernel, present)] = None
     return list(seen)
 
 
-VARIANTS = reached_variants()
+def driven_variants() -> list[tuple[str, tuple[bool, ...]]]:
+    """(kernel, present state buffers) of the kernels whose driver modules call them
+    (Muon's, the schedule-free rules'): both phases, with every buffer and with none."""
+    return [(r.kernel, present) for r in (*MATRIX_RULES.values(), *SCHEDULE_FREE_RULES.values())
+            for present in ((True,) * len(r.state), (False,) * len(r.state))]
+
+
+VARIANTS = reached_variants() + driven_variants()
 VARIANT_IDS = [cuda_kernels._variant_name(k, p) for k, p in VARIANTS]
 CCS = [(8, 0), (9, 0)]
 
