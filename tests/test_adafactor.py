@@ -16,6 +16,7 @@ import fastopt
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
+from anchor_runs import close_to, model, switch_and_resume, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -95,60 +96,22 @@ def test_every_backend_and_per_tensor_calls_are_bitwise_the_same(backend):
             assert (a is None and b is None) or a.tobytes() == b.tobytes()
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 3))
-
-
-_gen = torch.Generator().manual_seed(3)
-XS, YS = torch.randn(40, 32, 6, generator=_gen), torch.randn(40, 32, 3, generator=_gen)
-
-
-def _train(net, opt, steps, start=0):
-    for t in range(start, start + steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(XS[t]), YS[t]).backward()
-        opt.step()
-
-
 def test_torch_adapter_trains_like_torch_and_state_dicts_load_both_ways():
     options = dict(lr=0.02, weight_decay=0.01)
-    straight = _model()
-    o_straight = torch.optim.Adafactor(straight.parameters(), foreach=False, **options)
-    _train(straight, o_straight, 40)
-    ours = _model()
+    ours, theirs = model(norm=True), model(norm=True)
     o_ours = ft.Adafactor(ours.parameters(), **options)
-    _train(ours, o_ours, 40)
-    for a, b in zip(ours.parameters(), straight.parameters()):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-    saved, theirs = o_ours.state_dict(), o_straight.state_dict()
+    o_theirs = torch.optim.Adafactor(theirs.parameters(), foreach=False, **options)
+    train(ours, o_ours, 40)
+    train(theirs, o_theirs, 40)
+    close_to(2e-5, 2e-5)(ours, o_ours, theirs, o_theirs)
+    saved, expected = o_ours.state_dict(), o_theirs.state_dict()
     assert {k: v for k, v in saved["param_groups"][0].items() if k != "foreach"} == \
-        {k: v for k, v in theirs["param_groups"][0].items() if k != "foreach"}
-    for k in theirs["state"]:
-        assert saved["state"][k].keys() == theirs["state"][k].keys()
-        assert saved["state"][k]["step"].dtype == theirs["state"][k]["step"].dtype
-
-    net = _model()
-    first = torch.optim.Adafactor(net.parameters(), foreach=False, **options)
-    _train(net, first, 15)
-    middle = ft.Adafactor(net.parameters(), **options)
-    middle.load_state_dict(first.state_dict())
-    _train(net, middle, 15, start=15)
-    last = torch.optim.Adafactor(net.parameters(), foreach=False, **options)
-    last.load_state_dict(middle.state_dict())
-    _train(net, last, 10, start=30)
-    for a, b in zip(net.parameters(), straight.parameters()):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-
-    whole, half = _model(), _model()
-    o_whole, o_half = ft.Adafactor(whole.parameters(), **options), ft.Adafactor(half.parameters(), **options)
-    _train(whole, o_whole, 30)
-    _train(half, o_half, 15)
-    resumed = ft.Adafactor(half.parameters(), **options)
-    resumed.load_state_dict(o_half.state_dict())
-    _train(half, resumed, 15, start=15)
-    for a, b in zip(half.parameters(), whole.parameters()):
-        assert torch.equal(a, b)
+        {k: v for k, v in expected["param_groups"][0].items() if k != "foreach"}
+    for k in expected["state"]:
+        assert saved["state"][k].keys() == expected["state"][k].keys()
+        assert saved["state"][k]["step"].dtype == expected["state"][k]["step"].dtype
+    switch_and_resume(lambda: model(norm=True), lambda ps: torch.optim.Adafactor(ps, foreach=False, **options),
+                      lambda ps: ft.Adafactor(ps, **options), close_to(2e-5, 2e-5))
 
 
 # ---- bad input: a clear error naming the argument, nothing written -----------------------

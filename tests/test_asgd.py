@@ -20,6 +20,7 @@ from oracle import inputs, run_fastopt, run_torch
 
 torch = pytest.importorskip("torch")
 import fastopt.torch as ft  # noqa: E402
+from anchor_runs import close_to, model, switch_and_resume, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,23 +53,6 @@ def test_every_backend_is_bitwise_the_reference(options, backend):
     assert state["ax"].tobytes() == state_ref["ax"].tobytes()
 
 
-def model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-
-
-_gen = torch.Generator().manual_seed(1)
-XS, YS = torch.randn(40, 16, 6, generator=_gen), torch.randn(40, 16, 3, generator=_gen)
-
-
-def train(net, opt, steps, start=0):
-    xs, ys = XS, YS
-    for t in range(start, start + steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(xs[t]), ys[t]).backward()
-        opt.step()
-
-
 def states(net, opt):
     return [opt.state[p] for p in net.parameters()]
 
@@ -80,9 +64,7 @@ def test_torch_adapter_trains_and_keeps_torchs_state(options):
                                                                               **options)
     train(ours, o_ours, 40)
     train(theirs, o_theirs, 40)
-    for a, b, sa, sb in zip(ours.parameters(), theirs.parameters(), states(ours, o_ours), states(theirs, o_theirs)):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-        torch.testing.assert_close(sa["ax"], sb["ax"], atol=2e-5, rtol=2e-5)
+    close_to(2e-5, 2e-5, ("ax",))(ours, o_ours, theirs, o_theirs)
     # eta and mu as torch holds them after the last step: the same formulas, in double, then float32.
     saved, theirs_saved = o_ours.state_dict()["state"], o_theirs.state_dict()["state"]
     for k in theirs_saved:
@@ -97,32 +79,8 @@ def test_state_dicts_load_both_ways_and_resume_exactly():
     """torch (15 steps) -> fastopt (15) -> torch (10), every average compared with 40 torch steps;
     and fastopt's own dict resumes fastopt bit for bit."""
     options = OPTIONS[0]
-    straight = model()
-    o_straight = torch.optim.ASGD(straight.parameters(), foreach=False, **options)
-    train(straight, o_straight, 40)
-
-    net = model()
-    first = torch.optim.ASGD(net.parameters(), foreach=False, **options)
-    train(net, first, 15)
-    middle = ft.ASGD(net.parameters(), **options)
-    middle.load_state_dict(first.state_dict())
-    train(net, middle, 15, start=15)
-    last = torch.optim.ASGD(net.parameters(), foreach=False, **options)
-    last.load_state_dict(middle.state_dict())
-    train(net, last, 10, start=30)
-    for a, b, sa, sb in zip(net.parameters(), straight.parameters(), states(net, last), states(straight, o_straight)):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-        torch.testing.assert_close(sa["ax"], sb["ax"], atol=2e-5, rtol=2e-5)
-
-    whole, half = model(), model()
-    o_whole, o_half = ft.ASGD(whole.parameters(), **options), ft.ASGD(half.parameters(), **options)
-    train(whole, o_whole, 30)
-    train(half, o_half, 15)
-    resumed = ft.ASGD(half.parameters(), **options)
-    resumed.load_state_dict(o_half.state_dict())
-    train(half, resumed, 15, start=15)
-    for a, b, sa, sb in zip(half.parameters(), whole.parameters(), states(half, resumed), states(whole, o_whole)):
-        assert torch.equal(a, b) and torch.equal(sa["ax"], sb["ax"])
+    switch_and_resume(model, lambda ps: torch.optim.ASGD(ps, foreach=False, **options),
+                      lambda ps: ft.ASGD(ps, **options), close_to(2e-5, 2e-5, ("ax",)))
 
 
 @pytest.mark.parametrize("bad,message", [("x", "must be a number"), (None, "must be a number")])

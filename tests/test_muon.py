@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 import torch.optim._muon as torch_muon  # noqa: E402
 
 import fastopt.torch as ft  # noqa: E402
+from anchor_runs import close_to, model, switch_and_resume, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -127,58 +128,16 @@ def test_newton_schulz_orthogonalizes_and_lr_ratio_follows_torch():
             assert lr_ratio(fn, shape) * 0.02 == torch_muon._adjust_lr(0.02, fn, torch.Size(shape))
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12, bias=False), torch.nn.Tanh(), torch.nn.Linear(12, 3, bias=False))
-
-
-_gen = torch.Generator().manual_seed(3)
-XS, YS = torch.randn(40, 32, 6, generator=_gen), torch.randn(40, 32, 3, generator=_gen)
-
-
-def _train(net, opt, steps, start=0):
-    for t in range(start, start + steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(XS[t]), YS[t]).backward()
-        opt.step()
-
-
-def _close(a, b):
-    for x, y in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-
-
 def test_torch_adapter_trains_like_torch_and_state_dicts_load_both_ways(torch_in_own_dtype):
     options = dict(lr=0.02, weight_decay=0.05)
-    ours, theirs = _model(), _model()
+    ours, theirs = model(bias=False), model(bias=False)
     o_ours, o_theirs = ft.Muon(ours.parameters(), **options), torch.optim.Muon(theirs.parameters(), **options)
-    _train(ours, o_ours, 40)
-    _train(theirs, o_theirs, 40)
-    _close(ours, theirs)
+    train(ours, o_ours, 40)
+    train(theirs, o_theirs, 40)
+    close_to(1e-5, 1e-5, ("momentum_buffer",))(ours, o_ours, theirs, o_theirs)
     assert o_ours.state_dict()["param_groups"] == o_theirs.state_dict()["param_groups"]
-
-    # torch (15) -> fastopt (15) -> torch (10) lands where 40 torch steps land.
-    net = _model()
-    first = torch.optim.Muon(net.parameters(), **options)
-    _train(net, first, 15)
-    middle = ft.Muon(net.parameters(), **options)
-    middle.load_state_dict(first.state_dict())
-    _train(net, middle, 15, start=15)
-    last = torch.optim.Muon(net.parameters(), **options)
-    last.load_state_dict(middle.state_dict())
-    _train(net, last, 10, start=30)
-    _close(net, theirs)
-
-    # fastopt's own state dict resumes fastopt bit for bit.
-    whole, half = _model(), _model()
-    o_whole, o_half = ft.Muon(whole.parameters(), **options), ft.Muon(half.parameters(), **options)
-    _train(whole, o_whole, 30)
-    _train(half, o_half, 15)
-    resumed = ft.Muon(half.parameters(), **options)
-    resumed.load_state_dict(o_half.state_dict())
-    _train(half, resumed, 15, start=15)
-    for x, y in zip(half.parameters(), whole.parameters()):
-        assert torch.equal(x, y)
+    switch_and_resume(lambda: model(bias=False), lambda ps: torch.optim.Muon(ps, **options),
+                      lambda ps: ft.Muon(ps, **options), close_to(1e-5, 1e-5))
 
 
 # ---- bad input: a clear error naming the argument, and nothing written ------------------

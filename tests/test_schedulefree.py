@@ -20,6 +20,7 @@ from fastopt.schedulefree import schedule
 torch = pytest.importorskip("torch")
 schedulefree = pytest.importorskip("schedulefree")
 import fastopt.torch as ft  # noqa: E402
+from anchor_runs import close_to, model, switch_and_resume, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -114,24 +115,6 @@ def test_schedule_follows_the_package_formulas():
     assert schedule(1, 0.0, 0, 0.0, 2.0, -1.0, 0.0)[3] == 0.0  # (lr 0: no weight yet, ckp1 = 0 as the package)
 
 
-def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
-
-
-_gen = torch.Generator().manual_seed(3)
-XS, YS = torch.randn(40, 32, 6, generator=_gen), torch.randn(40, 32, 3, generator=_gen)
-
-
-def _train(net, opt, steps, start=0):
-    opt.train()
-    for t in range(start, start + steps):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(net(XS[t]), YS[t]).backward()
-        opt.step()
-    opt.eval()
-
-
 TORCH_CASES = [("AdamWScheduleFree", dict(lr=0.01, warmup_steps=5, weight_decay=0.01)),
                ("SGDScheduleFree", dict(lr=0.1, warmup_steps=5, momentum=0.8))]
 
@@ -139,45 +122,19 @@ TORCH_CASES = [("AdamWScheduleFree", dict(lr=0.01, warmup_steps=5, weight_decay=
 @pytest.mark.parametrize("name,options", TORCH_CASES, ids=[n for n, _ in TORCH_CASES])
 def test_torch_adapter_trains_like_the_package_and_state_dicts_load_both_ways(name, options):
     ours_cls, theirs_cls = getattr(ft, name), getattr(schedulefree, name)
-    straight = _model()
-    o_straight = theirs_cls(straight.parameters(), foreach=False, **options)
-    _train(straight, o_straight, 40)
-
-    ours = _model()
-    o_ours = ours_cls(ours.parameters(), **options)
-    _train(ours, o_ours, 40)
-    for a, b in zip(ours.parameters(), straight.parameters()):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-    saved, theirs_saved = o_ours.state_dict(), o_straight.state_dict()
+    ours, theirs = model(), model()
+    o_ours, o_theirs = ours_cls(ours.parameters(), **options), theirs_cls(theirs.parameters(), foreach=False,
+                                                                         **options)
+    train(ours, o_ours, 40)
+    train(theirs, o_theirs, 40)
+    close_to(2e-5, 2e-5, ("z",))(ours, o_ours, theirs, o_theirs)
+    saved, expected = o_ours.state_dict(), o_theirs.state_dict()
     assert {k: v for k, v in saved["param_groups"][0].items() if k != "foreach"} == \
-        {k: v for k, v in theirs_saved["param_groups"][0].items() if k != "foreach"}
-    assert all(set(saved["state"][k]) == set(theirs_saved["state"][k]) for k in theirs_saved["state"])
-
-    # the package (15) -> fastopt (15) -> the package (10), switching in eval mode as the package says
-    net = _model()
-    first = theirs_cls(net.parameters(), foreach=False, **options)
-    _train(net, first, 15)
-    middle = ours_cls(net.parameters(), **options)
-    middle.load_state_dict(first.state_dict())
-    _train(net, middle, 15, start=15)
-    last = theirs_cls(net.parameters(), foreach=False, **options)
-    last.load_state_dict(middle.state_dict())
-    _train(net, last, 10, start=30)
-    for a, b in zip(net.parameters(), straight.parameters()):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
-
-    # fastopt's own dict resumes fastopt bit for bit (the same eval/train switch at step 15 in
-    # both runs: y -> x -> y is not the identity in float)
-    whole, half = _model(), _model()
-    o_whole, o_half = ours_cls(whole.parameters(), **options), ours_cls(half.parameters(), **options)
-    _train(whole, o_whole, 15)
-    _train(whole, o_whole, 15, start=15)
-    _train(half, o_half, 15)
-    resumed = ours_cls(half.parameters(), **options)
-    resumed.load_state_dict(o_half.state_dict())
-    _train(half, resumed, 15, start=15)
-    for a, b in zip(half.parameters(), whole.parameters()):
-        assert torch.equal(a, b)
+        {k: v for k, v in expected["param_groups"][0].items() if k != "foreach"}
+    assert all(set(saved["state"][k]) == set(expected["state"][k]) for k in expected["state"])
+    # (switching in eval mode, as the package says to save and load)
+    switch_and_resume(model, lambda ps: theirs_cls(ps, foreach=False, **options), lambda ps: ours_cls(ps, **options),
+                      close_to(2e-5, 2e-5))
 
 
 def test_a_step_outside_train_mode_raises_as_the_package():

@@ -260,16 +260,36 @@ def _main_formats(args, timer, progress, competitors) -> int:
     return 0
 
 
-def _main_muon(args, timer, progress, competitors) -> int:
-    """``--muon``, ``--adafactor``: a matrix rule's steps at matrix shapes against torch's (:mod:`.matrix`)."""
+def _cpu_float32(args, mode: str) -> None:
+    if args.device != "cpu" or args.dtype != "float32":
+        parser().error(f"--{mode} runs float32 on the CPU backends")
+
+
+def _report_rows(args, progress, run, header, table) -> int:
+    """The end of each CPU mode: ``run()``'s rows, then ``header()`` and ``table(rows)``
+    printed, and the rows as JSON (``--json``)."""
     import json
 
+    try:
+        rows = run()
+    finally:
+        if progress:
+            progress.close()
+    print(header())
+    print(table(rows), end="")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1)
+    return 0
+
+
+def _main_muon(args, timer, progress, competitors) -> int:
+    """``--muon``, ``--adafactor``: a matrix rule's steps at matrix shapes against torch's (:mod:`.matrix`)."""
     import fastopt
     from . import matrix
 
     rule = "muon" if args.muon else "adafactor"
-    if args.device != "cpu" or args.dtype != "float32":
-        parser().error(f"--{rule} runs float32 on the CPU backends")
+    _cpu_float32(args, rule)
     shapes = matrix.SHAPES if rule == "muon" else matrix.ADAFACTOR_SHAPES
     if args.shapes:
         try:
@@ -283,33 +303,21 @@ def _main_muon(args, timer, progress, competitors) -> int:
         if "torch" in competitors:
             import torch
             torch.set_num_threads(args.threads)
-    try:
-        rows = matrix.run(_compiled_cpu_backends(args), shapes, timer, progress, torch="torch" in competitors,
-                          rule=rule)
-    finally:
-        if progress:
-            progress.close()
-    if rule == "muon":
-        print(f"threads: fastopt {fastopt.get_num_threads()}; Muon float32, lr 0.02, torch.optim.Muon's defaults")
-    else:
-        print(f"threads: fastopt {fastopt.get_num_threads()}; Adafactor float32, torch.optim.Adafactor's defaults "
-              "(foreach=False)")
-    print(matrix.table(rows, args.markdown, "iteration" if rule == "muon" else "statistics"), end="")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=1)
-    return 0
+    anchor = "torch.optim.Muon's defaults, lr 0.02" if rule == "muon" else \
+        "torch.optim.Adafactor's defaults (foreach=False)"
+    return _report_rows(args, progress,
+                   lambda: matrix.run(_compiled_cpu_backends(args), shapes, timer, progress,
+                                      torch="torch" in competitors, rule=rule),
+                   lambda: f"threads: fastopt {fastopt.get_num_threads()}; {rule} float32, {anchor}",
+                   lambda rows: matrix.table(rows, args.markdown, "iteration" if rule == "muon" else "statistics"))
 
 
 def _main_schedulefree(args, timer, progress, competitors) -> int:
     """``--schedulefree``: the schedule-free rules against the schedulefree package (:mod:`.schedule_free`)."""
-    import json
-
     import fastopt
     from . import roofline, schedule_free
 
-    if args.device != "cpu" or args.dtype != "float32":
-        parser().error("--schedulefree runs float32 on the CPU backends")
+    _cpu_float32(args, "schedulefree")
     sizes = parse_sizes(args.sizes) if args.sizes else [1 << 20, 1 << 24]
     if args.threads is not None:
         fastopt.set_num_threads(args.threads)
@@ -317,45 +325,30 @@ def _main_schedulefree(args, timer, progress, competitors) -> int:
     if "torch" in competitors:
         import torch
         torch.set_num_threads(fastopt.get_num_threads())
-    try:
-        rows = schedule_free.run(_compiled_cpu_backends(args), sizes, timer, progress, peers="torch" in competitors)
-    finally:
-        if progress:
-            progress.close()
-    print(f"threads: fastopt, roofline and torch {fastopt.get_num_threads()}; float32; package: the faster of "
-          "foreach=True/False")
-    print(schedule_free.table(rows, args.markdown), end="")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=1)
-    return 0
+    return _report_rows(args, progress,
+                   lambda: schedule_free.run(_compiled_cpu_backends(args), sizes, timer, progress,
+                                             peers="torch" in competitors),
+                   lambda: f"threads: fastopt, roofline and torch {fastopt.get_num_threads()}; float32; package: "
+                           "the faster of foreach=True/False",
+                   lambda rows: schedule_free.table(rows, args.markdown))
 
 
 def _main_denormal(args, timer, progress, competitors) -> int:
     """``--denormal``: subnormal state with and without flushing (:mod:`.denormal`)."""
-    import json
-
     import fastopt
     from . import denormal
 
-    if args.device != "cpu" or args.dtype != "float32":
-        parser().error("--denormal runs float32 on the CPU backends")
+    _cpu_float32(args, "denormal")
     cases = select_cases(args.rules) if args.rules else [CASES["adamw"]]
     size = parse_sizes(args.sizes)[0] if args.sizes else 1 << 20
     backends = _compiled_cpu_backends(args)
     if args.threads is not None:
         fastopt.set_num_threads(args.threads)
-    try:
-        rows = denormal.run(cases, size, backends, timer, progress, torch="torch" in competitors)
-    finally:
-        if progress:
-            progress.close()
-    print(f"threads: {fastopt.get_num_threads()}; subnormal state = {denormal.SUBNORMAL:g}, zero gradients")
-    print(denormal.table(rows, args.markdown), end="")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=1)
-    return 0
+    return _report_rows(args, progress,
+                   lambda: denormal.run(cases, size, backends, timer, progress, torch="torch" in competitors),
+                   lambda: f"threads: {fastopt.get_num_threads()}; subnormal state = {denormal.SUBNORMAL:g}, "
+                           "zero gradients",
+                   lambda rows: denormal.table(rows, args.markdown))
 
 
 def _main_training_step(args, timer, progress) -> int:

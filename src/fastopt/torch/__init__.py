@@ -97,6 +97,7 @@ from ..functional import _seed, table_backend
 from ..norms import sum_of_squares, total_norm
 from ..rules import ALL_RULES
 from .hooks import hooked_step
+from .host import scalar_dtype
 from .precision import (INT8, LOW, Formats, absmax_key, finite, formats_of, min_8bit_size_option, option_text,
                         state_dtype_option)
 from .steps import PLAIN, Call, GroupPlan, MixedPlan, Plan, Record, checked, grad_view, local, pointer, run, view
@@ -109,9 +110,7 @@ IGNORED_TORCH_OPTIONS = ("foreach", "fused")
 _DTYPES = (torch.float32, torch.float64, *LOW)
 
 
-def _scalar_dtype() -> torch.dtype:
-    # torch.optim keeps per-parameter scalars (step, mu_product) in this dtype.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+_scalar_dtype = scalar_dtype  # torch.optim keeps per-parameter scalars (step, mu_product) in this dtype
 
 
 def _torch_group_keys(cls: type) -> dict[str, Any]:

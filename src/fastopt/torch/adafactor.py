@@ -9,11 +9,12 @@ group, dtype and step count on NumPy views of the tensors.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from .. import adafactor
+from .host import HostOptimizer, by_dtype, named, scalar_dtype
 
 __all__ = ["Adafactor"]
 
@@ -21,11 +22,7 @@ __all__ = ["Adafactor"]
 HYPER = ("lr", "beta2_decay", "eps", "d", "weight_decay", "maximize")
 
 
-def _scalar_dtype() -> torch.dtype:
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-
-
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(HostOptimizer):
     """``torch.optim.Adafactor`` run by :func:`fastopt.adafactor_` (``backend``: fastopt's, for the norms)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-2, beta2_decay: float = -0.8, eps: tuple = (None, 1e-3),
@@ -37,60 +34,37 @@ class Adafactor(torch.optim.Optimizer):
         self.backend = backend
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        new_state: dict = {}
+    def _prepare_group(self, i: int, group: dict, new_state: dict) -> list:
+        where = f"param_groups[{i}]"
+        hyper = {k: group[k] for k in HYPER}
+        if isinstance(hyper["lr"], torch.Tensor):
+            hyper["lr"] = float(hyper["lr"])
+        _check_hyper(hyper, where)
+        members = []
+        for p, state in self._stepped(i, group):
+            if not state:  # (as torch: the factors for 2 or more dimensions, else the full variance)
+                state = new_state[p] = {"step": torch.tensor(0.0, dtype=scalar_dtype())}
+                if p.dim() > 1:
+                    state["row_var"] = p.new_zeros((*p.shape[:-1], 1))
+                    state["col_var"] = p.new_zeros((*p.shape[:-2], 1, p.shape[-1]))
+                else:
+                    state["variance"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            members.append((p, state))
         calls = []
-        for i, group in enumerate(self.param_groups):
-            where = f"param_groups[{i}]"
-            hyper = {k: group[k] for k in HYPER}
-            if isinstance(hyper["lr"], torch.Tensor):
-                hyper["lr"] = float(hyper["lr"])
-            _check_hyper(hyper, where)
-            buckets: dict = {}
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                name = f"{where}['params'][{j}]"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name}: Adafactor does not support sparse gradients")
-                if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"{name} is a {p.dtype} tensor on {p.device}; fastopt.torch.Adafactor steps "
-                                    "float32 and float64 CPU tensors")
-                state = self.state[p] if p in self.state else {}
-                if not state:  # (as torch: the factors for 2 or more dimensions, else the full variance)
-                    state = new_state[p] = {"step": torch.tensor(0.0, dtype=_scalar_dtype())}
-                    if p.dim() > 1:
-                        state["row_var"] = p.new_zeros((*p.shape[:-1], 1))
-                        state["col_var"] = p.new_zeros((*p.shape[:-2], 1, p.shape[-1]))
-                    else:
-                        state["variance"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                buckets.setdefault((p.dtype, int(state["step"]) + 1), []).append((p, state))
-            for (_, step), members in buckets.items():
-                try:
-                    prepared = adafactor.prepare(
-                        [p.detach().numpy() for p, _ in members], [p.grad.numpy() for p, _ in members],
-                        *([s[key].numpy() if key in s else None for _, s in members]
-                          for key in ("row_var", "col_var", "variance")),
-                        step=step, **hyper, backend=self.backend)
-                except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"{where}: {exc}") from None
-                calls.append((prepared, members))
-        for p, state in new_state.items():  # (every group checked: now the state changes)
-            self.state[p].update(state)
-        for prepared, members in calls:
-            prepared.run()
-            for _, state in members:
-                state["step"] += 1
-        return loss
+        for (_, step), m in by_dtype(members, lambda p, state: int(state["step"]) + 1).items():
+            prepared = named(where, lambda m=m, step=step: adafactor.prepare(
+                [p.detach().numpy() for p, _ in m], [p.grad.numpy() for p, _ in m],
+                *([s[key].numpy() if key in s else None for _, s in m] for key in ("row_var", "col_var", "variance")),
+                step=step, **hyper, backend=self.backend))
+            calls.append(lambda prepared=prepared, m=m: _run(prepared, m))
+        return calls
+
+
+def _run(prepared: adafactor.Prepared, members: list) -> None:
+    prepared.run()
+    for _, state in members:
+        state["step"] += 1
 
 
 def _check_hyper(hyper: dict, where: str) -> None:
-    try:
-        adafactor.prepare([], [], [], [], [], step=1, **{k: hyper[k] for k in HYPER})
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+    named(where, lambda: adafactor.prepare([], [], [], [], [], step=1, **{k: hyper[k] for k in HYPER}))

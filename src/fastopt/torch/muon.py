@@ -11,11 +11,12 @@ parameters' dtype (torch runs it in bfloat16: see :mod:`fastopt.muon`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
 from .. import muon
+from .host import HostOptimizer, by_dtype, named
 
 __all__ = ["Muon"]
 
@@ -23,7 +24,7 @@ __all__ = ["Muon"]
 HYPER = ("lr", "weight_decay", "momentum", "nesterov", "ns_coefficients", "eps", "ns_steps", "adjust_lr_fn")
 
 
-class Muon(torch.optim.Optimizer):
+class Muon(HostOptimizer):
     """``torch.optim.Muon`` run by :func:`fastopt.muon_` (``backend``: fastopt's, None: auto)."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -42,51 +43,23 @@ class Muon(torch.optim.Optimizer):
                                      "2-D parameters only (as torch.optim.Muon); give biases, norms and "
                                      "embeddings to another optimizer (fastopt.torch.AdamW, say)")
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        new_buffers: dict = {}
-        calls = []
-        for i, group in enumerate(self.param_groups):
-            where = f"param_groups[{i}]"
-            hyper = {k: group[k] for k in HYPER}
-            if isinstance(hyper["lr"], torch.Tensor):  # (a tensor lr, as torch allows: read at every step)
-                hyper["lr"] = float(hyper["lr"])
-            _check_hyper(hyper, where)
-            by_dtype: dict = {}
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                name = f"{where}['params'][{j}]"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name}: Muon does not support sparse gradients")
-                if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"{name} is a {p.dtype} tensor on {p.device}; fastopt.torch.Muon steps "
-                                    "float32 and float64 CPU tensors")
-                buf = self.state[p].get("momentum_buffer") if p in self.state else None
-                if buf is None:
-                    buf = new_buffers[p] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                by_dtype.setdefault(p.dtype, []).append((p, buf))
-            for members in by_dtype.values():
-                try:
-                    calls.append(muon.prepare([p.detach().numpy() for p, _ in members],
-                                              [p.grad.numpy() for p, _ in members],
-                                              [b.numpy() for _, b in members], **hyper, backend=self.backend))
-                except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"{where}: {exc}") from None
-        for p, buf in new_buffers.items():  # (every call checked: now the state changes)
-            self.state[p]["momentum_buffer"] = buf
-        for call in calls:
-            call.run()
-        return loss
+    def _prepare_group(self, i: int, group: dict, new_state: dict) -> list:
+        where = f"param_groups[{i}]"
+        hyper = {k: group[k] for k in HYPER}
+        if isinstance(hyper["lr"], torch.Tensor):  # (a tensor lr, as torch allows: read at every step)
+            hyper["lr"] = float(hyper["lr"])
+        _check_hyper(hyper, where)
+        members = []
+        for p, state in self._stepped(i, group):
+            if "momentum_buffer" not in state:
+                state = new_state[p] = {"momentum_buffer": torch.zeros_like(p, memory_format=torch.contiguous_format)}
+            members.append((p, state))
+        return [named(where, lambda m=m: muon.prepare(
+                    [p.detach().numpy() for p, _ in m], [p.grad.numpy() for p, _ in m],
+                    [s["momentum_buffer"].numpy() for _, s in m], **hyper, backend=self.backend)).run
+                for m in by_dtype(members).values()]
 
 
 def _check_hyper(hyper: dict, where: str) -> None:
     """The group's hyperparameters as fastopt.muon_ checks them, without buffers."""
-    try:
-        muon.prepare([], [], [], **hyper)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+    named(where, lambda: muon.prepare([], [], [], **hyper))

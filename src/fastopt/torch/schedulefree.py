@@ -20,6 +20,7 @@ import torch
 from .. import functional
 from ..rules import SCHEDULE_FREE_RULES
 from ..schedulefree import _swap, schedule
+from .host import HostOptimizer, by_dtype, named
 
 __all__ = ["AdamWScheduleFree", "SGDScheduleFree"]
 
@@ -27,7 +28,7 @@ _NOT_TRAINING = ("Optimizer was not in train mode when step is called. Please in
                  "the optimizer. See documentation for details.")
 
 
-class _ScheduleFree(torch.optim.Optimizer):
+class _ScheduleFree(HostOptimizer):
     """What the two classes share: the schedule per group, the state, train/eval."""
 
     rule: Any  # the kernel's rule (rules.SCHEDULE_FREE_RULES)
@@ -69,67 +70,48 @@ class _ScheduleFree(torch.optim.Optimizer):
             group["train_mode"] = not to_eval
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         if not self.param_groups[0]["train_mode"]:
             raise RuntimeError(_NOT_TRAINING)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        new_state: dict = {}
-        plans = []
-        for i, group in enumerate(self.param_groups):
-            where = f"param_groups[{i}]"
-            scheduled, lr_max, weight_sum, ckp1 = _check_group(group, self, where)
-            hyper = self._kernel_hyper(group, scheduled, ckp1)
-            calls = []
-            by_dtype: dict = {}
-            for j, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                name = f"{where}['params'][{j}]"
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{name}: {type(self).__name__} does not support sparse gradients")
-                if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"{name} is a {p.dtype} tensor on {p.device}; fastopt.torch."
-                                    f"{type(self).__name__} steps float32 and float64 CPU tensors")
-                state = self.state[p] if p in self.state else {}
-                if "z" not in state:  # (as the package: z from the parameter, the moment at zeros)
-                    state = new_state[p] = {"z": p.detach().clone(memory_format=torch.contiguous_format)}
-                    if "exp_avg_sq" in self.buffers:
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                by_dtype.setdefault(p.dtype, []).append((p, state))
-            for members in by_dtype.values():
-                args = ([p.detach().numpy() for p, _ in members], [p.grad.numpy() for p, _ in members],
-                        tuple([s[key].numpy() for _, s in members] for key in self.buffers))
-                try:
-                    functional.check_call(self.rule, *args, hyper)
-                except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"{where}: {exc}") from None
-                calls.append(args)
-            plans.append((group, scheduled, lr_max, weight_sum, hyper, calls))
-        for p, state in new_state.items():  # (every group checked: now the state changes)
-            self.state[p].update(state)
-        for group, scheduled, lr_max, weight_sum, hyper, calls in plans:
-            for params, grads, state in calls:
-                functional._update(self.rule, params, grads, state, hyper, group["k"] + 1, self.backend, None)
-            group.update(k=group["k"] + 1, scheduled_lr=scheduled, lr_max=lr_max, weight_sum=weight_sum)
-        return loss
+        return super().step(closure)
+
+    def _prepare_group(self, i: int, group: dict, new_state: dict) -> list:
+        where = f"param_groups[{i}]"
+        scheduled, lr_max, weight_sum, ckp1 = _check_group(group, self, where)
+        hyper = self._kernel_hyper(group, scheduled, ckp1)
+        members = []
+        for p, state in self._stepped(i, group):
+            if "z" not in state:  # (as the package: z from the parameter, the moment at zeros)
+                state = new_state[p] = {"z": p.detach().clone(memory_format=torch.contiguous_format)}
+                if "exp_avg_sq" in self.buffers:
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            members.append((p, state))
+        calls = []
+        for m in by_dtype(members).values():
+            args = ([p.detach().numpy() for p, _ in m], [p.grad.numpy() for p, _ in m],
+                    tuple([s[key].numpy() for _, s in m] for key in self.buffers))
+            named(where, lambda args=args: functional.check_call(self.rule, *args, hyper))
+            calls.append(lambda args=args: functional._update(self.rule, *args, hyper, group["k"] + 1,
+                                                              self.backend, None))
+        # (last: the group's schedule moves on once its calls have run)
+        calls.append(lambda: group.update(k=group["k"] + 1, scheduled_lr=scheduled, lr_max=lr_max,
+                                          weight_sum=weight_sum))
+        return calls
 
 
 def _check_group(group: dict, opt: _ScheduleFree, where: str) -> tuple:
     """The group's schedule for its next step (checked), and its kernel hyperparameters checked."""
-    try:
+    def check() -> tuple:
         lr = float(group["lr"]) if isinstance(group["lr"], torch.Tensor) else group["lr"]
         out = schedule(group["k"] + 1, lr, group["warmup_steps"], group["r"], group["weight_lr_power"],
                        group["lr_max"], group["weight_sum"])
         opt.rule.checked(dict(zip(opt.rule.defaults, opt._kernel_hyper(group, out[0], out[3]))))
         opt._beta1(group)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+        return out
+    try:
+        return named(where, check)
     except KeyError as exc:
         raise ValueError(f"{where} is missing {exc.args[0]!r}") from None
-    return out
 
 
 class AdamWScheduleFree(_ScheduleFree):
