@@ -22,8 +22,8 @@ import warnings
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from oracle import (FULL, MATRIX, fastopt_step, gpt_shapes, initial_state, inputs, list_inputs, needed_state, run_flush_case,  # noqa: E402
-                    run_lists)
+from oracle import (FULL, MATRIX, SCHEDULE_FREE_RUNS, fastopt_step, gpt_shapes, initial_state, inputs,  # noqa: E402
+                    list_inputs, needed_state, run_flush_case, run_lists, run_schedulefree)
 
 N, STEPS = 37, 3
 DTYPES = {"f32": np.float32, "f64": np.float64}
@@ -181,6 +181,12 @@ def main(out):
 
     report["variants"] = sorted(f"{k[0]}-{k[1]}-{''.join('1' if x else '0' for x in k[2])}"
                                 for k in backend._compiled if len(k) == 3)
+    # The schedule-free rules' driver on device arrays (after the variants report: its
+    # kernels are not the matrix's).
+    p0, grads = inputs(N, STEPS + 1, np.float32, seed=11)
+    for kind in SCHEDULE_FREE_RUNS:
+        for k, v in run_schedulefree(kind, p0, grads, cuda.to_device, lambda a: a.copy_to_host()).items():
+            results[f"schedulefree-{kind}-{k}"] = v
     np.savez(out + ".npz", **results)
     with open(out + ".json", "w") as f:
         json.dump(report, f)

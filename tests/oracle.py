@@ -324,3 +324,34 @@ def run_flush_case(rule: str, options: dict, backend=None, to_device=None, to_ho
         g[::5] = 0.0
         fastopt_step(rule, options, p, to_device(g), state, t, extra, backend)
     return to_host(p), {k: to_host(v) for k, v in state.items()}
+
+
+#: Schedule-free runs (fastopt.schedulefree): a warmup, weight decay and an eval/train
+#: switch mid-run, so the schedule, both kernels and both phases are exercised.
+SCHEDULE_FREE_RUNS = {"adamw": dict(lr=0.01, warmup_steps=2, weight_decay=0.1, r=0.5),
+                      "sgd": dict(lr=0.1, momentum=0.8, warmup_steps=2, weight_decay=0.01)}
+
+
+def run_schedulefree(kind: str, p0, grads, to_device=lambda a: a, to_host=lambda a: a) -> dict:
+    """``len(grads)`` schedule-free steps of ``kind`` from z = p0, an eval/train switch
+    after the second, then eval: {"y": the trained parameters, "x": the evaluated ones, "z": z}."""
+    options = SCHEDULE_FREE_RUNS[kind]
+    beta1 = options.get("momentum", 0.9)
+    y, z = to_device(p0.copy()), to_device(p0.copy())
+    v = to_device(np.zeros_like(p0))
+    lr_max, weight_sum = -1.0, 0.0
+    for t, g in enumerate(grads, start=1):
+        g = to_device(g)
+        if kind == "adamw":
+            lr_max, weight_sum = fastopt.adamw_schedulefree_(y, g, z, v, step=t, lr_max=lr_max,
+                                                             weight_sum=weight_sum, **options)
+        else:
+            lr_max, weight_sum = fastopt.sgd_schedulefree_(y, g, z, step=t, lr_max=lr_max, weight_sum=weight_sum,
+                                                           **options)
+        if t == 2:
+            fastopt.schedulefree_eval_(y, z, beta1)
+            fastopt.schedulefree_train_(y, z, beta1)
+    out = {"y": to_host(y).copy()}
+    fastopt.schedulefree_eval_(y, z, beta1)
+    out.update(x=to_host(y), z=to_host(z))
+    return out

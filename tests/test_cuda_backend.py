@@ -34,8 +34,9 @@ import pytest
 import fastopt
 from fastopt.kernels import cuda_kernels, elements
 from fastopt.rules import MATRIX_RULES, RULES, SCHEDULE_FREE_RULES
-from cuda_sim_worker import CAI_CASES, cai_inputs, case_inputs, list_case_inputs
-from oracle import FULL, MATRIX, MATRIX_IDS, fastopt_step, inputs, needed_state, run_fastopt, run_flush_case, run_lists
+from cuda_sim_worker import CAI_CASES, N, STEPS, cai_inputs, case_inputs, list_case_inputs
+from oracle import (FULL, MATRIX, MATRIX_IDS, SCHEDULE_FREE_RUNS, fastopt_step, inputs, needed_state, run_fastopt,
+                    run_flush_case, run_lists, run_schedulefree)
 
 DTYPES = {"f32": np.float32, "f64": np.float64}
 HERE = os.path.dirname(__file__)
@@ -136,6 +137,16 @@ def test_simulator_errors_and_plumbing(sim):
     assert report["view_cached"]
     for dname in DTYPES:
         assert report["all_finite"][dname] == [True, True, False, False, False]
+
+
+@pytest.mark.parametrize("kind", SCHEDULE_FREE_RUNS)
+def test_simulator_schedule_free_steps_and_switches_match_reference_bitwise(sim, kind):
+    _, arrays = sim
+    p0, grads = inputs(N, STEPS + 1, np.float32, seed=11)
+    with np.errstate(all="ignore"):
+        ref = run_schedulefree(kind, p0, grads)  # (host arrays: the auto backend; every host backend is bitwise)
+    for k, v in ref.items():
+        assert_bitwise(arrays[f"schedulefree-{kind}-{k}"], v, f"{kind} {k}")
 
 
 def test_simulator_compiles_one_variant_per_presence_and_dtype(sim):
