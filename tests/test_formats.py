@@ -437,6 +437,7 @@ def test_quantize_lookup_of_the_compiled_backends_is_the_search(signed):
     v = v[np.abs(v) <= 1]  # (NaN out too: quantize gives it 0.0's code before any lookup)
     assert np.array_equal(F.fast_codes(v, signed), np.searchsorted(mids, v, side="left"))
     assert np.array_equal(F.fused_codes(v, signed), np.searchsorted(mids, v, side="left"))
+    assert np.array_equal(F.fused_bucket_codes(v, signed), np.searchsorted(mids, v, side="left"))
 
 
 def test_int8_state_update_is_dequantize_update_quantize():

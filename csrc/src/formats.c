@@ -273,6 +273,7 @@ int fo_run_mixed(int kernel, const fastopt_formats *f, void *const *param, const
             const int m = f->signed_map[k] != 0;
             M.absmax[k] = f->absmax[k]; /* (checked in fo_mixed_check) */
             M.i8[k].map = fo_i8_map[m], M.i8[k].mids = fo_i8_mids[m], M.i8[k].first = fo_i8_first[m];
+            M.i8[k].fused = fo_i8_fused[m];
             M.i8[k].zero = m ? FO_I8_ZERO_SIGNED : FO_I8_ZERO_UNSIGNED;
         }
     }

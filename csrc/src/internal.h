@@ -42,12 +42,14 @@ typedef void (*fo_sums)(const void *param, const void *grad, const void *const *
 extern const float fo_i8_map[2][256];             /* the values a code stands for (times its absmax) */
 extern const float fo_i8_mids[2][256];            /* the 255 decision midpoints, then +inf */
 extern const uint8_t fo_i8_first[2][FO_I8_FIRST]; /* per bucket: #{mid < every value of the bucket} */
+extern const uint32_t fo_i8_fused[2][FO_I8_FUSED]; /* per top 16 bits: first code | its threshold << 8 */
 
 /* One map's tables, as the conversions take them. */
 typedef struct {
     const float *map, *mids;
     const uint8_t *first;
-    uint32_t zero; /* the code of 0.0 */
+    const uint32_t *fused; /* the AVX-512 path's lookup: one read per code */
+    uint32_t zero;         /* the code of 0.0 */
 } fo_i8_tables;
 
 /* The conversions of the mixed-format updates (formats.c), from convert.inc,

@@ -2,7 +2,8 @@
 
 The C library (csrc/src/formats.c, convert.inc) dequantizes with the maps
 (``formats.dynamic_map``) and quantizes with the search-free lookup of
-``formats.quantize_tables`` (``first`` per bucket and the padded midpoints), so
+``formats.quantize_tables`` (``first`` per bucket and the padded midpoints; the
+AVX-512 path ``formats.fused_buckets``, one read per code), so
 the numbers are written out here, exactly (floats as hex float literals), and the
 file is committed: csrc/ builds without Python. Index 0 of each table is the
 unsigned map, 1 the signed one (``fastopt_formats.signed_map``).
@@ -87,6 +88,10 @@ def text() -> str:
            "/* bytes of a map's fo_i8_first: one per bucket, then 4 of padding, so that a 4-byte load at",
            " * any bucket (how the CPU paths read an entry: it vectorizes) stays inside the table */",
            "#define FO_I8_FIRST (2 * FO_I8_BUCKETS + 4)",
+           "/* entries of a map's fo_i8_fused (fastopt.formats.fused_buckets): per top 16 bits t of |v| from",
+           " * FO_I8_BUCKET_LO - 1 (every smaller one) to FO_I8_BUCKET_HI, for v >= 0 then v < 0, the uint32",
+           " * c | threshold << 8: code = c + (x > threshold), x the low 16 bits of v (flipped when v < 0) */",
+           "#define FO_I8_FUSED (2 * (FO_I8_BUCKETS + 1))",
            "#define FO_I8_QUIET_NAN 0x7fc00000u /* the absmax of a block holding a NaN */", "",
            "#endif /* FO_INT8_MAPS_CONSTANTS */", "",
            "#if defined(FO_I8_DEFINE_TABLES) && !defined(FO_INT8_MAPS_TABLES)",
@@ -101,5 +106,9 @@ def text() -> str:
     out.append("")
     out += _array("uint8_t", "fo_i8_first", "FO_I8_FIRST", [[str(int(v)) for v in t[0]] + ["0"] * 4 for t in tables],
                   [f"{label}: buckets of v >= 0, then of v < 0, then the padding" for label in labels])
+    out.append("")
+    out += _array("uint32_t", "fo_i8_fused", "FO_I8_FUSED",
+                  [[hex(int(v)) for v in formats.fused_buckets(s)] for s in (False, True)],
+                  [f"{label}: tops of v >= 0 from FO_I8_BUCKET_LO - 1, then of v < 0" for label in labels])
     out += ["", "#endif /* FO_I8_DEFINE_TABLES */", ""]
     return "\n".join(out)
