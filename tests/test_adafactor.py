@@ -154,3 +154,19 @@ def test_bad_buffers_are_refused_before_anything_is_written():
             fastopt.adafactor_(*args, step=1)
         assert all(np.array_equal(a, b) for a, b in zip(p, p0))
         assert all(r is None or not r.any() for r in rows + cols + variances)
+
+
+def test_scalar_and_empty_tensors():
+    """A 0-d parameter keeps a full variance, as in torch; an empty one is left as it is
+    (torch divides by its size and raises)."""
+    p, g, var = np.full((), 2.0, np.float32), np.full((), 0.5, np.float32), np.zeros((), np.float32)
+    ref = torch.nn.Parameter(torch.tensor(2.0))
+    opt = torch.optim.Adafactor([ref], foreach=False)
+    for t in range(1, 4):
+        ref.grad = torch.tensor(0.5)
+        opt.step()
+        fastopt.adafactor_(p, g, None, None, var, step=t)
+    assert p.shape == () and abs(float(p) - ref.detach().item()) < 1e-6 and float(p) != 2.0
+    empty, row, col = np.ones((0, 3), np.float32), np.zeros((0, 1), np.float32), np.zeros((1, 3), np.float32)
+    fastopt.adafactor_(empty, empty.copy(), row, col, None, step=1)
+    assert not col.any()

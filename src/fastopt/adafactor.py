@@ -85,6 +85,9 @@ class Prepared:
         updates = []
         for k, (p, g) in enumerate(zip(self.params, self.grads)):
             dtype = p.dtype.type
+            if p.size == 0:
+                updates.append(p)
+                continue
             g = -g if self.maximize else g
             eps1 = np.finfo(p.dtype).eps if self.eps1 is None else self.eps1
             if self.weight_decay != 0:
@@ -108,9 +111,11 @@ class Prepared:
             np.sqrt(update, out=update)
             np.divide(dtype(1.0), update, out=update)
             update *= g
-            updates.append(np.ascontiguousarray(update))
+            updates.append(update)  # (a new C-contiguous array, of p's shape)
         _, update_sumsq = sums_of_squares(updates, backend=self.backend)
         for k, (p, u) in enumerate(zip(self.params, updates)):
+            if p.size == 0:  # (nothing to update; torch divides by its size, 0, and raises)
+                continue
             root = math.sqrt(p.size)
             alpha = max(self.eps2, math.sqrt(param_sumsq[k]) / root) * rho
             denom = max(1.0, math.sqrt(update_sumsq[k]) / (root * self.d))
@@ -174,7 +179,8 @@ def adafactor_(param: Buffers, grad: Buffers, row_var: Buffers, col_var: Buffers
     for a parameter of 2 or more dimensions ``row_var`` and ``col_var`` (its shape with
     the last, respectively second to last, dimension 1; ``variance`` None), else
     ``variance`` (its shape; ``row_var``, ``col_var`` None), all starting at zeros.
-    ``step``: 1-based, the same for every tensor of the call.
+    ``step``: 1-based, the same for every tensor of the call. An empty tensor is left as
+    it is, state included.
     """
     prepare(param, grad, row_var, col_var, variance, step=step, lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
             weight_decay=weight_decay, maximize=maximize, backend=backend).run()
